@@ -1,0 +1,40 @@
+# Every target sets itself up: the virtualenv is (re)built only when pyproject.toml changes.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+.PHONY: setup demo test lint format bench assets clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned, so the CPU wheel is used where one is provided (see pyproject.toml)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup          ## evaluate the embedded tiny LLaVA on the embedded POPE set
+	$(PY) run.py
+
+test: setup          ## the test suite (W&B disabled)
+	WANDB_MODE=disabled $(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: setup         ## harness overhead vs plain HF generate, and throughput by batch size
+	$(PY) -m harness.bench
+
+assets: setup        ## rebuild the embedded default model and data in assets/
+	$(PY) -m harness.assets
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,181 @@
+"""The evaluation loop: batches of samples through an adapter under a method, records, resume, results.
+
+``evaluate`` reads the task's samples, skips those already recorded in the output directory (resume), runs
+the rest in batches of ``batch_size`` (left-padded by the adapter) inside the method's context, appends every
+batch's records durably, then aggregates *all* stored records into metrics, writes ``results.json`` and prints
+the lm-eval style table. Bad inputs (a malformed record, a missing or corrupt image) become per-sample error
+records and are counted; with ``strict=True`` the first one stops the run with its file and line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from adapters.base import Adapter
+from harness.loggers import NoLogger
+from harness.results import build_results, make_table, sha256_json, sha256_text, write_json
+from harness.store import RecordStore
+from methods.base import Method
+from tasks.base import Sample, SampleError, Task
+
+
+@dataclass
+class RunSettings:
+    """How a run is executed (none of these change a sample's output)."""
+
+    output_dir: Path
+    config_hash: str
+    batch_size: int = 8
+    strict: bool = False
+    seed: int = 0
+    config: dict[str, Any] = field(default_factory=dict)  # fully resolved config, stored in results.json
+    progress: bool = True
+
+
+def _base_record(sample: Sample, config_hash: str) -> dict[str, Any]:
+    return {
+        "sample_id": sample.sample_id,
+        "index": sample.index,
+        "split": sample.split,
+        "image_id": sample.image_id,
+        "source": sample.source,
+        "doc": sample.doc,
+        "target": sample.target,
+        "doc_hash": sha256_json(sample.doc),
+        "target_hash": sha256_text(sample.target),
+        "config_hash": config_hash,
+    }
+
+
+def _error_record(sample: Sample, reason: str, config_hash: str) -> dict[str, Any]:
+    return {
+        **_base_record(sample, config_hash),
+        "prompt": None,
+        "prompt_hash": None,
+        "raw_output": None,
+        "error": reason,
+    }
+
+
+def _load_images(sample: Sample, strict: bool) -> tuple[list[Any] | None, str | None]:
+    """Images of a sample, or the reason it is unusable (raises in strict mode)."""
+    if sample.error:
+        if strict:
+            raise SampleError(sample.error, sample.source)
+        return None, sample.error
+    try:
+        return (sample.images() if sample.images else []), None
+    except SampleError as exc:
+        if strict:
+            raise
+        return None, exc.reason
+
+
+def run_batch(task: Task, adapter: Adapter, batch: list[Sample], settings: RunSettings) -> list[dict[str, Any]]:
+    """Generate for one batch; returns its records in sample order (errors included)."""
+    records: dict[str, dict[str, Any]] = {}
+    good: list[tuple[Sample, list[Any]]] = []
+    for sample in batch:
+        images, reason = _load_images(sample, settings.strict)
+        if reason is not None:
+            records[sample.sample_id] = _error_record(sample, reason, settings.config_hash)
+        else:
+            good.append((sample, images))
+    if good:
+        prompts = [adapter.format_prompt(s.text, n_images=len(ims)) for s, ims in good]
+        inputs = adapter.build_inputs(prompts, [ims for _, ims in good])
+        outputs = adapter.generate(inputs, **task.gen_kwargs)
+        for (sample, _), prompt, raw in zip(good, prompts, outputs, strict=True):
+            records[sample.sample_id] = {
+                **_base_record(sample, settings.config_hash),
+                "prompt": prompt,
+                "prompt_hash": sha256_text(prompt),
+                "raw_output": raw,
+                **task.score(sample, raw),
+                "error": None,
+            }
+    return [records[s.sample_id] for s in batch]
+
+
+def _generate_pending(
+    task: Task, adapter: Adapter, method: Method, pending: list[Sample], store: RecordStore, settings: RunSettings
+) -> tuple[list[dict[str, Any]], float]:
+    """Run every pending sample; returns this invocation's error records and the generation wall time."""
+    errors: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(pending), desc=f"{task.name}/{method.name}", unit="sample", disable=not settings.progress)
+    with torch.inference_mode(), method.bind(adapter):
+        for start in range(0, len(pending), settings.batch_size):
+            batch = pending[start : start + settings.batch_size]
+            records = run_batch(task, adapter, batch, settings)
+            store.append(records)
+            errors += [r for r in records if r["error"]]
+            bar.update(len(batch))
+    bar.close()
+    return errors, time.perf_counter() - t0
+
+
+def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings, logger: Any = None) -> dict[str, Any]:
+    """Evaluate ``method`` on ``adapter`` over ``task``; resumable. Returns the results document."""
+    logger = logger or NoLogger()
+    t_start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    method.check(adapter)  # unsupported combinations fail before any weight is loaded
+    out = Path(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = task.samples()
+    store = RecordStore(out / f"samples_{task.name}.jsonl", settings.config_hash)
+    pending = [s for s in samples if not store.done(s.sample_id)]
+    errors, gen_seconds = [], 0.0
+    if pending:
+        adapter.load()
+        errors, gen_seconds = _generate_pending(task, adapter, method, pending, store, settings)
+    wanted = {s.sample_id for s in samples}
+    ok = sorted((r for sid, r in store.records.items() if sid in wanted), key=lambda r: r["index"])
+    results = build_results(
+        results=task.aggregate(ok, seed=settings.seed) if ok else {},
+        higher_is_better={task.name: task.higher_is_better},
+        versions={task.name: task.version},
+        **{"n-samples": {task.name: {"original": len(samples), "effective": len(ok), "errors": len(errors)}}},
+        errors={
+            "count": len(errors),
+            "by_reason": dict(Counter(r["error"].split(":")[0] for r in errors)),
+            "samples": [{"sample_id": r["sample_id"], "source": r["source"], "error": r["error"]} for r in errors[:50]],
+        },
+        resumed={"skipped": len(samples) - len(pending), "generated": len(pending), "dropped_on_load": store.dropped},
+        config=settings.config,
+        config_hash=settings.config_hash,
+        model=adapter.describe(),
+        method=method.describe(),
+        task=task.describe(),
+        timings={
+            "model_load_s": adapter.load_seconds,
+            "generation_s": round(gen_seconds, 3),
+            "samples_per_s": round(len(pending) / gen_seconds, 3) if gen_seconds else None,
+            "batch_size": settings.batch_size,
+            "total_s": round(time.perf_counter() - t_start, 3),
+        },
+        samples_file=store.path.name,
+    )
+    results_path = out / "results.json"
+    write_json(results_path, results)
+    logger.log_results(results, results_path, store.path)
+    print(_header(results, settings))
+    print(make_table(results) if ok else "no successful samples: nothing to score")
+    return results
+
+
+def _header(results: dict[str, Any], settings: RunSettings) -> str:
+    m, meth, n = results["model"], results["method"], next(iter(results["n-samples"].values()))
+    return (
+        f"\nmodel: {m['name']} ({m['path']}), method: {meth['name']}, batch_size: {settings.batch_size}, "
+        f"samples: {n['effective']} scored / {n['original']} ({n['errors']} errors), "
+        f"output: {settings.output_dir}"
+    )

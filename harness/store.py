@@ -1,0 +1,85 @@
+"""Per-sample JSONL records, written as they are produced and read back to resume a killed run.
+
+Each batch's records are appended in one write, then flushed and fsync'ed, so a kill loses at most the batch in
+flight. On open, the file is checked: a torn last line (killed mid-write) is dropped, records of errored
+samples are dropped so they are retried, duplicates keep their first copy, and records written under another
+config hash are refused — mixing two configs in one file would silently corrupt the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class ConfigMismatchError(RuntimeError):
+    """The output directory holds records of a different configuration."""
+
+
+class RecordStore:
+    """Append-only JSONL store of per-sample records keyed by ``sample_id``."""
+
+    def __init__(self, path: str | Path, config_hash: str) -> None:
+        self.path = Path(path)
+        self.config_hash = config_hash
+        self.records: dict[str, dict[str, Any]] = {}
+        self.dropped = {"torn": 0, "errored": 0, "duplicate": 0}
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        keep: list[str] = []
+        with self.path.open("r", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # only the last line may be torn by a kill
+                    self.dropped["torn"] += 1
+                    continue
+                raise ValueError(f"{self.path}:{i + 1}: corrupt record line (not the last one)") from None
+            if rec.get("config_hash") != self.config_hash:
+                raise ConfigMismatchError(
+                    f"{self.path} holds records of config {rec.get('config_hash')}, this run is {self.config_hash}; "
+                    "use another output_dir (the default one is derived from the config) or delete the file"
+                )
+            if rec.get("error"):
+                self.dropped["errored"] += 1
+            elif rec["sample_id"] in self.records:
+                self.dropped["duplicate"] += 1
+            else:
+                self.records[rec["sample_id"]] = rec
+                keep.append(line)
+        if any(self.dropped.values()):
+            self._rewrite(keep)
+
+    def _rewrite(self, lines: list[str]) -> None:
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def done(self, sample_id: str) -> bool:
+        """True when a successful record for ``sample_id`` is stored."""
+        return sample_id in self.records
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        """Append one batch of records durably; successful ones become ``done``."""
+        if not records:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        blob = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        for r in records:
+            if not r.get("error"):
+                self.records.setdefault(r["sample_id"], r)

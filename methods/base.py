@@ -1,0 +1,101 @@
+"""The method interface: one intervention each, as a context manager over an adapter's anatomy.
+
+Usage::
+
+    method = METHODS.get("none")()
+    method.check(adapter)          # before the model loads: unsupported family → UnsupportedError
+    adapter.load()
+    with method.bind(adapter):     # __enter__ installs hooks / switches the attention function
+        adapter.generate(...)      # __exit__ always removes them, even on error
+
+Subclasses implement :meth:`Method.install` and register what they add through :meth:`Method.add_hook` and
+:meth:`Method.enter_context`, so removal is uniform and guaranteed. Methods import this module and the adapter
+*interface* only, never a concrete adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar
+
+from torch.utils.hooks import RemovableHandle
+
+from adapters.base import Adapter
+from harness.registry import Registry
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+class UnsupportedError(ValueError):
+    """A method/adapter combination that cannot work; raised before the model loads."""
+
+
+class Method(contextlib.AbstractContextManager):
+    """Base class of mitigation methods.
+
+    Attributes:
+        name: Registry name (the config's ``method.name``).
+        families: Adapter families the method supports, or ``None`` for all.
+    """
+
+    name: ClassVar[str]
+    families: ClassVar[tuple[str, ...] | None] = None
+
+    def __init__(self, **hparams: Any) -> None:
+        self.hparams = hparams
+        self.adapter: Adapter | None = None
+        self._handles: list[RemovableHandle] = []
+        self._stack: contextlib.ExitStack | None = None
+
+    # ------------------------------------------------------------------ compatibility
+    def check(self, adapter: Adapter) -> None:
+        """Raise :class:`UnsupportedError` when this method cannot run on ``adapter``'s family."""
+        if self.families is not None and adapter.family not in self.families:
+            raise UnsupportedError(
+                f"method {self.name!r} does not support model family {adapter.family!r}; "
+                f"it supports: {', '.join(self.families)}"
+            )
+
+    def bind(self, adapter: Adapter) -> Method:
+        """Attach to a (loaded) adapter; returns ``self`` for use in a ``with`` statement."""
+        self.check(adapter)
+        self.adapter = adapter
+        return self
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        """Install hooks and attention callbacks through the adapter's anatomy (default: nothing)."""
+
+    def add_hook(self, handle: RemovableHandle) -> None:
+        """Track a hook handle so it is removed on exit."""
+        self._handles.append(handle)
+
+    def enter_context(self, cm: contextlib.AbstractContextManager) -> Any:
+        """Enter a context manager (e.g. ``adapter.lm_attention(...)``) that is exited on exit."""
+        assert self._stack is not None, "enter_context is only valid inside install()"
+        return self._stack.enter_context(cm)
+
+    def __enter__(self) -> Method:
+        if self.adapter is None:
+            raise RuntimeError(f"method {self.name!r} is not bound; use `with method.bind(adapter):`")
+        self._stack = contextlib.ExitStack()
+        try:
+            self.install()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()
+
+    def describe(self) -> dict[str, Any]:
+        """Method metadata for the results file."""
+        return {"name": self.name, "class": f"{type(self).__module__}.{type(self).__qualname__}", **self.hparams}

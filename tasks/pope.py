@@ -1,0 +1,562 @@
+"""POPE, Polling-based Object Probing Evaluation (Li et al., EMNLP 2023).
+
+Paper: "Evaluating Object Hallucination in Large Vision-Language Models".
+
+Each question asks ``Is there a/an <object> in the image?``; half the objects are present (label ``yes``) and
+half are not (label ``no``), the absent ones drawn by one of three strategies, one split each: ``random``,
+``popular`` and ``adversarial`` (see :mod:`tasks.pope_build`). The three splits ask about the same images and
+share the positive questions.
+
+Files read (format detected per file):
+
+* JSON Lines — the official COCO files ``coco_pope_{split}.json``: one object per line with ``question_id``,
+  ``image`` (file name relative to ``image_root``), ``text`` (the question), ``label`` (``yes``/``no``);
+* a JSON array of the same objects — the SEEM A-OKVQA / GQA files (first non-space character ``[``);
+* the Hugging Face parquet export (``*.parquet``): columns ``question_id``, ``question``, ``answer``,
+  ``image`` (struct of ``bytes`` and ``path``), ``image_source``, ``category``.
+
+If ``questions`` contains ``{split}`` it is formatted once per split and each file holds one split; otherwise
+the file(s) hold every split and a row's split is its ``category`` field.
+
+Scoring: an answer parser (see :mod:`tasks.yesno`; default ``pope_official``, POPE's own rule) maps the raw
+output to ``yes``/``no``/``None``. Metrics per split with positive class ``yes`` (accuracy, precision, recall,
+F1, yes-ratio from *predictions*), the rate of undecided answers, the rate of answers that are not a clean
+``yes``/``no``, and the mean of each metric over the splits (LLaVA-1.5 reports the mean of the per-split F1).
+Standard errors come from a bootstrap over images, joint across the splits (:mod:`harness.stats`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from harness.stats import block_columns, cluster_bootstrap, safe_divide
+from tasks.base import TASKS, Sample, SampleError, Task
+from tasks.yesno import PARSERS, is_clean_yes_no
+
+DEFAULT_SPLITS = ("random", "popular", "adversarial")
+DEFAULT_PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
+DEFAULT_GEN_KWARGS: dict[str, Any] = {"max_new_tokens": 128, "do_sample": False}
+
+#: Parser-dependent metrics, in output order.
+METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio", "unknown_rate")
+#: Filter name of the parser-independent ``unclean_rate`` metric (lm-eval's name for "no filter").
+NO_FILTER = "none"
+UNKNOWN_SPLIT = "unknown"
+_LABELS = ("yes", "no")
+_PARQUET_BATCH = 64
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class _ImageFile:
+    """Lazy loader of one image file (picklable, unlike a closure)."""
+
+    path: str
+    source: str
+
+    def __call__(self) -> list[Image.Image]:
+        return [_decode(self.path, self.source, self.path)]
+
+
+@dataclass(frozen=True)
+class _ImageBytes:
+    """Lazy decoder of one image embedded in a parquet row."""
+
+    data: bytes = field(repr=False)
+    name: str
+    source: str
+
+    def __call__(self) -> list[Image.Image]:
+        return [_decode(io.BytesIO(self.data), self.source, self.name)]
+
+
+def _decode(fp: Any, source: str, name: str) -> Image.Image:
+    """Open, fully decode (``load``) and convert to RGB, turning every failure into :class:`SampleError`."""
+    try:
+        with Image.open(fp) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise SampleError(f"image not found: {name}", source) from None
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...).
+        raise SampleError(f"cannot decode image {name}: {type(exc).__name__}: {exc}", source) from exc
+
+
+# ----------------------------------------------------------------------------------------------- rows
+
+
+@dataclass
+class _Item:
+    """One row of a question file after validation (``error`` set when it is malformed)."""
+
+    source: str
+    split: str | None
+    qid: str | None = None
+    image_id: str = ""
+    question: str = ""
+    target: str = ""
+    images: Callable[[], list[Image.Image]] | None = None
+    doc: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+class _Malformed(Exception):
+    """A row-level problem; becomes an error sample (or a :class:`SampleError` in strict mode)."""
+
+
+def _require(record: dict[str, Any], names: Iterable[str]) -> None:
+    missing = [n for n in names if n not in record or record[n] is None]
+    if missing:
+        plural = "s" if len(missing) > 1 else ""
+        raise _Malformed(f"missing field{plural} {', '.join(repr(m) for m in missing)}")
+
+
+def _question_id(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or str(value).strip() == "":
+        raise _Malformed(f"field 'question_id' must be an int or a non-empty string, got {value!r}")
+    return str(value).strip()
+
+
+def _string(record: dict[str, Any], name: str) -> str:
+    value = record[name]
+    if not isinstance(value, str):
+        raise _Malformed(f"field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _label(record: dict[str, Any], name: str) -> str:
+    value = record[name]
+    label = value.strip().lower() if isinstance(value, str) else None
+    if label not in _LABELS:
+        raise _Malformed(f"field {name!r} must be 'yes' or 'no', got {value!r}")
+    return label
+
+
+def _category(record: dict[str, Any]) -> str:
+    _require(record, ["category"])
+    return _string(record, "category").strip()
+
+
+def _image_path(image_root: str | None, name: str) -> str:
+    return str(Path(image_root) / name) if image_root else name
+
+
+def _json_item(record: Any, source: str, split: str | None, image_root: str | None) -> _Item:
+    """Validate one JSON record (official POPE fields). ``split`` is None when it comes from ``category``."""
+    item = _Item(source=source, split=split, doc=record if isinstance(record, dict) else {"raw": record})
+    try:
+        if not isinstance(record, dict):
+            raise _Malformed(f"record is not a JSON object but {type(record).__name__}")
+        if split is None:
+            item.split = _category(record)
+        _require(record, ["question_id", "image", "text", "label"])
+        item.qid = _question_id(record["question_id"])
+        image = _string(record, "image")
+        item.image_id = Path(image).stem
+        item.question = _string(record, "text").strip()
+        item.target = _label(record, "label")
+        item.images = _ImageFile(_image_path(image_root, image), source)
+    except _Malformed as exc:
+        item.error = str(exc)
+    return item
+
+
+def _iter_json(path: Path, split: str | None, image_root: str | None) -> Iterator[_Item]:
+    """Rows of a JSON Lines file (1-based line numbers) or a JSON array file (0-based ``[i]``)."""
+    text = path.read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SampleError(f"invalid JSON array: {exc}", str(path)) from exc
+        for i, record in enumerate(data):
+            yield _json_item(record, f"{path}[{i}]", split, image_root)
+        return
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        source = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield _Item(source=source, split=split, doc={"raw_line": line[:1000]}, error=f"invalid JSON: {exc.msg}")
+            continue
+        yield _json_item(record, source, split, image_root)
+
+
+def _parquet_image(value: Any, source: str, image_root: str | None, cache: dict[bytes, bytes]) -> tuple[Any, str]:
+    """The lazy image of a parquet ``image`` cell and its path (``""`` when only bytes are stored)."""
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path") or ""
+    elif isinstance(value, (bytes, bytearray)):
+        data, path = bytes(value), ""
+    elif isinstance(value, str):
+        data, path = None, value
+    else:
+        raise _Malformed(f"field 'image' must be a struct of bytes/path, got {type(value).__name__}")
+    if data:
+        data = cache.setdefault(hashlib.blake2b(data, digest_size=16).digest(), data)  # share identical images
+        return _ImageBytes(data, path or "<embedded image>", source), path
+    if path:
+        return _ImageFile(_image_path(image_root, path), source), path
+    raise _Malformed("field 'image' has neither bytes nor path")
+
+
+def _parquet_item(
+    row: dict[str, Any], source: str, split: str | None, image_root: str | None, cache: dict[bytes, bytes]
+) -> _Item:
+    """Validate one row of the Hugging Face parquet export."""
+    doc = {k: v for k, v in row.items() if k != "image"}
+    if isinstance(row.get("image"), dict):
+        doc["image"] = {"path": row["image"].get("path")}
+    item = _Item(source=source, split=split, doc=doc)
+    try:
+        if split is None:
+            item.split = _category(row)
+        _require(row, ["question_id", "question", "answer", "image"])
+        item.qid = _question_id(row["question_id"])
+        item.question = _string(row, "question").strip()
+        item.target = _label(row, "answer")
+        item.images, path = _parquet_image(row["image"], source, image_root, cache)
+        item.image_id = str(row.get("image_source") or Path(path).stem)
+        if not item.image_id:
+            raise _Malformed("missing field 'image_source' (and the image has no path)")
+    except _Malformed as exc:
+        item.error = str(exc)
+    return item
+
+
+def _iter_parquet(path: Path, split: str | None, image_root: str | None) -> Iterator[_Item]:
+    """Rows of a parquet file, read in small batches (0-based ``[i]`` row numbers)."""
+    import pyarrow.parquet as pq
+
+    cache: dict[bytes, bytes] = {}
+    i = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH):
+        for row in batch.to_pylist():
+            yield _parquet_item(row, f"{path}[{i}]", split, image_root, cache)
+            i += 1
+
+
+def _iter_file(path: Path, split: str | None, image_root: str | None) -> Iterator[_Item]:
+    if path.suffix.lower() == ".parquet":
+        return _iter_parquet(path, split, image_root)
+    return _iter_json(path, split, image_root)
+
+
+def resolve_files(pattern: str) -> list[Path]:
+    """Files matching a path or glob pattern, sorted.
+
+    Raises:
+        FileNotFoundError: When nothing matches; the message names the pattern.
+    """
+    pattern = str(Path(pattern).expanduser())
+    if any(ch in pattern for ch in "*?["):
+        import glob
+
+        files = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())
+    else:
+        files = [Path(pattern)] if Path(pattern).is_file() else []
+    if not files:
+        raise FileNotFoundError(f"no POPE question file matches {pattern!r}")
+    return files
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def _record_counts(records: list[dict[str, Any]], parsers: list[str]) -> np.ndarray:
+    """Per-record additive counts ``[n_records, 2 + 5 * n_parsers]``.
+
+    Columns: ``n`` (always 1), ``unclean``, then per parser ``tp, fp, tn, fn, unknown``. A ``None`` prediction
+    is a false negative when the target is yes, nothing (only wrong) when the target is no.
+    """
+    counts = np.zeros((len(records), 2 + 5 * len(parsers)), dtype=np.float64)  # [n_records, K]
+    parse_fns = [PARSERS.get(name) for name in parsers]
+    for r, rec in enumerate(records):
+        text = rec.get("raw_output") or ""
+        target = str(rec["target"]).strip().lower()
+        if target not in _LABELS:
+            raise ValueError(f"record {rec.get('sample_id')!r}: target must be 'yes' or 'no', got {rec['target']!r}")
+        counts[r, 0] = 1.0
+        counts[r, 1] = not is_clean_yes_no(text)
+        for p, parse in enumerate(parse_fns):
+            pred = parse(text, target)
+            tp = pred == "yes" and target == "yes"
+            fp = pred == "yes" and target == "no"
+            tn = pred == "no" and target == "no"
+            fn = pred != "yes" and target == "yes"
+            counts[r, 2 + 5 * p : 7 + 5 * p] = (tp, fp, tn, fn, pred is None)
+    return counts
+
+
+def pope_statistics(sums: np.ndarray, n_splits: int, n_parsers: int) -> np.ndarray:
+    """Metrics from summed counts of :func:`_record_counts` laid out in one block per split.
+
+    Args:
+        sums: Column totals, shape ``[..., n_splits * (2 + 5 * n_parsers)]``.
+        n_splits: Number of split blocks.
+        n_parsers: Number of parsers per block.
+
+    Returns:
+        Shape ``[..., n_splits + 1, 1 + 6 * n_parsers]``: row ``s`` is split ``s``, the last row the mean over
+        splits; column 0 is ``unclean_rate``, then per parser the :data:`METRICS`. Rates are NaN for a split with
+        no records (possible inside a bootstrap draw); precision/recall/F1 are 0 when their denominator is 0.
+    """
+    lead = sums.shape[:-1]
+    s = sums.reshape(*lead, n_splits, 2 + 5 * n_parsers)  # [..., S, K]
+    n = s[..., 0]  # [..., S]
+    c = s[..., 2:].reshape(*lead, n_splits, n_parsers, 5)  # [..., S, P, 5]
+    tp, fp, tn, fn, unk = (c[..., j] for j in range(5))  # each [..., S, P]
+    n_p = n[..., None]  # [..., S, 1]
+    precision = safe_divide(tp, tp + fp)
+    recall = safe_divide(tp, tp + fn)
+    metrics = np.stack(
+        [
+            safe_divide(tp + tn, n_p, np.nan),
+            precision,
+            recall,
+            safe_divide(2 * precision * recall, precision + recall),
+            safe_divide(tp + fp, n_p, np.nan),
+            safe_divide(unk, n_p, np.nan),
+        ],
+        axis=-1,
+    )  # [..., S, P, 6]
+    metrics = np.where((n_p == 0)[..., None], np.nan, metrics)
+    unclean = safe_divide(s[..., 1], n, np.nan)[..., None]  # [..., S, 1]
+    per_split = np.concatenate([unclean, metrics.reshape(*lead, n_splits, 6 * n_parsers)], axis=-1)  # [..., S, M]
+    mean = per_split.mean(axis=-2, keepdims=True)  # [..., 1, M]
+    return np.concatenate([per_split, mean], axis=-2)  # [..., S + 1, M]
+
+
+def _number(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+# ----------------------------------------------------------------------------------------------- task
+
+
+@TASKS.register("pope")
+class POPETask(Task):
+    """POPE on COCO / A-OKVQA / GQA, from the official JSON(L) files or the Hugging Face parquet export.
+
+    Args:
+        questions: Path or glob of the question file(s); ``{split}`` in it is replaced by each split name.
+        image_root: Directory the ``image`` field (or a parquet image path) is relative to; ``None`` uses the
+            field as given. Not needed when parquet rows embed the image bytes.
+        splits: Splits to evaluate, in canonical order.
+        prompt_suffix: Appended to each question (default: LLaVA-1.5's single-word instruction).
+        parser: Headline answer parser (a name in :data:`tasks.yesno.PARSERS`).
+        extra_parsers: Further parsers whose metrics are also reported.
+        n_boot: Bootstrap draws for standard errors (0 disables them).
+        strict: Raise :class:`SampleError` on the first malformed record instead of recording it.
+        gen_kwargs: Generation settings merged over ``{"max_new_tokens": 128, "do_sample": False}``.
+        limit: At most this many samples per split (the first ones in file order).
+    """
+
+    name: ClassVar[str] = "pope"
+    version: ClassVar[str] = "1.0"
+    #: ``yes_ratio`` has no better direction (0.5 is ideal on balanced splits; above means over-affirming, the
+    #: usual hallucination failure), so it is marked ``False`` like the other "rates to watch".
+    higher_is_better: ClassVar[dict[str, bool]] = {
+        "accuracy": True,
+        "precision": True,
+        "recall": True,
+        "f1": True,
+        "yes_ratio": False,
+        "unknown_rate": False,
+        "unclean_rate": False,
+    }
+
+    def __init__(
+        self,
+        *,
+        questions: str,
+        image_root: str | None = None,
+        splits: list[str] | tuple[str, ...] = DEFAULT_SPLITS,
+        prompt_suffix: str = DEFAULT_PROMPT_SUFFIX,
+        parser: str = "pope_official",
+        extra_parsers: list[str] | tuple[str, ...] = (),
+        n_boot: int = 1000,
+        strict: bool = False,
+        gen_kwargs: dict[str, Any] | None = None,
+        limit: int | None = None,
+    ) -> None:
+        super().__init__(strict=strict, gen_kwargs={**DEFAULT_GEN_KWARGS, **dict(gen_kwargs or {})})
+        self.questions = str(questions)
+        self.image_root = None if image_root is None else str(image_root)
+        self.splits = [splits] if isinstance(splits, str) else [str(s) for s in splits]
+        if not self.splits or len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"splits must be non-empty and distinct, got {self.splits}")
+        self.prompt_suffix = prompt_suffix
+        self.parser = parser
+        self.extra_parsers = [p for p in dict.fromkeys(extra_parsers) if p != parser]
+        for name in (self.parser, *self.extra_parsers):
+            PARSERS.get(name)  # fail early, with a did-you-mean message
+        if n_boot < 0 or (limit is not None and limit < 0):
+            raise ValueError("n_boot and limit must be non-negative")
+        self.n_boot = int(n_boot)
+        self.limit = limit
+        self._samples: list[Sample] | None = None
+
+    # ---- loading
+
+    def samples(self) -> list[Sample]:
+        """All samples, split by split in the order of ``splits``, each in file order (cached)."""
+        if self._samples is None:
+            buckets = self._split_buckets() if "{split}" in self.questions else self._category_buckets()
+            self._samples = self._to_samples(buckets)
+        return list(self._samples)
+
+    def _split_buckets(self) -> dict[str, list[_Item]]:
+        """One file pattern per split: every row of the split's file(s) belongs to it."""
+        buckets: dict[str, list[_Item]] = {}
+        for split in self.splits:
+            files = resolve_files(self.questions.replace("{split}", split))
+            rows = itertools.chain.from_iterable(_iter_file(f, split, self.image_root) for f in files)
+            buckets[split] = list(itertools.islice(rows, self.limit))
+        return buckets
+
+    def _category_buckets(self) -> dict[str, list[_Item]]:
+        """Files holding every split: a row's split is its ``category``; other categories are skipped."""
+        files = resolve_files(self.questions)
+        buckets: dict[str, list[_Item]] = {s: [] for s in self.splits}
+        present: set[str] = set()
+        first_unknown: _Item | None = None
+        for item in itertools.chain.from_iterable(_iter_file(f, None, self.image_root) for f in files):
+            split = item.split if item.split is not None else UNKNOWN_SPLIT
+            present.add(split)
+            first_unknown = first_unknown or (item if item.split is None else None)
+            if split in buckets or split == UNKNOWN_SPLIT:
+                bucket = buckets.setdefault(split, [])
+                if self.limit is None or len(bucket) < self.limit:
+                    bucket.append(item)
+            if self.limit is not None and all(s in present and len(buckets[s]) >= self.limit for s in self.splits):
+                break  # every requested split is full: the rest of the file cannot add anything
+        missing = [s for s in self.splits if s not in present]
+        if missing:
+            known = sorted(present - {UNKNOWN_SPLIT})
+            hint = (
+                f" (first row without a split: {first_unknown.source}: {first_unknown.error})" if first_unknown else ""
+            )
+            raise ValueError(
+                f"split(s) {missing} not found in {[str(f) for f in files]}; splits present: {known}{hint}"
+            )
+        return buckets
+
+    def _to_samples(self, buckets: dict[str, list[_Item]]) -> list[Sample]:
+        samples: list[Sample] = []
+        for split, items in buckets.items():
+            seen: set[str] = set()
+            for item in items:
+                sample_id = f"{split}/{item.qid if item.qid is not None else item.source}"
+                if item.error is None and sample_id in seen:
+                    item.error = f"duplicate question_id {item.qid!r} in split {split!r}"
+                if sample_id in seen:
+                    sample_id = f"{sample_id}@{item.source}"
+                seen.add(sample_id)
+                if item.error is not None and self.strict:
+                    raise SampleError(item.error, item.source)
+                samples.append(self._sample(item, split, sample_id, len(samples)))
+        return samples
+
+    def _sample(self, item: _Item, split: str, sample_id: str, index: int) -> Sample:
+        ok = item.error is None
+        return Sample(
+            sample_id=sample_id,
+            split=split,
+            index=index,
+            image_id=item.image_id,
+            text=item.question + self.prompt_suffix if item.question else "",
+            target=item.target,
+            source=item.source,
+            images=item.images if ok else None,
+            doc=item.doc,
+            error=item.error,
+        )
+
+    # ---- scoring
+
+    def score(self, sample: Sample, raw_output: str) -> dict[str, Any]:
+        """``parsed`` under :attr:`parser`, ``clean`` (a bare yes/no), ``correct`` (parsed equals the target)."""
+        parsed = PARSERS.get(self.parser)(raw_output, sample.target)
+        return {"parsed": parsed, "clean": is_clean_yes_no(raw_output), "correct": parsed == sample.target}
+
+    def aggregate(self, records: list[dict[str, Any]], seed: int = 0) -> dict[str, dict[str, Any]]:
+        """Per-split metrics (``pope_<split>``) and their mean over the splits present (``pope``).
+
+        Every parser in ``[parser, *extra_parsers]`` re-parses ``raw_output``. Keys are ``"<metric>,<parser>"``
+        and ``"<metric>_stderr,<parser>"`` for :data:`METRICS`, plus the parser-independent
+        ``"unclean_rate,none"`` / ``"unclean_rate_stderr,none"``. Positive class is ``yes``; an undecided
+        (``None``) answer is wrong, a false negative when the target is yes, never a predicted yes. Precision
+        is 0 when nothing is predicted yes; recall is 0 when no target is yes; F1 is 0 when P + R = 0.
+
+        Standard errors: bootstrap over ``image_id`` clusters (``n_boot`` draws, ``seed``), joint across
+        splits, so the standard error of the mean over splits uses the same draws; ``None`` when not
+        computable (``n_boot < 2``).
+        """
+        records = [r for r in records if not r.get("error")]
+        if not records:
+            return {}
+        present = dict.fromkeys(r["split"] for r in records)  # order of first appearance
+        splits = [s for s in self.splits if s in present] + [s for s in present if s not in self.splits]
+        parsers = [self.parser, *self.extra_parsers]
+        split_index = np.array([splits.index(r["split"]) for r in records])  # [n_records]
+        counts = block_columns(_record_counts(records, parsers), split_index, len(splits))  # [n_records, S*K]
+        result = cluster_bootstrap(
+            [str(r["image_id"]) for r in records],
+            counts,
+            lambda sums: pope_statistics(sums, len(splits), len(parsers)),
+            n_boot=self.n_boot,
+            seed=seed,
+        )
+        sizes = np.bincount(split_index, minlength=len(splits))
+        keys = [f"pope_{s}" for s in splits] + ["pope"]
+        lens = [int(x) for x in sizes] + [len(records)]
+        return {
+            key: self._row(key, n, result.estimate[i], result.stderr[i], parsers)
+            for i, (key, n) in enumerate(zip(keys, lens, strict=True))
+        }
+
+    @staticmethod
+    def _row(alias: str, n: int, est: np.ndarray, se: np.ndarray, parsers: list[str]) -> dict[str, Any]:
+        row: dict[str, Any] = {"alias": alias, "sample_len": n}
+        for p, parser in enumerate(parsers):
+            for m, metric in enumerate(METRICS):
+                j = 1 + 6 * p + m
+                row[f"{metric},{parser}"] = _number(est[j])
+                row[f"{metric}_stderr,{parser}"] = _number(se[j])
+        row[f"unclean_rate,{NO_FILTER}"] = _number(est[0])
+        row[f"unclean_rate_stderr,{NO_FILTER}"] = _number(se[0])
+        return row
+
+    def describe(self) -> dict[str, Any]:
+        """Task metadata, including the data settings and, once loaded, the number of samples per split."""
+        info = super().describe()
+        info.update(
+            questions=self.questions,
+            image_root=self.image_root,
+            splits=self.splits,
+            prompt_suffix=self.prompt_suffix,
+            parser=self.parser,
+            extra_parsers=self.extra_parsers,
+            n_boot=self.n_boot,
+            limit=self.limit,
+        )
+        if self._samples is not None:
+            info["split_sizes"] = {
+                s: sum(x.split == s for x in self._samples) for s in dict.fromkeys(x.split for x in self._samples)
+            }
+        return info

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny LLaVA and a small POPE set, built offline once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    from adapters.tiny import LlavaSize, build_tiny_llava
+    from harness.assets import tokenizer_corpus
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny") / "llava", tokenizer_corpus(), LlavaSize(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def pope_dir(tmp_path_factory) -> Path:
+    from harness.assets import build_pope_set
+
+    return build_pope_set(tmp_path_factory.mktemp("pope") / "shapes-pope", n_images=6, seed=7)
+
+
+@pytest.fixture(scope="session")
+def llava(tiny_llava_dir):
+    from adapters.llava import LlavaAdapter
+
+    adapter = LlavaAdapter(name="llava", path=str(tiny_llava_dir), device="cpu")
+    adapter.load()
+    return adapter
+
+
+@pytest.fixture(scope="session")
+def make_task():
+    """Factory: a POPE task over a shapes-pope directory (short generations, few bootstrap draws)."""
+    from tasks.pope import POPETask
+
+    def make(pope_dir: Path, **kw):
+        kw.setdefault("gen_kwargs", {"max_new_tokens": 12, "do_sample": False})
+        kw.setdefault("n_boot", 200)
+        return POPETask(questions=str(pope_dir / "shapes_pope_{split}.json"), image_root=str(pope_dir / "images"), **kw)
+
+    return make

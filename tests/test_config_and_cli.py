@@ -1,0 +1,86 @@
+"""Hydra composition, config hash / output dir, unknown options, and run.py end to end in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from harness.config import REPO_ROOT, config_hash
+
+CONF = str(REPO_ROOT / "conf")
+
+
+@pytest.fixture
+def hydra_ctx():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        yield
+    GlobalHydra.instance().clear()
+
+
+def test_compose_defaults_and_overrides(hydra_ctx):
+    cfg = compose("config", overrides=["method=none", "model=llava", "task=pope", "limit=20", "batch_size=4"])
+    assert cfg.model._target_ == "adapters.llava.LlavaAdapter"
+    assert cfg.method.name == "none" and cfg.task.name == "pope" and cfg.logger._target_.endswith("NoLogger")
+    assert cfg.limit == 20 and cfg.batch_size == 4
+    assert os.path.isdir(cfg.model.path), "the embedded default checkpoint is shipped in the repo"
+    assert cfg.output_dir.startswith("outputs/pope/llava/none-")
+    assert cfg.output_dir.endswith(config_hash(cfg))
+
+
+def test_hash_ignores_run_options_but_not_results_options(hydra_ctx):
+    base = compose("config")
+    same = compose("config", overrides=["limit=5", "batch_size=1", "strict=true", "output_root=/elsewhere"])
+    other = compose("config", overrides=["task.gen_kwargs.max_new_tokens=4"])
+    seed = compose("config", overrides=["seed=1"])
+    assert config_hash(base) == config_hash(same)
+    assert len({config_hash(base), config_hash(other), config_hash(seed)}) == 3
+
+
+def test_unknown_group_option_lists_valid_choices(hydra_ctx):
+    with pytest.raises(Exception, match=r"(?s)Could not find 'method/nonee'.*Available options in 'method'.*none"):
+        compose("config", overrides=["method=nonee"])
+
+
+def _run(args, cwd, timeout=300):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_run_py_end_to_end_and_multirun(tmp_path):
+    out = tmp_path / "outs"
+    common = [f"output_root={out}", "limit=2", "task.gen_kwargs.max_new_tokens=4", "progress=false"]
+    p = _run(["method=none", "model=llava", "task=pope", *common], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "|pope|" in p.stdout and "accuracy" in p.stdout
+    results = list(out.glob("pope/llava/none-*/results.json"))
+    assert len(results) == 1
+    res = json.loads(results[0].read_text())
+    assert res["n-samples"]["pope"]["original"] == 6
+    assert (results[0].parent / "samples_pope.jsonl").read_text().count("\n") == 6
+    assert (results[0].parent / ".hydra" / "config.yaml").exists()
+    assert OmegaConf.create(res["config"]).limit == 2
+
+    m = _run(["-m", "seed=0,1", *common], cwd=tmp_path)
+    assert m.returncode == 0, m.stderr[-3000:]
+    assert len(list(out.glob("pope/llava/none-*/results.json"))) == 2, "seed=0 resumed in place, seed=1 is new"
+
+
+def test_unknown_option_fails_cleanly_from_cli(tmp_path):
+    p = _run(["method=var_typo", f"output_root={tmp_path}"], cwd=tmp_path, timeout=120)
+    assert p.returncode != 0
+    assert "Available options in 'method'" in p.stderr and "none" in p.stderr

@@ -1,0 +1,66 @@
+"""W&B mirror: offline mode writes a run directory with the logged results; failures never stop a run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.engine import RunSettings, evaluate
+from harness.loggers import WandbLogger
+from methods.none import NoMethod
+
+
+def test_offline_run_writes_a_run_directory(llava, pope_dir, tmp_path, monkeypatch, make_task):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    logger = WandbLogger(project="test", name="offline-test", tags=["ci"])
+    out = tmp_path / "run"
+    cfg = {"model": {"name": "llava"}, "seed": 0}
+    try:
+        logger.start(cfg, out)
+        assert logger.run is not None, "wandb.init must succeed offline"
+        res = evaluate(
+            make_task(pope_dir, limit=1),
+            llava,
+            NoMethod(),
+            RunSettings(output_dir=out, config_hash="w", progress=False),
+            logger,
+        )
+        run_dir = logger.run.dir
+    finally:
+        logger.finish()
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "the W&B run lives inside the run directory"
+    history = list(runs[0].glob("run-*.wandb"))
+    assert history, "history file written"
+    blob = history[0].read_bytes()
+    assert b"llava" in blob and b"pope_random/accuracy,pope_official" in blob, "config and metrics recorded"
+    assert (out / "results.json").exists() and res["results"]
+    assert run_dir.startswith(str(runs[0]))
+    tables = list((runs[0] / "files" / "media" / "table").rglob("*.json"))
+    assert tables, "eval_results and samples tables logged"
+    assert any("raw_output" in json.loads(t.read_text())["columns"] for t in tables)
+
+
+def test_wandb_that_cannot_start_warns_and_the_run_continues(llava, pope_dir, tmp_path, monkeypatch, make_task):
+    import wandb
+
+    def unreachable(**kwargs):  # what a machine without network or credentials gets from wandb.init
+        raise wandb.errors.CommError("could not reach the W&B server")
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    logger = WandbLogger(project="test")
+    with pytest.warns(UserWarning, match="W&B could not start"):
+        logger.start({}, tmp_path)
+    res = evaluate(
+        make_task(pope_dir, limit=1),
+        llava,
+        NoMethod(),
+        RunSettings(output_dir=tmp_path, config_hash="w", progress=False),
+        logger,
+    )
+    logger.finish()
+    assert res["results"] and (tmp_path / "results.json").exists()
