@@ -36,7 +36,8 @@ class RunSettings:
     strict: bool = False
     seed: int = 0
     config: dict[str, Any] = field(default_factory=dict)  # fully resolved config, stored in results.json
-    progress: bool = True
+    progress: bool = True  # tqdm bar
+    report: bool = True  # print the header and the results table at the end
 
 
 def _base_record(sample: Sample, config_hash: str) -> dict[str, Any]:
@@ -167,8 +168,9 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
     results_path = out / "results.json"
     write_json(results_path, results)
     logger.log_results(results, results_path, store.path)
-    print(_header(results, settings))
-    print(make_table(results) if ok else "no successful samples: nothing to score")
+    if settings.report:
+        print(_header(results, settings))
+        print(make_table(results) if ok else "no successful samples: nothing to score")
     return results
 
 
