@@ -38,24 +38,41 @@ from methods.none import NoMethod
 from tasks.pope import POPETask
 from tasks.shapes import WorldSpec
 
-MID = LlavaSize(image_size=336, patch_size=14, vision_hidden=256, vision_layers=4, vision_heads=4,
-                text_hidden=512, text_layers=4, text_heads=8, text_kv_heads=8)
+MID = LlavaSize(
+    image_size=336,
+    patch_size=14,
+    vision_hidden=256,
+    vision_layers=4,
+    vision_heads=4,
+    text_hidden=512,
+    text_layers=4,
+    text_heads=8,
+    text_kv_heads=8,
+)
 TINY = LlavaSize()
 
 
 def _task(data: Path, n_per_split: int, max_new_tokens: int) -> POPETask:
-    return POPETask(questions=str(data / "shapes_pope_{split}.json"), image_root=str(data / "images"),
-                    splits=["random"], limit=n_per_split, n_boot=1000,
-                    gen_kwargs={"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens,
-                                "do_sample": False})
+    return POPETask(
+        questions=str(data / "shapes_pope_{split}.json"),
+        image_root=str(data / "images"),
+        splits=["random"],
+        limit=n_per_split,
+        n_boot=1000,
+        gen_kwargs={"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "do_sample": False},
+    )
 
 
 def time_harness(adapter: LlavaAdapter, task: POPETask, batch_size: int, workdir: Path) -> float:
     """Wall seconds of one full ``evaluate`` (fresh output directory, model already loaded)."""
     out = Path(tempfile.mkdtemp(dir=workdir))
     t0 = time.perf_counter()
-    evaluate(task, adapter, NoMethod(), RunSettings(output_dir=out, config_hash="bench", batch_size=batch_size,
-                                                    progress=False, report=False))
+    evaluate(
+        task,
+        adapter,
+        NoMethod(),
+        RunSettings(output_dir=out, config_hash="bench", batch_size=batch_size, progress=False, report=False),
+    )
     return time.perf_counter() - t0
 
 
@@ -67,9 +84,13 @@ def time_plain(adapter: LlavaAdapter, task: POPETask, batch_size: int) -> float:
     t0 = time.perf_counter()
     for i in range(0, len(samples), batch_size):
         batch = samples[i : i + batch_size]
-        prompts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                              {"type": "text", "text": s.text}]}], add_generation_prompt=True)
-                   for s in batch]
+        prompts = [
+            proc.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.text}]}],
+                add_generation_prompt=True,
+            )
+            for s in batch
+        ]
         images = [im for s in batch for im in s.images()]
         inputs = proc(text=prompts, images=images, padding=True, return_tensors="pt").to(adapter.device)
         out = model.generate(**inputs, **task.gen_kwargs)
@@ -82,8 +103,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size = TINY if args.tiny else MID
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     ckpt = build_tiny_llava(work / "model", tokenizer_corpus(), size, seed=0)
-    data = build_pope_set(work / "data", n_images=max(8, -(-args.n_samples // 6)), seed=3,
-                          spec=WorldSpec(image_size=size.image_size))
+    data = build_pope_set(
+        work / "data", n_images=max(8, -(-args.n_samples // 6)), seed=3, spec=WorldSpec(image_size=size.image_size)
+    )
     adapter = LlavaAdapter(name="bench", path=str(ckpt), device=args.device, dtype=args.dtype)
     adapter.load()
     task = _task(data, args.n_samples, args.max_new_tokens)
@@ -96,11 +118,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         harness_s.append(time_harness(adapter, task, args.batch_size, work))
     h, p = statistics.median(harness_s), statistics.median(plain_s)
     report: dict[str, Any] = {
-        "model": {"visual_tokens": size.n_visual_tokens, "params": sum(x.numel() for x in adapter.model.parameters()),
-                  "device": str(adapter.device), "dtype": args.dtype},
-        "n_samples": n, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
-        "overhead": {"batch_size": args.batch_size, "harness_s_per_sample": h / n, "plain_s_per_sample": p / n,
-                     "ratio": h / p, "harness_runs_s": harness_s, "plain_runs_s": plain_s},
+        "model": {
+            "visual_tokens": size.n_visual_tokens,
+            "params": sum(x.numel() for x in adapter.model.parameters()),
+            "device": str(adapter.device),
+            "dtype": args.dtype,
+        },
+        "n_samples": n,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "overhead": {
+            "batch_size": args.batch_size,
+            "harness_s_per_sample": h / n,
+            "plain_s_per_sample": p / n,
+            "ratio": h / p,
+            "harness_runs_s": harness_s,
+            "plain_runs_s": plain_s,
+        },
         "throughput": {},
         "environment": environment(),
     }
@@ -113,12 +147,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _print(r: dict[str, Any]) -> None:
     o = r["overhead"]
-    print(f"\nLLaVA random-init, {r['model']['params'] / 1e6:.1f} M params, {r['model']['visual_tokens']} visual "
-          f"tokens, {r['model']['device']} {r['model']['dtype']}, {r['n_samples']} samples, "
-          f"{r['max_new_tokens']} new tokens each, median of {r['repeats']}")
-    print(f"| batch | harness s/sample | plain HF s/sample | harness / plain |\n|---|---|---|---|\n"
-          f"| {o['batch_size']} | {o['harness_s_per_sample']:.4f} | {o['plain_s_per_sample']:.4f} | "
-          f"{o['ratio']:.3f} ({(o['ratio'] - 1) * 100:+.1f} %) |")
+    print(
+        f"\nLLaVA random-init, {r['model']['params'] / 1e6:.1f} M params, {r['model']['visual_tokens']} visual "
+        f"tokens, {r['model']['device']} {r['model']['dtype']}, {r['n_samples']} samples, "
+        f"{r['max_new_tokens']} new tokens each, median of {r['repeats']}"
+    )
+    print(
+        f"| batch | harness s/sample | plain HF s/sample | harness / plain |\n|---|---|---|---|\n"
+        f"| {o['batch_size']} | {o['harness_s_per_sample']:.4f} | {o['plain_s_per_sample']:.4f} | "
+        f"{o['ratio']:.3f} ({(o['ratio'] - 1) * 100:+.1f} %) |"
+    )
     base = r["throughput"].get(min(r["throughput"]), None) if r["throughput"] else None
     print("| batch | samples/s | speed-up vs smallest batch |\n|---|---|---|")
     for bs, t in r["throughput"].items():
