@@ -11,6 +11,7 @@ Intervention sites share one grammar (resolved by :meth:`Adapter.site`)::
     lm.layers.{l}.attn           its self-attention       (output = attn_out [batch, seq, d])
     lm.layers.{l}.mlp            its MLP                  (output = mlp_out [batch, seq, d])
     lm.norm                      final norm
+    vision                       the vision tower (encoder)
     vision.layers.{l}            vision-encoder layer l
     vision.layers.{l}.attn       its self-attention
     vision.layers.{l}.mlp        its MLP
@@ -167,6 +168,14 @@ class Adapter(abc.ABC):
             ends = (row == -1).nonzero().flatten().tolist()
             spans.append(list(zip(starts, ends, strict=True)))
         return spans
+
+    @abc.abstractmethod
+    def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """Vision-tower inputs (``pixel_values`` etc.) for a list of images, on the model's device."""
+
+    @abc.abstractmethod
+    def vision_features(self, image_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Vision-tower features the projector reads, one row per visual token, ``[n_images, n_visual, d]``."""
 
     @abc.abstractmethod
     def visual_grid(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -32,6 +32,7 @@ class LlavaAdapter(Adapter):
         "lm.embed": "model.language_model.embed_tokens",
         "lm.layers": "model.language_model.layers",
         "lm.norm": "model.language_model.norm",
+        "vision": "model.vision_tower",
         "vision.layers": "model.vision_tower.encoder.layers",
         "projector": "model.multi_modal_projector",
     }
@@ -81,6 +82,18 @@ class LlavaAdapter(Adapter):
         if "pixel_values" in out and self.model is not None:
             out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
         return out
+
+    def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """``pixel_values`` of the images, ``[n_images, 3, H, W]``."""
+        pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels.to(self.device, self._require_loaded().dtype)}
+
+    def vision_features(self, image_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hidden states of ``vision_feature_layer`` (CLS dropped under "default"), ``[n_images, n_visual, d]``."""
+        model = self._require_loaded()
+        out = model.model.vision_tower(image_inputs["pixel_values"], output_hidden_states=True)
+        feats = out.hidden_states[model.config.vision_feature_layer]  # [n_images, 1 + P, d]
+        return feats[:, 1:] if model.config.vision_feature_select_strategy == "default" else feats
 
     # ------------------------------------------------------------------ anatomy
     @property

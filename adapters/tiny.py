@@ -94,6 +94,8 @@ class LlavaSize:
     text_heads: int = 4
     text_kv_heads: int = 2
     max_positions: int = 2048
+    feature_layer: int = -2  # vision layer the projector reads (LLaVA-1.5: -2, the penultimate)
+    init_range: float = 0.02  # std of the LM / projector init (HF default 0.02)
 
     @property
     def n_visual_tokens(self) -> int:
@@ -118,6 +120,17 @@ def build_tiny_llava(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    model, processor = make_tiny_llava(corpus, size, seed=seed, vocab_size=vocab_size)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "tiny_size.json").write_text(json.dumps(asdict(size) | {"seed": seed}, indent=1))
+    return out
+
+
+def make_tiny_llava(
+    corpus: Iterable[str], size: LlavaSize = LlavaSize(), *, seed: int = 0, vocab_size: int = 600
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A random-init tiny LLaVA and its processor, in memory (see :func:`build_tiny_llava`)."""
     tok = train_tokenizer(corpus, vocab_size=vocab_size, model_specials={"image_token": "<image>"})
     vision = CLIPVisionConfig(
         hidden_size=size.vision_hidden,
@@ -139,13 +152,14 @@ def build_tiny_llava(
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
+        initializer_range=size.init_range,
     )
     cfg = LlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_id=tok.image_token_id,
         image_seq_length=size.n_visual_tokens,
-        vision_feature_layer=-2,
+        vision_feature_layer=size.feature_layer,
         vision_feature_select_strategy="default",
         pad_token_id=tok.pad_token_id,
     )
@@ -165,7 +179,4 @@ def build_tiny_llava(
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    (out / "tiny_size.json").write_text(json.dumps(asdict(size) | {"seed": seed}, indent=1))
-    return out
+    return model, processor

@@ -31,12 +31,13 @@ import torch
 
 from adapters.llava import LlavaAdapter
 from adapters.tiny import LlavaSize, build_tiny_llava
-from harness.assets import build_pope_set, tokenizer_corpus
+from harness.assets import tokenizer_corpus
 from harness.engine import RunSettings, evaluate
 from harness.results import environment
 from methods.none import NoMethod
 from tasks.pope import POPETask
-from tasks.shapes import WorldSpec
+from tasks.shapes import WorldSpec, generate
+from tasks.shapes_export import export_pope
 
 MID = LlavaSize(
     image_size=336,
@@ -103,9 +104,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size = TINY if args.tiny else MID
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     ckpt = build_tiny_llava(work / "model", tokenizer_corpus(), size, seed=0)
-    data = build_pope_set(
-        work / "data", n_images=max(8, -(-args.n_samples // 6)), seed=3, spec=WorldSpec(image_size=size.image_size)
-    )
+    data = work / "data"
+    scenes = generate(4 * max(8, -(-args.n_samples // 6)), 3, WorldSpec(image_size=size.image_size, min_objects=3))
+    export_pope(scenes, data, seed=3)
     adapter = LlavaAdapter(name="bench", path=str(ckpt), device=args.device, dtype=args.dtype)
     adapter.load()
     task = _task(data, args.n_samples, args.max_new_tokens)

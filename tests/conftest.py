@@ -22,9 +22,13 @@ def tiny_llava_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pope_dir(tmp_path_factory) -> Path:
-    from harness.assets import build_pope_set
+    from tasks.shapes import generate
+    from tasks.shapes_export import export_pope
 
-    return build_pope_set(tmp_path_factory.mktemp("pope") / "shapes-pope", n_images=6, seed=7)
+    out = tmp_path_factory.mktemp("pope") / "shapes-pope"
+    scenes = [s for s in generate(40, 7) if len(s.objects) >= 3][:6]
+    export_pope(scenes, out, seed=7)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -81,3 +81,15 @@ def test_loads_like_a_hub_checkpoint(tiny_llava_dir):
     files = {p.name for p in tiny_llava_dir.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "processor_config.json"} <= files
     assert not any(f.endswith(".bin") for f in files)
+
+
+def test_vision_features_are_what_the_projector_reads(llava):
+    images = [_img((255, 0, 0)), _img((0, 255, 0))]
+    x = llava.image_inputs(images)
+    feats = llava.vision_features(x)
+    assert feats.shape == (2, 64, llava.model.config.vision_config.hidden_size)
+    with torch.no_grad():
+        ours = llava.site("projector")(feats)  # [n_images, n_visual, d_text]
+        theirs = llava.model.model.get_image_features(pixel_values=x["pixel_values"]).pooler_output
+    assert torch.allclose(ours, torch.stack(list(theirs)), atol=1e-6)
+    assert llava.site("vision") is llava.model.model.vision_tower

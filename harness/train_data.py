@@ -1,0 +1,138 @@
+"""Training data from the shapes world: chat-template conversations with answer-only labels.
+
+A training example is one scene and a conversation about it: either ``k_turns`` short-answer questions
+(existence, count, colour, position; yes/no answers balanced per type) or one caption request. The text is
+the model's own chat template, cut into segments so that the prompt part of the first turn is tokenised
+exactly as it is at evaluation time (``processor(text=prompt, images=...)``) and every answer segment
+(answer + end-of-turn tokens) is what the model must generate; labels are set on answer segments only.
+
+Nothing here is specific to a model family: the segments come from ``processor.apply_chat_template`` and the
+image placeholders are expanded by the family's own processor.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from tasks import shapes
+from tasks.shapes import Scene, WorldSpec, make_scene
+
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5 suffix (POPE, MME)
+YES_NO = " Please answer yes or no."  # MME's own suffix
+CAPTION_PROMPTS = ("Please describe this image in detail.", "Describe the image.")
+
+QA_KINDS = ("existence", "count", "colour", "position")  # → tasks.shapes.qa_<kind>(scene, rng)
+
+
+def qa(kind: str) -> Callable[..., tuple[str, str] | None]:
+    """The world's question generator of one kind."""
+    if kind not in QA_KINDS:
+        raise ValueError(f"unknown question kind {kind!r}; known: {QA_KINDS}")
+    return getattr(shapes, f"qa_{kind}")
+
+
+@dataclass(frozen=True)
+class Mix:
+    """What conversations look like."""
+
+    k_turns: int = 4  # questions per QA conversation (answers drawn independently: no counting shortcut)
+    caption_prob: float = 0.2  # fraction of conversations that ask for a caption instead
+    qa_weights: dict[str, float] = field(
+        default_factory=lambda: {"existence": 0.7, "count": 0.1, "colour": 0.1, "position": 0.1}
+    )
+    suffixes: tuple[str, ...] = (SHORT_ANSWER, SHORT_ANSWER, YES_NO)
+
+
+class SceneStream:
+    """Training scenes ``index = 0, 1, ...`` of the world's ``train`` split, skipping any eval image."""
+
+    def __init__(self, spec: WorldSpec, seed: int, exclude_digests: set[str] | None = None) -> None:
+        self.spec, self.seed = spec, seed
+        self.exclude = exclude_digests or set()
+        self.index = 0
+        self.skipped = 0
+
+    def next(self) -> Scene:
+        """The next training scene."""
+        while True:
+            scene = make_scene(self.seed, "train", self.index, self.spec)
+            self.index += 1
+            if scene.digest not in self.exclude:
+                return scene
+            self.skipped += 1
+
+
+def conversation(scene: Scene, rng: random.Random, mix: Mix) -> list[tuple[str, str]]:
+    """(question, answer) turns about one scene."""
+    if rng.random() < mix.caption_prob:
+        return [(rng.choice(CAPTION_PROMPTS), shapes.caption(scene, rng))]
+    kinds, weights = zip(*mix.qa_weights.items(), strict=True)
+    turns: list[tuple[str, str]] = []
+    while len(turns) < mix.k_turns:
+        pair = qa(rng.choices(kinds, weights)[0])(scene, rng)
+        if pair is not None:
+            turns.append((pair[0] + rng.choice(mix.suffixes), pair[1]))
+    return turns
+
+
+def segments(processor: Any, turns: list[tuple[str, str]], n_images: int = 1) -> list[tuple[str, bool]]:
+    """Cut the chat-template rendering of ``turns`` into (text, is_answer) segments, in order."""
+    messages: list[dict[str, Any]] = []
+    out: list[tuple[str, bool]] = []
+    done = ""
+    for i, (question, answer) in enumerate(turns):
+        content = [{"type": "image"}] * (n_images if i == 0 else 0) + [{"type": "text", "text": question}]
+        messages.append({"role": "user", "content": content})
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        full = processor.apply_chat_template(messages)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ValueError("the chat template does not render conversations prefix-consistently")
+        out += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        done = full
+    return out
+
+
+def encode(processor: Any, image: Image.Image, turns: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """Token ids, labels (answers only) and image inputs of one example."""
+    segs = segments(processor, turns)
+    first = processor(text=[segs[0][0]], images=[image], return_tensors="pt")
+    ids = [first["input_ids"][0]]
+    labels = [torch.full_like(ids[0], -100)]
+    for text, is_answer in segs[1:]:
+        t = torch.tensor(processor.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        ids.append(t)
+        labels.append(t.clone() if is_answer else torch.full_like(t, -100))
+    extra = {k: v for k, v in first.items() if k not in ("input_ids", "attention_mask")}
+    return {"input_ids": torch.cat(ids), "labels": torch.cat(labels), **extra}
+
+
+def collate(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of encoded examples into a batch (labels -100 on padding)."""
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k], labels[i, :k], mask[i, :k] = e["input_ids"], e["labels"], 1
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    for key in examples[0]:
+        if key not in batch:
+            batch[key] = torch.cat([e[key] for e in examples])
+    return batch
+
+
+def presence_labels(scene: Scene, spec: WorldSpec) -> torch.Tensor:
+    """Multi-hot shape and colour presence, ``[n_shapes + n_colours]``."""
+    shapes_present = {o.shape for o in scene.objects}
+    colours_present = {o.colour for o in scene.objects}
+    return torch.tensor(
+        [s in shapes_present for s in spec.shapes] + [c in colours_present for c in spec.colours], dtype=torch.float32
+    )

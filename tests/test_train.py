@@ -1,0 +1,107 @@
+"""Trainer: answer-only labels that match evaluation-time tokenisation, a short run that learns and saves a
+checkpoint loading through the adapter, and the method / batch hooks for training-time interventions."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import ClassVar
+
+import torch
+from PIL import Image
+
+from adapters.llava import LlavaAdapter
+from harness.assets import tokenizer_corpus
+from harness.train import TrainConfig, train
+from harness.train_data import Mix, collate, conversation, encode, segments
+from methods.base import METHODS, Method
+from tasks.shapes import WorldSpec, make_scene
+
+
+def test_segments_and_labels_match_evaluation_prompts(llava):
+    proc = llava.processor
+    turns = [("Is there a star in the image?", "Yes"), ("Is the star red?", "No")]
+    segs = segments(proc, turns)
+    assert [a for _, a in segs] == [False, True, False, True]
+    assert segs[0][0] == llava.format_prompt("Is there a star in the image?"), "turn 1 prompt = eval prompt"
+    assert segs[1][0] == " Yes</s>"
+    scene = make_scene(0, "train", 3)
+    image = Image.fromarray(scene.image)
+    ex = encode(proc, image, turns)
+    eval_ids = llava.build_inputs([segs[0][0]], [[image]])["input_ids"][0].cpu()
+    assert torch.equal(ex["input_ids"][: len(eval_ids)], eval_ids), "training tokenises the prompt as eval does"
+    answer_ids = ex["input_ids"][ex["labels"] != -100]
+    assert proc.tokenizer.decode(answer_ids) == " Yes</s> No</s>"
+    assert torch.equal(ex["pixel_values"], proc(text=[segs[0][0]], images=[image], return_tensors="pt")["pixel_values"])
+
+
+def test_conversations_are_grounded_and_collate_pads(llava):
+    rng = random.Random(0)
+    scene = make_scene(0, "train", 5)
+    turns = conversation(scene, rng, Mix(caption_prob=0.0, qa_weights={"existence": 1.0}))
+    for q, a in turns:
+        shape = q.split(" in the image")[0].split()[-1]
+        assert (a == "Yes") == (shape in scene.shapes), q
+    batch = collate(
+        [encode(llava.processor, Image.fromarray(scene.image), t) for t in (turns, turns[:1])],
+        llava.processor.tokenizer.pad_token_id,
+    )
+    assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+_CALLS = {"n": 0}
+
+
+@METHODS.register("test_count_forwards")
+class _CountForwards(Method):
+    name: ClassVar[str] = "test_count_forwards"
+
+    def install(self):
+        def hook(module, args):
+            _CALLS["n"] += 1
+
+        self.add_hook(self.adapter.site("lm.layers.0").register_forward_pre_hook(hook))
+
+
+def test_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
+    hooked = []
+
+    def batch_hook(batch):
+        hooked.append(batch["input_ids"].shape)
+        return batch
+
+    cfg = TrainConfig(
+        out=str(tmp_path / "ckpt"),
+        tower_steps=3,
+        tower_batch=8,
+        proj_init_images=32,
+        proj_init_steps=5,
+        steps=12,
+        batch=8,
+        warmup=1,
+        eval_every=12,
+        probe_images=8,
+        method="test_count_forwards",
+    )
+    out = train(cfg, tokenizer_corpus(n_scenes=40), batch_hook=batch_hook)
+    log = json.loads((out / "training_log.json").read_text())["log"]
+    vlm = [e for e in log if e["stage"] == "vlm"]
+    assert vlm[-1]["loss"] < 0.5 * vlm[0]["loss"], "the VLM stage must reduce its loss"
+    assert "tpr" in vlm[-1], "the probe ran"
+    assert len(hooked) == 12 and _CALLS["n"] >= 12, "batch hook and method were active during training"
+    adapter = LlavaAdapter(name="trained", path=str(out), device="cpu")
+    adapter.load()
+    assert adapter.model.config.vision_feature_layer == -1
+    first_linear = adapter.model.model.multi_modal_projector.linear_1
+    assert first_linear.weight.std() > 0.05, "projector initialised from data, not the 0.02 default"
+    text = adapter.generate(
+        adapter.build_inputs(
+            [adapter.format_prompt("Is there a star in the image?")],
+            [[Image.fromarray(make_scene(0, "eval", 0, WorldSpec()).image)]],
+        ),
+        max_new_tokens=3,
+        do_sample=False,
+    )
+    assert isinstance(text[0], str)
+    assert json.loads((out / "train_config.json").read_text())["steps"] == 12
