@@ -12,8 +12,13 @@ import time
 from harness.config import REPO_ROOT
 
 # 18 samples of 48 new tokens each on a random-init model, so that the run lasts long enough to be killed
-ARGS = ["limit=6", "batch_size=1", "task.gen_kwargs.max_new_tokens=48", "+task.gen_kwargs.min_new_tokens=48",
-        "progress=false"]
+ARGS = [
+    "limit=6",
+    "batch_size=1",
+    "task.gen_kwargs.max_new_tokens=48",
+    "+task.gen_kwargs.min_new_tokens=48",
+    "progress=false",
+]
 
 
 def _cmd(root, model):
@@ -31,7 +36,9 @@ def _lines(root):
 
 def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, tiny_llava_dir):
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(killed, tiny_llava_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd(killed, tiny_llava_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while len(_lines(killed)) < 4 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
