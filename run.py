@@ -7,37 +7,23 @@ python run.py -m method=none seed=0,1           # multirun
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import adapters  # noqa: F401  (registers adapters)
 import methods  # noqa: F401  (registers methods)
 import tasks  # noqa: F401  (registers tasks)
-from harness.config import config_hash, instantiate
-from harness.engine import RunSettings, evaluate
+from harness.config import instantiate
+from harness.engine import evaluate, from_config
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     """Run one evaluation job."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    settings = RunSettings(
-        output_dir=cfg.output_dir,
-        config_hash=config_hash(cfg),
-        batch_size=cfg.batch_size,
-        strict=cfg.strict,
-        seed=cfg.seed,
-        config=resolved,
-        progress=cfg.progress,
-    )
-    task = instantiate(cfg.task, drop=("name",), strict=cfg.strict, limit=cfg.limit)
-    method = instantiate(cfg.method, drop=("name",))
-    adapter = instantiate(cfg.model)
+    task, adapter, method, settings = from_config(cfg)
     logger = instantiate(cfg.logger)
     try:
-        logger.start(resolved, Path(settings.output_dir))
+        logger.start(settings.config, settings.output_dir)
         evaluate(task, adapter, method, settings, logger)
     finally:
         logger.finish()

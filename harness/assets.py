@@ -65,8 +65,7 @@ def record_pope(model_dir: Path = MODEL_DIR, world_dir: Path = WORLD_DIR, output
 
     from hydra import compose, initialize_config_dir
 
-    from harness.config import config_hash, instantiate
-    from harness.engine import RunSettings, evaluate
+    from harness.engine import evaluate, from_config
 
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO_ROOT / "conf")):
         cfg = compose(
@@ -77,13 +76,7 @@ def record_pope(model_dir: Path = MODEL_DIR, world_dir: Path = WORLD_DIR, output
                 f"task.image_root={world_dir}/pope/images",
             ],
         )
-    out = Path(output_root or tempfile.mkdtemp(prefix="record-"))
-    res = evaluate(
-        instantiate(cfg.task, drop=("name",)),
-        instantiate(cfg.model),
-        instantiate(cfg.method, drop=("name",)),
-        RunSettings(output_dir=out, config_hash=config_hash(cfg), batch_size=cfg.batch_size),
-    )
+    res = evaluate(*from_config(cfg, output_dir=output_root or tempfile.mkdtemp(prefix="record-")))
     (model_dir / "recorded_pope.json").write_text(json.dumps(res["results"], indent=1) + "\n")
     return res
 

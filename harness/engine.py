@@ -174,6 +174,25 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
     return results
 
 
+def from_config(cfg: Any, output_dir: str | Path | None = None) -> tuple[Task, Adapter, Method, RunSettings]:
+    """Task, adapter (not loaded), method and run settings from a composed top-level config."""
+    from omegaconf import OmegaConf
+
+    from harness.config import config_hash, instantiate
+
+    settings = RunSettings(
+        output_dir=Path(output_dir or cfg.output_dir),
+        config_hash=config_hash(cfg),
+        batch_size=cfg.batch_size,
+        strict=cfg.strict,
+        seed=cfg.seed,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        progress=cfg.progress,
+    )
+    task = instantiate(cfg.task, drop=("name",), strict=cfg.strict, limit=cfg.limit)
+    return task, instantiate(cfg.model), instantiate(cfg.method, drop=("name",)), settings
+
+
 def _header(results: dict[str, Any], settings: RunSettings) -> str:
     m, meth, n = results["model"], results["method"], next(iter(results["n-samples"].values()))
     return (

@@ -50,7 +50,7 @@ from adapters.base import ADAPTERS, Adapter
 from adapters.tiny import LlavaSize, make_tiny_llava
 from harness.train_data import SHORT_ANSWER, Mix, SceneStream, collate, conversation, encode, presence_labels
 from methods.base import METHODS
-from tasks.shapes import Scene, WorldSpec, make_scene
+from tasks.shapes import Scene, WorldSpec, article, make_scene
 
 #: family → builder of a random-init (model, processor) from a tokenizer corpus and a seed
 TINY_BUILDERS: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
@@ -241,8 +241,7 @@ def probe(adapter: Adapter, spec: WorldSpec, n_images: int, seed: int) -> dict[s
     said_yes: dict[str, list[bool]] = {"pos": [], "random": [], "partner": []}
     for i in range(0, len(rows), 64):
         chunk = rows[i : i + 64]
-        art = lambda s: "an" if s[0] in "aeiou" else "a"  # noqa: E731
-        prompts = [adapter.format_prompt(f"Is there {art(s)} {s} in the image?{SHORT_ANSWER}") for _, _, s in chunk]
+        prompts = [adapter.format_prompt(f"Is there {article(s)} {s} in the image?{SHORT_ANSWER}") for _, _, s in chunk]
         inputs = adapter.build_inputs(prompts, [[_pil(sc)] for _, sc, _ in chunk])
         logits = adapter.model(**inputs).logits[:, -1]  # [b, vocab]
         for (kind, _, _), y in zip(chunk, (logits[:, yes] > logits[:, no]).tolist(), strict=True):
