@@ -33,11 +33,13 @@ format: setup
 bench: setup         ## harness overhead vs plain HF generate, and throughput by batch size
 	$(PY) -m harness.bench
 
-world: setup         ## re-export the shapes world (POPE, CHAIR, MME, VCR formats) into assets/shapes-world
+world: setup         ## re-export the shapes world (POPE, CHAIR, MME, VCR formats) and its README figure
 	$(PY) -m harness.assets world
+	$(PY) -m harness.assets figure
 
-train: setup         ## retrain the shipped tiny LLaVA on the shapes world (~15 min on 2 cores), record its POPE metrics
-	$(PY) -m harness.assets train
+FAMILY ?= llava
+train: setup         ## retrain a shipped tiny checkpoint (FAMILY=llava|qwen_vl|internvl), record its POPE metrics
+	$(PY) -m harness.assets train --family $(FAMILY)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,3 +1,3 @@
-"""Model-family adapters; importing the package registers them all."""
+"""Model-family adapters; importing the package registers every family in :data:`adapters.base.ADAPTERS`."""
 
-from adapters import llava  # noqa: F401  (registers "llava")
+from adapters import internvl, llava, qwen_vl  # noqa: F401  (registration side effects)

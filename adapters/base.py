@@ -15,10 +15,21 @@ Intervention sites share one grammar (resolved by :meth:`Adapter.site`)::
     vision.layers.{l}            vision-encoder layer l
     vision.layers.{l}.attn       its self-attention
     vision.layers.{l}.mlp        its MLP
-    projector                    multimodal projector     (output = projector.out [n_img, n_vis, d])
+    projector                    multimodal projector     (output = projector.out, the visual tokens; family-shaped)
 
 Tensor-valued sites inside attention (``lm.layers.{l}.attn.scores`` / ``.probs``) are reached through the
-attention-function switch (:meth:`Adapter.lm_attention`), never by patching modeling files.
+attention-function switch (:meth:`Adapter.lm_attention`), never by patching modeling files. The LM's position ids
+(``inputs.position_ids``) are read with :meth:`Adapter.position_ids` and replaced with :meth:`Adapter.positions`.
+
+The uniform anatomy every adapter provides (so methods never special-case a family unless their paper does):
+
+* decoder layers / attention / MLP modules (:meth:`site`), :meth:`num_layers`, :attr:`num_heads`,
+  :attr:`num_kv_heads`, :attr:`head_dim`; the LM-only attention switch (:meth:`lm_attention`);
+* the vision tower and :attr:`vision_has_cls`; projector input (:meth:`vision_features`) and the projected visual
+  tokens in LM order (:meth:`image_features`);
+* per-sample image-token spans (:meth:`image_spans`, :meth:`tile_spans`) and each visual token's
+  ``(image, tile, row, col)`` (:meth:`visual_token_map`);
+* the position-id builder (:meth:`position_ids`) and its replacement (:meth:`positions`).
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ import abc
 import contextlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -37,6 +48,13 @@ from torch import nn
 from harness.registry import Registry
 
 ADAPTERS: Registry[type[Adapter]] = Registry("adapter")
+
+#: ChatML fallback prompt (Qwen-VL, InternVL) and its system block, for checkpoints without a chat template
+CHATML = "{system}<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n"
+CHATML_SYSTEM = "<|im_start|>system\n{}<|im_end|>\n"
+
+#: ``fn(default_position_ids, inputs) -> new_position_ids`` (same shape), see :meth:`Adapter.positions`
+PositionFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
 _SITE = re.compile(r"^(lm|vision)\.layers\.(\d+)(?:\.(attn|mlp))?$")
 
@@ -68,6 +86,14 @@ class Adapter(abc.ABC):
     paths: ClassVar[dict[str, str]]
     #: names of the attention / MLP sub-modules inside an LM layer and a vision layer
     layer_parts: ClassVar[dict[str, dict[str, str]]]
+    #: whether the vision tower prepends a [CLS] token (dropped or kept before the projector)
+    vision_has_cls: ClassVar[bool]
+    #: fallback prompt templates (``{images}``, ``{text}``, ``{system}``) when the processor has no chat template
+    templates: ClassVar[dict[str, str]]
+    #: the per-image placeholder inserted into ``{images}`` by fallback templates
+    image_placeholder: ClassVar[str]
+    #: how a fallback template's ``{system}`` renders a system prompt (empty when there is none)
+    system_format: ClassVar[str] = "{} "
 
     def __init__(
         self,
@@ -92,6 +118,7 @@ class Adapter(abc.ABC):
         self.model: nn.Module | None = None
         self.processor: Any = None
         self.load_seconds: float | None = None
+        self._position_fn: PositionFn | None = None
 
     # ------------------------------------------------------------------ loading
     @property
@@ -130,21 +157,69 @@ class Adapter(abc.ABC):
         return self.model
 
     # ------------------------------------------------------------------ prompting and generation
-    @abc.abstractmethod
     def format_prompt(self, text: str, n_images: int = 1) -> str:
-        """Wrap the user text and ``n_images`` image placeholders in the family's prompt template."""
+        """Wrap the user text and ``n_images`` image placeholders (in order, before the text) in the prompt format.
 
-    @abc.abstractmethod
+        ``prompt_template="auto"`` uses the processor's chat template when it has one, else the family's first
+        fallback template; ``"chat"`` requires the chat template; any other value names a fallback template.
+        """
+        template = self.prompt_template
+        has_chat = getattr(self.processor, "chat_template", None) is not None
+        if template == "chat" or (template == "auto" and has_chat):
+            if not has_chat:
+                raise ValueError(f"prompt_template='chat' but {self.path} has no chat template")
+            messages = []
+            if self.system_prompt:
+                messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+            messages.append({"role": "user", "content": content})
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        name = next(iter(self.templates)) if template == "auto" else template
+        if name not in self.templates:
+            raise ValueError(
+                f"unknown prompt_template {template!r} for {self.family}; use auto, chat or {sorted(self.templates)}"
+            )
+        system = self.system_format.format(self.system_prompt) if self.system_prompt else ""
+        return self.templates[name].format(images=self.image_placeholder * n_images, text=text, system=system)
+
     def build_inputs(self, prompts: list[str], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
-        """Tokenise a batch with LEFT padding and preprocess its images; tensors on the model's device."""
+        """Tokenise a batch with LEFT padding and preprocess its images (in order); tensors on the model's device.
+
+        Every row must carry as many images as its prompt has placeholders; the images of all rows are flattened
+        in row order, as the processors expect.
+        """
+        flat = [im for row in images for im in row]
+        batch = self.processor(text=prompts, images=flat or None, padding=True, return_tensors="pt")
+        out = {k: v.to(self.device) for k, v in batch.items()}
+        if "pixel_values" in out and self.model is not None:
+            out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
+        return out
+
+    def _with_positions(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``inputs`` plus explicit ``position_ids`` when a replacement is active (see :meth:`positions`)."""
+        if self._position_fn is None or "position_ids" in inputs:
+            return inputs
+        default = self.position_ids(inputs)
+        new = self._position_fn(default.clone(), inputs)
+        if new.shape != default.shape:
+            raise ValueError(f"position replacement returned shape {tuple(new.shape)}, expected {tuple(default.shape)}")
+        return {**inputs, "position_ids": self._model_position_ids(new.to(default.device, default.dtype), inputs)}
+
+    def _model_position_ids(self, positions: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Convert :meth:`position_ids`-shaped positions to what ``forward``/``generate`` accept (identity for 1-D)."""
+        return positions
 
     @torch.inference_mode()
     def generate(self, inputs: dict[str, torch.Tensor], **gen_kwargs: Any) -> list[str]:
         """Generate continuations and return only the new text of each row, decoded without special tokens."""
         model = self._require_loaded()
-        out = model.generate(**inputs, **gen_kwargs)  # [batch, prompt + new]
+        out = model.generate(**self._with_positions(inputs), **gen_kwargs)  # [batch, prompt + new]
         new = out[:, inputs["input_ids"].shape[1] :]
         return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+    def forward(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+        """One forward pass over the prompt (active position replacement applied); the model's output object."""
+        return self._require_loaded()(**self._with_positions(inputs), **kwargs)
 
     # ------------------------------------------------------------------ anatomy
     @property
@@ -169,25 +244,76 @@ class Adapter(abc.ABC):
             spans.append(list(zip(starts, ends, strict=True)))
         return spans
 
+    def tile_spans(self, inputs: dict[str, torch.Tensor]) -> list[list[tuple[int, int, int, int]]]:
+        """Per sample, ``(image, tile, start, end)`` of each tile's run of visual tokens, in sequence order.
+
+        Untiled families have one tile per image; InternVL has one per crop plus the thumbnail.
+        """
+        out = []
+        for mask, vmap in zip(self.image_token_mask(inputs), self.visual_token_map(inputs), strict=True):
+            pos = mask.nonzero().flatten().tolist()
+            runs: list[tuple[int, int, int, int]] = []
+            for p, (img, tile) in zip(pos, vmap[:, :2].tolist(), strict=True):
+                if runs and runs[-1][:2] == (img, tile) and runs[-1][3] == p:
+                    runs[-1] = (img, tile, runs[-1][2], p + 1)
+                else:
+                    runs.append((img, tile, p, p + 1))
+            out.append(runs)
+        return out
+
     @abc.abstractmethod
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         """Vision-tower inputs (``pixel_values`` etc.) for a list of images, on the model's device."""
 
     @abc.abstractmethod
     def vision_features(self, image_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Vision-tower features the projector reads, one row per visual token, ``[n_images, n_visual, d]``."""
+        """The projector's input for these images (family-shaped; ``site("projector")`` consumes it)."""
+
+    def image_features(self, image_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Projected visual tokens, in the order they fill the LM's image placeholders, ``[n_visual_total, d]``."""
+        projected = self.site("projector")(self.vision_features(image_inputs))
+        return projected.reshape(-1, projected.shape[-1])
 
     @abc.abstractmethod
-    def visual_grid(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Per sample, the (row, col) grid position of every visual token in sequence order.
+    def visual_token_map(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per sample, ``(image, tile, row, col)`` of every visual token, in sequence order.
+
+        ``image`` counts the sample's images from 0 in prompt order; ``tile`` counts an image's tiles (0 for
+        untiled families); ``(row, col)`` is the token's cell in its tile's token grid. Rows of ``-1`` in row/col
+        mark tokens without a grid cell (e.g. a kept [CLS]).
 
         Returns:
-            One ``LongTensor [n_visual_tokens, 2]`` per sample; rows of ``-1`` mark tokens with no grid cell.
+            One ``LongTensor [n_visual_tokens, 4]`` per sample.
         """
 
-    @abc.abstractmethod
+    def visual_grid(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per sample, the ``(row, col)`` of every visual token (:meth:`visual_token_map` columns 2–3)."""
+        return [m[:, 2:] for m in self.visual_token_map(inputs)]
+
     def position_ids(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Position ids the LM uses for this batch (``[batch, seq]`` for 1-D RoPE)."""
+        """Position ids the LM uses in prefill, as ``generate`` builds them.
+
+        ``[batch, seq]`` for 1-D RoPE (``cumsum(attention_mask) - 1``, so left padding is skipped); families with
+        M-RoPE override this.
+        """
+        mask = inputs["attention_mask"].long()
+        return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+    @contextlib.contextmanager
+    def positions(self, fn: PositionFn) -> Iterator[None]:
+        """Replace the LM's position ids (site ``inputs.position_ids``) in :meth:`generate` and :meth:`forward`.
+
+        ``fn(default, inputs)`` receives :meth:`position_ids` (``[batch, seq]``, or ``[3, batch, seq]`` for
+        M-RoPE) and returns a tensor of the same shape. Decoding continues from each row's last prompt position
+        + 1. Only one replacement may be active.
+        """
+        if self._position_fn is not None:
+            raise RuntimeError("a position-id replacement is already active on this adapter")
+        self._position_fn = fn
+        try:
+            yield
+        finally:
+            self._position_fn = None
 
     def site(self, name: str) -> nn.Module:
         """Resolve an intervention site of the grammar in the module docstring to its module.
@@ -223,6 +349,23 @@ class Adapter(abc.ABC):
     def num_layers(self, tower: str = "lm") -> int:
         """Number of decoder (``"lm"``) or vision-encoder (``"vision"``) layers."""
         return len(self.site(f"{tower}.layers"))
+
+    @property
+    def num_heads(self) -> int:
+        """Query heads per LM attention layer."""
+        return int(self._require_loaded().config.get_text_config().num_attention_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads per LM attention layer (fewer than :attr:`num_heads` under GQA)."""
+        cfg = self._require_loaded().config.get_text_config()
+        return int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head dimension of the LM attention."""
+        cfg = self._require_loaded().config.get_text_config()
+        return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
     @contextlib.contextmanager
     def lm_attention(self, implementation: str) -> Iterator[None]:
@@ -262,5 +405,10 @@ class Adapter(abc.ABC):
                     "vision": getattr(getattr(cfg, "vision_config", None), "_attn_implementation", None),
                 },
                 n_parameters=sum(p.numel() for p in self.model.parameters()),
+                lm_layers=self.num_layers("lm"),
+                heads=self.num_heads,
+                kv_heads=self.num_kv_heads,
+                vision_layers=self.num_layers("vision"),
+                vision_has_cls=self.vision_has_cls,
             )
         return info

@@ -20,8 +20,6 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from adapters.base import ADAPTERS, Adapter
 
-TEMPLATES = {"llava15": "USER: {images}{text} ASSISTANT:"}
-
 
 @ADAPTERS.register("llava")
 class LlavaAdapter(Adapter):
@@ -40,6 +38,9 @@ class LlavaAdapter(Adapter):
         "lm": {"attn": "self_attn", "mlp": "mlp"},
         "vision": {"attn": "self_attn", "mlp": "mlp"},
     }
+    vision_has_cls: ClassVar[bool] = True
+    templates: ClassVar[dict[str, str]] = {"llava15": "{system}USER: {images}{text} ASSISTANT:"}
+    image_placeholder: ClassVar[str] = "<image>\n"
 
     def _load(self) -> tuple[nn.Module, Any]:
         kw: dict[str, Any] = {"revision": self.revision} if self.revision else {}
@@ -53,35 +54,6 @@ class LlavaAdapter(Adapter):
         processor = AutoProcessor.from_pretrained(self.path, **kw)
         processor.tokenizer.padding_side = "left"
         return model, processor
-
-    # ------------------------------------------------------------------ prompting
-    def format_prompt(self, text: str, n_images: int = 1) -> str:
-        """Apply the chat template (or the llava-1.5 format) to one user turn with ``n_images`` images."""
-        template = self.prompt_template
-        has_chat = getattr(self.processor, "chat_template", None) is not None
-        if template == "chat" or (template == "auto" and has_chat):
-            if not has_chat:
-                raise ValueError(f"prompt_template='chat' but {self.path} has no chat template")
-            messages = []
-            if self.system_prompt:
-                messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-            content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-            messages.append({"role": "user", "content": content})
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        name = "llava15" if template == "auto" else template
-        if name not in TEMPLATES:
-            raise ValueError(f"unknown prompt_template {template!r} for llava; use auto, chat or {sorted(TEMPLATES)}")
-        prompt = TEMPLATES[name].format(images="<image>\n" * n_images, text=text)
-        return f"{self.system_prompt} {prompt}" if self.system_prompt else prompt
-
-    def build_inputs(self, prompts: list[str], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
-        """Processor call with left padding; every row must carry as many images as its prompt has placeholders."""
-        flat = [im for row in images for im in row]
-        batch = self.processor(text=prompts, images=flat or None, padding=True, return_tensors="pt")
-        out = {k: v.to(self.device) for k, v in batch.items()}
-        if "pixel_values" in out and self.model is not None:
-            out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
-        return out
 
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         """``pixel_values`` of the images, ``[n_images, 3, H, W]``."""
@@ -107,24 +79,20 @@ class LlavaAdapter(Adapter):
         side = vcfg.image_size // vcfg.patch_size
         return side, side
 
-    def visual_grid(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """(row, col) of every visual token per sample; the CLS token of the ``full`` strategy gets (-1, -1)."""
+    def visual_token_map(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """(image, 0, row, col) per visual token; the [CLS] token of the ``full`` strategy gets row = col = -1."""
         rows, cols = self.grid_shape()
         cell = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
         if self._require_loaded().config.vision_feature_select_strategy == "full":
             cell = torch.cat([torch.full((1, 2), -1), cell])  # [1 + rows*cols, 2]
         per_image = cell.shape[0]
-        grids = []
+        maps = []
         for n in self.image_token_mask(inputs).sum(-1).tolist():
             if n % per_image:
                 raise ValueError(f"{n} visual tokens is not a multiple of {per_image} per image")
-            grids.append(cell.repeat(n // per_image, 1))  # [n_visual_tokens, 2]
-        return grids
-
-    def position_ids(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """1-D positions that skip left padding, as ``generate`` builds them, ``[batch, seq]``."""
-        mask = inputs["attention_mask"].long()
-        return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            image = torch.arange(n // per_image).repeat_interleave(per_image)[:, None]  # [n, 1]
+            maps.append(torch.cat([image, torch.zeros_like(image), cell.repeat(n // per_image, 1)], 1))  # [n, 4]
+        return maps
 
     def describe(self) -> dict[str, Any]:
         """Adds the visual grid to the generic description."""

@@ -1,10 +1,12 @@
-"""The embedded default shipped in ``assets/``: the shapes-world exports and the trained tiny LLaVA.
+"""The embedded default shipped in ``assets/``: the shapes-world exports and the trained tiny checkpoints.
 
-    python -m harness.assets world    # re-export assets/shapes-world (deterministic, seconds)
-    python -m harness.assets train    # train assets/shapes-llava on the world's train split (~15 min, 2 cores)
-    python -m harness.assets record   # evaluate it on the shipped POPE set; write recorded_pope.json
+    python -m harness.assets world                     # re-export assets/shapes-world (deterministic, seconds)
+    python -m harness.assets train [--family llava]    # train assets/shapes-<family> on the world's train split
+    python -m harness.assets record [--family llava]   # evaluate it on the shipped POPE set; write recorded_pope.json
 
-``recorded_pope.json`` holds the metrics ``python run.py`` must reproduce exactly (greedy, CPU); a test checks it.
+Families: ``llava`` (the default of ``python run.py``), ``qwen_vl`` (a tiny Qwen2-VL), ``internvl``.
+``recorded_pope.json`` holds the metrics ``python run.py model=<family>`` must reproduce exactly (greedy, CPU);
+a test checks it.
 """
 
 from __future__ import annotations
@@ -19,14 +21,20 @@ from tasks import shapes
 from tasks.shapes import SYNONYMS, WorldSpec, generate
 
 WORLD_DIR = REPO_ROOT / "assets" / "shapes-world"
-MODEL_DIR = REPO_ROOT / "assets" / "shapes-llava"
+#: family (also its conf/model option) → shipped checkpoint directory
+MODEL_DIRS = {
+    "llava": REPO_ROOT / "assets" / "shapes-llava",
+    "qwen_vl": REPO_ROOT / "assets" / "shapes-qwen2vl",
+    "internvl": REPO_ROOT / "assets" / "shapes-internvl",
+}
+MODEL_DIR = MODEL_DIRS["llava"]
 N_EVAL = 300  # eval-split scenes exported (POPE keeps those with >= 3 objects)
 #: Co-occurrence strength of the EXPORTED eval scenes. Training scenes use the world default (0.65, i.e.
-#: P(partner | shape) ≈ 0.8); the eval scenes break pairs more often (0.3, i.e. P ≈ 0.55, still the top
+#: P(partner | shape) ≈ 0.8); the eval scenes break pairs more often (0.3, i.e. P ≈ 0.52, still the top
 #: co-occurrence), so POPE's adversarial split, which ranks negatives by co-occurrence within the evaluated
 #: images exactly as POPE does, finds absent partners to ask about. With 0.65 in both, most 3–4-object scenes
 #: hold complete pairs and POPE's adversarial negatives are partners barely more often than random ones
-#: (24 % vs 20 % of negatives, measured), so the split cannot show the prior the model learned.
+#: (24 % vs 20 % of negatives, measured in the earlier 8-shape world), so the split cannot show the prior.
 EVAL_PAIR_PROB = 0.3
 
 EXTRA_TEXT = (
@@ -59,8 +67,38 @@ def build_world(out: Path = WORLD_DIR) -> Path:
     return out
 
 
-def record_pope(model_dir: Path = MODEL_DIR, world_dir: Path = WORLD_DIR, output_root: Path | None = None) -> dict:
-    """Evaluate the checkpoint with the default run configuration and store its POPE metrics beside it."""
+def figure(out: Path = REPO_ROOT / "docs" / "shapes_world.png") -> Path:
+    """README figure: training scenes (top, 2× upscaled) and the shape classes (bottom, one 64-px tile each)."""
+    import cv2
+    import numpy as np
+
+    from tasks.shapes import SHAPES, SceneObject, draw_object, make_scene
+
+    spec = WorldSpec()
+    scenes = [cv2.resize(make_scene(0, "train", i, spec).image, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+              for i in range(len(SHAPES) // 2)]  # fmt: skip
+    tiles = []
+    for shape in SHAPES:
+        tile = np.full((64, 64, 3), 24, np.uint8)
+        draw_object(tile, SceneObject(shape, "white", (32, 32), 22))
+        tiles.append(tile)
+    sheet = np.concatenate([np.concatenate(scenes, 1), np.concatenate(tiles, 1)], 0)  # [192, 64·n_shapes, 3]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    return out
+
+
+def record_pope(
+    model_dir: Path = MODEL_DIR, world_dir: Path = WORLD_DIR, output_root: Path | None = None, family: str = "llava"
+) -> dict:
+    """Evaluate a checkpoint with the default run configuration and store its POPE metrics beside it.
+
+    Args:
+        model_dir: Checkpoint directory (written: ``recorded_pope.json``).
+        world_dir: Shapes-world export whose POPE files are evaluated.
+        output_root: Where the run's files go (a temporary directory by default).
+        family: The ``conf/model`` option of the checkpoint's family.
+    """
     import tempfile
 
     from hydra import compose, initialize_config_dir
@@ -71,6 +109,7 @@ def record_pope(model_dir: Path = MODEL_DIR, world_dir: Path = WORLD_DIR, output
         cfg = compose(
             "config",
             overrides=[
+                f"model={family}",
                 f"model.path={model_dir}",
                 f"task.questions='{world_dir}/pope/shapes_pope_{{split}}.json'",
                 f"task.image_root={world_dir}/pope/images",
@@ -84,17 +123,23 @@ def record_pope(model_dir: Path = MODEL_DIR, world_dir: Path = WORLD_DIR, output
 def main() -> None:
     """CLI entry point."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["world", "train", "record"])
+    ap.add_argument("what", choices=["world", "train", "record", "figure"])
+    ap.add_argument("--family", choices=sorted(MODEL_DIRS), default="llava")
     args = ap.parse_args()
+    model_dir = MODEL_DIRS[args.family]
     if args.what == "world":
         print(f"exported {build_world()}")
+    elif args.what == "figure":
+        print(f"wrote {figure()}")
     elif args.what == "train":
-        from harness.train import TrainConfig, train
+        from harness.train import FAMILY_RECIPE, TrainConfig, train
 
-        train(TrainConfig(out=str(MODEL_DIR), exclude=str(WORLD_DIR / "metadata.json")), tokenizer_corpus())
-        record_pope()
+        recipe = FAMILY_RECIPE.get(args.family, {})
+        cfg = TrainConfig(out=str(model_dir), family=args.family, exclude=str(WORLD_DIR / "metadata.json"), **recipe)
+        train(cfg, tokenizer_corpus())
+        record_pope(model_dir, family=args.family)
     else:
-        record_pope()
+        record_pope(model_dir, family=args.family)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,15 @@ def segments(processor: Any, turns: list[tuple[str, str]], n_images: int = 1) ->
     return out
 
 
+def answer_token_id(processor: Any, answer: str) -> int:
+    """First token the model emits for ``answer`` right after the generation prompt, read off the chat template.
+
+    E.g. " Yes" for LLaVA-1.5 (``ASSISTANT: Yes``) but "Yes" for ChatML (``<|im_start|>assistant`` + newline).
+    """
+    answer_segment = segments(processor, [("Q?", answer)])[1][0]
+    return processor.tokenizer(answer_segment, add_special_tokens=False)["input_ids"][0]
+
+
 def encode(processor: Any, image: Image.Image, turns: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     """Token ids, labels (answers only) and image inputs of one example."""
     segs = segments(processor, turns)
@@ -109,7 +118,14 @@ def encode(processor: Any, image: Image.Image, turns: list[tuple[str, str]]) -> 
         t = torch.tensor(processor.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
         ids.append(t)
         labels.append(t.clone() if is_answer else torch.full_like(t, -100))
-    extra = {k: v for k, v in first.items() if k not in ("input_ids", "attention_mask")}
+    n_first, n_total = len(ids[0]), sum(len(t) for t in ids)
+    extra = {}
+    for key, value in first.items():
+        if key in ("input_ids", "attention_mask"):
+            continue
+        if value.dim() == 2 and value.shape == first["input_ids"].shape:  # token-aligned (Qwen mm_token_type_ids)
+            value = torch.cat([value[0], value.new_zeros(n_total - n_first)])  # later segments are text
+        extra[key] = value
     return {"input_ids": torch.cat(ids), "labels": torch.cat(labels), **extra}
 
 
@@ -124,7 +140,13 @@ def collate(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, t
         ids[i, :k], labels[i, :k], mask[i, :k] = e["input_ids"], e["labels"], 1
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     for key in examples[0]:
-        if key not in batch:
+        if key in batch:
+            continue
+        if examples[0][key].shape == examples[0]["input_ids"].shape:  # token-aligned: right-pad with zeros
+            batch[key] = torch.zeros((len(examples), n), dtype=examples[0][key].dtype)
+            for i, e in enumerate(examples):
+                batch[key][i, : len(e[key])] = e[key]
+        else:
             batch[key] = torch.cat([e[key] for e in examples])
     return batch
 

@@ -84,3 +84,15 @@ def test_unknown_option_fails_cleanly_from_cli(tmp_path):
     p = _run(["method=var_typo", f"output_root={tmp_path}"], cwd=tmp_path, timeout=120)
     assert p.returncode != 0
     assert "Available options in 'method'" in p.stderr and "none" in p.stderr
+
+
+@pytest.mark.parametrize("family", ["qwen_vl", "internvl"])
+def test_run_py_other_families_on_their_shipped_checkpoints(tmp_path, family):
+    out = tmp_path / "outs"
+    p = _run([f"model={family}", "task=pope", f"output_root={out}", "limit=3", "progress=false"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (results,) = out.glob(f"pope/{family}/none-*/results.json")
+    res = json.loads(results.read_text())
+    assert res["n-samples"]["pope"] == {"original": 9, "effective": 9, "errors": 0}
+    assert res["model"]["family"] == family and res["model"]["n_parameters"] > 0
+    assert "|pope|" in p.stdout

@@ -7,12 +7,13 @@ import json
 import random
 from typing import ClassVar
 
+import pytest
 import torch
 from PIL import Image
 
-from adapters.llava import LlavaAdapter
+from adapters.base import ADAPTERS
 from harness.assets import tokenizer_corpus
-from harness.train import TrainConfig, train
+from harness.train import TrainConfig, _first_linear, train
 from harness.train_data import Mix, collate, conversation, encode, segments
 from methods.base import METHODS, Method
 from tasks.shapes import WorldSpec, make_scene
@@ -64,8 +65,10 @@ class _CountForwards(Method):
         self.add_hook(self.adapter.site("lm.layers.0").register_forward_pre_hook(hook))
 
 
-def test_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("family", ["llava", "qwen_vl", "internvl"])
+def test_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path, family):
     hooked = []
+    _CALLS["n"] = 0
 
     def batch_hook(batch):
         hooked.append(batch["input_ids"].shape)
@@ -73,6 +76,7 @@ def test_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
 
     cfg = TrainConfig(
         out=str(tmp_path / "ckpt"),
+        family=family,
         tower_steps=3,
         tower_batch=8,
         proj_init_images=32,
@@ -90,10 +94,9 @@ def test_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
     assert vlm[-1]["loss"] < 0.5 * vlm[0]["loss"], "the VLM stage must reduce its loss"
     assert "tpr" in vlm[-1], "the probe ran"
     assert len(hooked) == 12 and _CALLS["n"] >= 12, "batch hook and method were active during training"
-    adapter = LlavaAdapter(name="trained", path=str(out), device="cpu")
+    adapter = ADAPTERS.get(family)(name="trained", path=str(out), device="cpu")
     adapter.load()
-    assert adapter.model.config.vision_feature_layer == -1
-    first_linear = adapter.model.model.multi_modal_projector.linear_1
+    first_linear = _first_linear(adapter)
     assert first_linear.weight.std() > 0.05, "projector initialised from data, not the 0.02 default"
     text = adapter.generate(
         adapter.build_inputs(
@@ -105,3 +108,35 @@ def test_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
     )
     assert isinstance(text[0], str)
     assert json.loads((out / "train_config.json").read_text())["steps"] == 12
+
+
+def test_qwen_examples_keep_token_type_ids_aligned(tmp_path):
+    from adapters.qwen_vl import QwenVLAdapter
+    from adapters.tiny import build_tiny
+
+    path = build_tiny("qwen_vl", tmp_path / "q", tokenizer_corpus(40))
+    qwen = QwenVLAdapter(name="q", path=str(path), device="cpu")
+    qwen.load()
+    image = Image.fromarray(make_scene(0, "train", 3).image)
+    turns = [("Is there a star in the image?", "Yes"), ("Is the star red?", "No")]
+    ex = encode(qwen.processor, image, turns)
+    assert ex["mm_token_type_ids"].shape == ex["input_ids"].shape
+    assert torch.equal(ex["mm_token_type_ids"] == 1, ex["input_ids"] == qwen.image_token_id)
+    eval_ids = qwen.build_inputs([qwen.format_prompt(turns[0][0])], [[image]])["input_ids"][0]
+    assert torch.equal(ex["input_ids"][: len(eval_ids)], eval_ids), "training tokenises the prompt as eval does"
+    batch = collate([ex, encode(qwen.processor, image, turns[:1])], qwen.processor.tokenizer.pad_token_id)
+    assert batch["mm_token_type_ids"].shape == batch["input_ids"].shape
+    loss = qwen.model(**batch).loss
+    assert torch.isfinite(loss)
+
+
+def test_answer_token_is_what_the_chat_template_puts_after_the_prompt(llava, tmp_path):
+    from adapters.qwen_vl import QwenVLAdapter
+    from adapters.tiny import build_tiny
+    from harness.train_data import answer_token_id
+
+    tok = llava.processor.tokenizer
+    assert tok.decode([answer_token_id(llava.processor, "Yes")]) == " Yes"
+    qwen = QwenVLAdapter(name="q", path=str(build_tiny("qwen_vl", tmp_path / "q", tokenizer_corpus(40))))
+    qwen.load()
+    assert qwen.processor.tokenizer.decode([answer_token_id(qwen.processor, "Yes")]) == "Yes"

@@ -1,0 +1,158 @@
+r"""InternVL adapter (HF-native ``InternVLForConditionalGeneration``: the "-hf" checkpoints).
+
+Hub ids such as ``OpenGVLab/InternVL3-8B-hf`` or a local directory; loads with ``from_pretrained`` (safetensors,
+no ``trust_remote_code``).
+
+* **Tiling.** Each image is cut into dynamic crops (the grid of ``min_tiles..max_tiles`` tiles whose aspect
+  ratio is closest to the image's), each resized to the tower's input size, plus a thumbnail of the whole
+  image appended LAST when there is more than one crop. Tiles are numbered in that order (crops row-major, then
+  the thumbnail).
+* **Visual tokens.** Per tile, the ViT's patch grid (its [CLS] token dropped) is pixel-shuffled 2×2 into
+  ``(side/2)²`` tokens, row-major, then projected. The LM sees ``<img>`` + tiles × ``image_seq_length`` ×
+  ``<IMG_CONTEXT>`` + ``</img>`` per image; :meth:`tile_spans` splits that run per tile.
+* **Prompt.** The processor's chat template, else ChatML with ``<IMG_CONTEXT>\n`` per image.
+* **Positions.** 1-D RoPE, as in LLaVA.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import InternVLForConditionalGeneration, InternVLProcessor
+
+from adapters.base import ADAPTERS, CHATML, CHATML_SYSTEM, Adapter
+from adapters.processors import load_processor
+
+
+@ADAPTERS.register("internvl")
+class InternVLAdapter(Adapter):
+    """Adapter for HF-native InternVL checkpoints.
+
+    Args:
+        max_tiles: Upper bound on dynamic crops per image (None: the checkpoint's processor setting; 1 disables
+            tiling, so every image is one tile).
+        min_tiles: Lower bound on dynamic crops per image (None: the checkpoint's setting).
+        **kwargs: See :class:`adapters.base.Adapter`.
+    """
+
+    family: ClassVar[str] = "internvl"
+    paths: ClassVar[dict[str, str]] = {
+        "lm.embed": "model.language_model.embed_tokens",
+        "lm.layers": "model.language_model.layers",
+        "lm.norm": "model.language_model.norm",
+        "vision": "model.vision_tower",
+        "vision.layers": "model.vision_tower.encoder.layer",
+        "projector": "model.multi_modal_projector",
+    }
+    layer_parts: ClassVar[dict[str, dict[str, str]]] = {
+        "lm": {"attn": "self_attn", "mlp": "mlp"},
+        "vision": {"attn": "attention", "mlp": "mlp"},
+    }
+    vision_has_cls: ClassVar[bool] = True
+    templates: ClassVar[dict[str, str]] = {"chatml": CHATML}
+    image_placeholder: ClassVar[str] = "<IMG_CONTEXT>\n"
+    system_format: ClassVar[str] = CHATML_SYSTEM
+
+    def __init__(self, *, max_tiles: int | None = None, min_tiles: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if (max_tiles is not None and max_tiles < 1) or (min_tiles is not None and min_tiles < 1):
+            raise ValueError(f"min_tiles / max_tiles must be >= 1, got {min_tiles} / {max_tiles}")
+        self.max_tiles = max_tiles
+        self.min_tiles = min_tiles
+
+    def _load(self) -> tuple[nn.Module, Any]:
+        kw: dict[str, Any] = {"revision": self.revision} if self.revision else {}
+        model = InternVLForConditionalGeneration.from_pretrained(
+            self.path, dtype=self.torch_dtype, attn_implementation=self.attn_implementation, use_safetensors=True, **kw
+        ).to(self.device)
+        processor = load_processor(self.path, InternVLProcessor, **kw)
+        ip = processor.image_processor
+        if self.max_tiles is not None:
+            ip.max_patches = self.max_tiles
+        if self.min_tiles is not None:
+            ip.min_patches = self.min_tiles
+        if ip.min_patches > ip.max_patches:
+            raise ValueError(f"min_tiles {ip.min_patches} > max_tiles {ip.max_patches}")
+        ip.crop_to_patches = ip.max_patches > 1
+        processor.tokenizer.padding_side = "left"
+        return model, processor
+
+    def build_inputs(self, prompts: list[str], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
+        """As the base class, with the tiling settings passed explicitly (the processor's call defaults differ)."""
+        ip = self.processor.image_processor
+        flat = [im for row in images for im in row]
+        batch = self.processor(
+            text=prompts,
+            images=flat or None,
+            padding=True,
+            return_tensors="pt",
+            crop_to_patches=ip.crop_to_patches,
+            min_patches=ip.min_patches,
+            max_patches=ip.max_patches,
+        )
+        out = {k: v.to(self.device) for k, v in batch.items()}
+        if "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(self._require_loaded().dtype)
+        return out
+
+    # ------------------------------------------------------------------ vision
+    def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """``pixel_values [n_tiles_total, 3, S, S]`` and ``num_patches`` (tiles per image)."""
+        ip = self.processor.image_processor
+        out = ip(images, return_tensors="pt", crop_to_patches=ip.crop_to_patches, min_patches=ip.min_patches,
+                 max_patches=ip.max_patches)  # fmt: skip
+        return {"pixel_values": out["pixel_values"].to(self.device, self._require_loaded().dtype),
+                "num_patches": torch.as_tensor(out["num_patches"])}  # fmt: skip
+
+    def vision_features(self, image_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pixel-shuffled tower features the projector reads, ``[n_tiles_total, tokens_per_tile, 4·d_vision]``."""
+        model = self._require_loaded()
+        cfg = model.config
+        out = model.model.vision_tower(pixel_values=image_inputs["pixel_values"], output_hidden_states=True)
+        feats = out.last_hidden_state if cfg.vision_feature_layer == -1 else out.hidden_states[cfg.vision_feature_layer]
+        if cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]  # drop [CLS]: [n_tiles, P, d]
+        side = math.isqrt(feats.shape[1])
+        feats = feats.reshape(feats.shape[0], side, side, -1)
+        feats = model.model.pixel_shuffle(feats, scale_factor=cfg.downsample_ratio)  # [n_tiles, s/2, s/2, 4d]
+        return feats.reshape(feats.shape[0], -1, feats.shape[-1])
+
+    # ------------------------------------------------------------------ anatomy
+    @property
+    def image_token_id(self) -> int:
+        """``config.image_token_id`` (``<IMG_CONTEXT>``; the ``<img>``/``</img>`` delimiters are not visual tokens)."""
+        return int(self._require_loaded().config.image_token_id)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """``config.image_seq_length``: visual tokens per tile."""
+        return int(self._require_loaded().config.image_seq_length)
+
+    def visual_token_map(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """(image, tile, row, col) per visual token; (row, col) on the tile's pixel-shuffled grid."""
+        per_tile = self.tokens_per_tile
+        side = math.isqrt(per_tile)
+        cell = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
+        maps = []
+        for spans in self.image_spans(inputs):
+            parts = []
+            for image, (start, end) in enumerate(spans):
+                n_tiles, rest = divmod(end - start, per_tile)
+                if rest:
+                    raise ValueError(f"image span of {end - start} tokens is not a multiple of {per_tile} per tile")
+                tile = torch.arange(n_tiles).repeat_interleave(per_tile)[:, None]
+                parts.append(torch.cat([torch.full_like(tile, image), tile, cell.repeat(n_tiles, 1)], 1))
+            maps.append(torch.cat(parts) if parts else torch.zeros(0, 4, dtype=torch.long))
+        return maps
+
+    def describe(self) -> dict[str, Any]:
+        """Adds the tiling settings to the generic description."""
+        info = super().describe()
+        if self.processor is not None:
+            ip = self.processor.image_processor
+            info |= {"min_tiles": ip.min_patches, "max_tiles": ip.max_patches, "tokens_per_tile": self.tokens_per_tile}
+        return info
