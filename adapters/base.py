@@ -210,11 +210,14 @@ class Adapter(abc.ABC):
         return positions
 
     @torch.inference_mode()
+    def generate_ids(self, inputs: dict[str, torch.Tensor], **gen_kwargs: Any) -> torch.Tensor:
+        """Generate continuations (active position replacement applied); the new token ids, ``[batch, new]``."""
+        out = self._require_loaded().generate(**self._with_positions(inputs), **gen_kwargs)  # [batch, prompt + new]
+        return out[:, inputs["input_ids"].shape[1] :]
+
     def generate(self, inputs: dict[str, torch.Tensor], **gen_kwargs: Any) -> list[str]:
         """Generate continuations and return only the new text of each row, decoded without special tokens."""
-        model = self._require_loaded()
-        out = model.generate(**self._with_positions(inputs), **gen_kwargs)  # [batch, prompt + new]
-        new = out[:, inputs["input_ids"].shape[1] :]
+        new = self.generate_ids(inputs, **gen_kwargs)
         return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
 
     def forward(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> Any:
