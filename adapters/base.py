@@ -189,11 +189,16 @@ class Adapter(abc.ABC):
         in row order, as the processors expect.
         """
         flat = [im for row in images for im in row]
-        batch = self.processor(text=prompts, images=flat or None, padding=True, return_tensors="pt")
+        kwargs = self.image_kwargs() if flat else {}
+        batch = self.processor(text=prompts, images=flat or None, padding=True, return_tensors="pt", **kwargs)
         out = {k: v.to(self.device) for k, v in batch.items()}
         if "pixel_values" in out and self.model is not None:
             out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
         return out
+
+    def image_kwargs(self) -> dict[str, Any]:
+        """Image-processor settings passed on every call (none by default; InternVL passes its tiling)."""
+        return {}
 
     def _with_positions(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``inputs`` plus explicit ``position_ids`` when a replacement is active (see :meth:`positions`)."""

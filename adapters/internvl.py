@@ -81,30 +81,15 @@ class InternVLAdapter(Adapter):
         processor.tokenizer.padding_side = "left"
         return model, processor
 
-    def build_inputs(self, prompts: list[str], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
-        """As the base class, with the tiling settings passed explicitly (the processor's call defaults differ)."""
+    def image_kwargs(self) -> dict[str, Any]:
+        """The tiling settings, passed explicitly (the processor's call defaults would override the loaded ones)."""
         ip = self.processor.image_processor
-        flat = [im for row in images for im in row]
-        batch = self.processor(
-            text=prompts,
-            images=flat or None,
-            padding=True,
-            return_tensors="pt",
-            crop_to_patches=ip.crop_to_patches,
-            min_patches=ip.min_patches,
-            max_patches=ip.max_patches,
-        )
-        out = {k: v.to(self.device) for k, v in batch.items()}
-        if "pixel_values" in out:
-            out["pixel_values"] = out["pixel_values"].to(self._require_loaded().dtype)
-        return out
+        return {"crop_to_patches": ip.crop_to_patches, "min_patches": ip.min_patches, "max_patches": ip.max_patches}
 
     # ------------------------------------------------------------------ vision
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         """``pixel_values [n_tiles_total, 3, S, S]`` and ``num_patches`` (tiles per image)."""
-        ip = self.processor.image_processor
-        out = ip(images, return_tensors="pt", crop_to_patches=ip.crop_to_patches, min_patches=ip.min_patches,
-                 max_patches=ip.max_patches)  # fmt: skip
+        out = self.processor.image_processor(images, return_tensors="pt", **self.image_kwargs())
         return {"pixel_values": out["pixel_values"].to(self.device, self._require_loaded().dtype),
                 "num_patches": torch.as_tensor(out["num_patches"])}  # fmt: skip
 

@@ -185,9 +185,12 @@ class QwenVLAdapter(Adapter):
         return model._prepare_position_ids_for_generation(inputs["input_ids"], kwargs)
 
     def _model_position_ids(self, positions: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Prepend the text-position row that ``forward``/``generate`` expect (``[4, batch, seq]``)."""
-        text = self._generation_positions(inputs)[:1]
-        return torch.cat([text, positions], 0)
+        """Prepend the text-position row that ``forward``/``generate`` expect (``[4, batch, seq]``).
+
+        That row is the 1-D ``cumsum(attention_mask) - 1`` that ``generate`` builds (the base class's builder),
+        so the rope index is not computed a second time.
+        """
+        return torch.cat([super().position_ids(inputs)[None], positions], 0)
 
     def describe(self) -> dict[str, Any]:
         """Adds the variant and the resize bounds to the generic description."""
