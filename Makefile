@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench world train clean
+.PHONY: setup demo test lint format bench bench-methods world train clean
 
 setup: $(STAMP)
 
@@ -33,13 +33,16 @@ format: setup
 bench: setup         ## harness overhead vs plain HF generate, and throughput by batch size
 	$(PY) -m harness.bench
 
+bench-methods: setup ## each method's time per sample over none, same inputs, one run
+	$(PY) -m harness.bench_methods
+
 world: setup         ## re-export the shapes world (POPE, CHAIR, MME, VCR formats) and its README figure
 	$(PY) -m harness.assets world
 	$(PY) -m harness.assets figure
 
-FAMILY ?= llava
-train: setup         ## retrain a shipped tiny checkpoint (FAMILY=llava|qwen_vl|internvl), record its POPE metrics
-	$(PY) -m harness.assets train --family $(FAMILY)
+MODEL ?= llava
+train: setup         ## retrain a shipped tiny checkpoint (MODEL=llava|qwen_vl|internvl|llava_cca|llava_mma), record POPE
+	$(PY) -m harness.assets train --model $(MODEL)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

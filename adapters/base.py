@@ -119,6 +119,8 @@ class Adapter(abc.ABC):
         self.processor: Any = None
         self.load_seconds: float | None = None
         self._position_fn: PositionFn | None = None
+        self._input_observers: list[Callable[[dict[str, torch.Tensor] | None], None]] = []
+        self._turn_suffix: list[int] | None = None
 
     # ------------------------------------------------------------------ loading
     @property
@@ -200,6 +202,35 @@ class Adapter(abc.ABC):
         """Image-processor settings passed on every call (none by default; InternVL passes its tiling)."""
         return {}
 
+    @contextlib.contextmanager
+    def _call(self, inputs: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+        """The model call's inputs (active position replacement applied), observers notified around the call.
+
+        Every input observer gets the inputs before the call and ``None`` when it is over.
+        """
+        inputs = self._with_positions(inputs)
+        try:
+            for observe in self._input_observers:
+                observe(inputs)
+            yield inputs
+        finally:
+            for observe in self._input_observers:
+                observe(None)
+
+    @contextlib.contextmanager
+    def on_inputs(self, fn: Callable[[dict[str, torch.Tensor] | None], None]) -> Iterator[None]:
+        """Call ``fn(inputs)`` before every :meth:`generate_ids` / :meth:`forward` call and ``fn(None)`` after it.
+
+        ``inputs`` are the prompt tensors the model is about to receive (``position_ids`` included when a
+        replacement is active); methods build their per-batch state from them. Observers run in registration
+        order and are removed on exit.
+        """
+        self._input_observers.append(fn)
+        try:
+            yield
+        finally:
+            self._input_observers.remove(fn)
+
     def _with_positions(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``inputs`` plus explicit ``position_ids`` when a replacement is active (see :meth:`positions`)."""
         if self._position_fn is None or "position_ids" in inputs:
@@ -217,7 +248,8 @@ class Adapter(abc.ABC):
     @torch.inference_mode()
     def generate_ids(self, inputs: dict[str, torch.Tensor], **gen_kwargs: Any) -> torch.Tensor:
         """Generate continuations (active position replacement applied); the new token ids, ``[batch, new]``."""
-        out = self._require_loaded().generate(**self._with_positions(inputs), **gen_kwargs)  # [batch, prompt + new]
+        with self._call(inputs) as prepared:
+            out = self._require_loaded().generate(**prepared, **gen_kwargs)  # [batch, prompt + new]
         return out[:, inputs["input_ids"].shape[1] :]
 
     def generate(self, inputs: dict[str, torch.Tensor], **gen_kwargs: Any) -> list[str]:
@@ -227,7 +259,8 @@ class Adapter(abc.ABC):
 
     def forward(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> Any:
         """One forward pass over the prompt (active position replacement applied); the model's output object."""
-        return self._require_loaded()(**self._with_positions(inputs), **kwargs)
+        with self._call(inputs) as prepared:
+            return self._require_loaded()(**prepared, **kwargs)
 
     # ------------------------------------------------------------------ anatomy
     @property
@@ -250,6 +283,50 @@ class Adapter(abc.ABC):
             starts = (row == 1).nonzero().flatten().tolist()
             ends = (row == -1).nonzero().flatten().tolist()
             spans.append(list(zip(starts, ends, strict=True)))
+        return spans
+
+    def turn_suffix_ids(self) -> list[int]:
+        r"""Token ids that close the user turn and open the assistant's: the prompts' common token suffix.
+
+        E.g. ``" ASSISTANT:"`` or ChatML's ``<|im_end|>\n<|im_start|>assistant\n``; found as the common token
+        suffix of prompts with different user texts.
+        """
+        if self._turn_suffix is None:
+            tok = getattr(self.processor, "tokenizer", self.processor)
+            texts = ("alpha beta", "gamma delta?", "x 7")
+            probes = [tok(self.format_prompt(t, n_images=0))["input_ids"] for t in texts]
+            n = 0
+            while n < min(map(len, probes)) and len({p[-1 - n] for p in probes}) == 1:
+                n += 1
+            if n == 0:
+                raise ValueError(f"{self.family}: prompts have no common suffix, so the assistant turn cannot be found")
+            self._turn_suffix = probes[0][len(probes[0]) - n :]
+        return self._turn_suffix
+
+    def instruction_spans(self, inputs: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        r"""Per sample, ``[start, end)`` of the instruction: after the LAST visual token, up to the turn suffix.
+
+        The span ends at the first :meth:`turn_suffix_ids` occurrence after the last visual token.
+
+        With a single-turn prompt that is the user's question plus any template tokens between the image and
+        it (Qwen's ``<|vision_end|>``, InternVL's ``</img>\n``); the end-of-turn marker and the assistant
+        header are excluded. In multi-turn sequences it is the first question after the image.
+
+        Raises:
+            ValueError: a row without visual tokens or without the turn suffix after them.
+        """
+        suffix = torch.tensor(self.turn_suffix_ids(), device=inputs["input_ids"].device)
+        ids = inputs["input_ids"]  # [batch, seq]
+        hits = (ids.unfold(1, len(suffix), 1) == suffix).all(-1)  # [batch, seq - k + 1]: suffix starts here
+        spans = []
+        for b, (vis, hit) in enumerate(zip(self.image_token_mask(inputs), hits, strict=True)):
+            if not vis.any():
+                raise ValueError(f"row {b} has no visual tokens, so it has no instruction after an image")
+            start = int(vis.nonzero().max()) + 1
+            after = hit[start:].nonzero()
+            if len(after) == 0:
+                raise ValueError(f"row {b}: no assistant turn ({self.turn_suffix_ids()}) after the image")
+            spans.append((start, start + int(after[0])))
         return spans
 
     def tile_spans(self, inputs: dict[str, torch.Tensor]) -> list[list[tuple[int, int, int, int]]]:

@@ -1,12 +1,13 @@
 """The embedded default shipped in ``assets/``: the shapes-world exports and the trained tiny checkpoints.
 
     python -m harness.assets world                     # re-export assets/shapes-world (deterministic, seconds)
-    python -m harness.assets train [--family llava]    # train assets/shapes-<family> on the world's train split
-    python -m harness.assets record [--family llava]   # evaluate it on the shipped POPE set; write recorded_pope.json
+    python -m harness.assets train [--model llava]     # train a shipped checkpoint on the world's train split
+    python -m harness.assets record [--model llava]    # evaluate it on the shipped POPE set; write recorded_pope.json
 
-Families: ``llava`` (the default of ``python run.py``), ``qwen_vl`` (a tiny Qwen2-VL), ``internvl``.
-``recorded_pope.json`` holds the metrics ``python run.py model=<family>`` must reproduce exactly (greedy, CPU);
-a test checks it.
+Shipped checkpoints (:data:`SHIPPED`, keyed by their ``conf/model`` option): ``llava`` (the default of
+``python run.py``), ``qwen_vl`` (a tiny Qwen2-VL), ``internvl``, and ``llava_cca`` / ``llava_mma`` (LLaVA trained
+with CCA / MMA, evaluated with the same method). ``recorded_pope.json`` holds the metrics
+``python run.py model=<option> method=<its method>`` must reproduce exactly (greedy, CPU); a test checks it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.config import REPO_ROOT
@@ -21,12 +23,43 @@ from tasks import shapes
 from tasks.shapes import SYNONYMS, WorldSpec, generate
 
 WORLD_DIR = REPO_ROOT / "assets" / "shapes-world"
-#: family (also its conf/model option) → shipped checkpoint directory
-MODEL_DIRS = {
-    "llava": REPO_ROOT / "assets" / "shapes-llava",
-    "qwen_vl": REPO_ROOT / "assets" / "shapes-qwen2vl",
-    "internvl": REPO_ROOT / "assets" / "shapes-internvl",
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A shipped tiny checkpoint: its ``conf/model`` option, directory, training recipe and evaluation method.
+
+    Attributes:
+        family: Adapter family (``harness.train`` builder).
+        path: Checkpoint directory.
+        recipe: :class:`harness.train.TrainConfig` overrides.
+        method: The method it is trained AND evaluated with (``none`` for causally trained checkpoints).
+    """
+
+    family: str
+    path: Path
+    recipe: dict = field(default_factory=dict)
+    method: str = "none"
+
+
+_LLAVA_TOWER = str(REPO_ROOT / "assets" / "shapes-llava" / "vision_tower.safetensors")
+#: conf/model option → shipped checkpoint. The CCA / MMA LLaVAs reuse the baseline LLaVA's stage-A vision tower
+#: (stage A trains the tower alone, so the method cannot change it) and train stages B–C inside the method.
+SHIPPED = {
+    "llava": Shipped("llava", REPO_ROOT / "assets" / "shapes-llava"),
+    "qwen_vl": Shipped("qwen_vl", REPO_ROOT / "assets" / "shapes-qwen2vl"),
+    # InternViT learned presence slowly from scratch: after 3,000 stage-A steps its shape-set exact match was 0.19
+    # (Qwen's tower: 0.81) and POPE random accuracy 0.70; it gets twice the steps (and residual scale 1 at init,
+    # see harness.train.TINY_BUILDERS).
+    "internvl": Shipped("internvl", REPO_ROOT / "assets" / "shapes-internvl", {"tower_steps": 6000}),
+    "llava_cca": Shipped(
+        "llava", REPO_ROOT / "assets" / "shapes-llava-cca", {"method": "cca", "tower_from": _LLAVA_TOWER}, "cca"
+    ),
+    "llava_mma": Shipped(
+        "llava", REPO_ROOT / "assets" / "shapes-llava-mma", {"method": "mma", "tower_from": _LLAVA_TOWER}, "mma"
+    ),
 }
+MODEL_DIRS = {name: ship.path for name, ship in SHIPPED.items()}
 MODEL_DIR = MODEL_DIRS["llava"]
 N_EVAL = 300  # eval-split scenes exported (POPE keeps those with >= 3 objects)
 #: Co-occurrence strength of the EXPORTED eval scenes. Training scenes use the world default (0.65, i.e.
@@ -89,7 +122,11 @@ def figure(out: Path = REPO_ROOT / "docs" / "shapes_world.png") -> Path:
 
 
 def record_pope(
-    model_dir: Path = MODEL_DIR, world_dir: Path = WORLD_DIR, output_root: Path | None = None, family: str = "llava"
+    model_dir: Path = MODEL_DIR,
+    world_dir: Path = WORLD_DIR,
+    output_root: Path | None = None,
+    model: str = "llava",
+    method: str = "none",
 ) -> dict:
     """Evaluate a checkpoint with the default run configuration and store its POPE metrics beside it.
 
@@ -97,7 +134,8 @@ def record_pope(
         model_dir: Checkpoint directory (written: ``recorded_pope.json``).
         world_dir: Shapes-world export whose POPE files are evaluated.
         output_root: Where the run's files go (a temporary directory by default).
-        family: The ``conf/model`` option of the checkpoint's family.
+        model: The ``conf/model`` option of the checkpoint.
+        method: The ``conf/method`` option it is evaluated with.
     """
     import tempfile
 
@@ -109,7 +147,8 @@ def record_pope(
         cfg = compose(
             "config",
             overrides=[
-                f"model={family}",
+                f"model={model}",
+                f"method={method}",
                 f"model.path={model_dir}",
                 f"task.questions='{world_dir}/pope/shapes_pope_{{split}}.json'",
                 f"task.image_root={world_dir}/pope/images",
@@ -124,22 +163,21 @@ def main() -> None:
     """CLI entry point."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["world", "train", "record", "figure"])
-    ap.add_argument("--family", choices=sorted(MODEL_DIRS), default="llava")
+    ap.add_argument("--model", choices=sorted(SHIPPED), default="llava", help="shipped checkpoint (conf/model option)")
     args = ap.parse_args()
-    model_dir = MODEL_DIRS[args.family]
+    ship = SHIPPED[args.model]
     if args.what == "world":
         print(f"exported {build_world()}")
     elif args.what == "figure":
         print(f"wrote {figure()}")
     elif args.what == "train":
-        from harness.train import FAMILY_RECIPE, TrainConfig, train
+        from harness.train import TrainConfig, train
 
-        recipe = FAMILY_RECIPE.get(args.family, {})
-        cfg = TrainConfig(out=str(model_dir), family=args.family, exclude=str(WORLD_DIR / "metadata.json"), **recipe)
-        train(cfg, tokenizer_corpus())
-        record_pope(model_dir, family=args.family)
+        exclude = str(WORLD_DIR / "metadata.json")
+        train(TrainConfig(out=str(ship.path), family=ship.family, exclude=exclude, **ship.recipe), tokenizer_corpus())
+        record_pope(ship.path, model=args.model, method=ship.method)
     else:
-        record_pope(model_dir, family=args.family)
+        record_pope(ship.path, model=args.model, method=ship.method)
 
 
 if __name__ == "__main__":

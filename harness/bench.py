@@ -164,6 +164,20 @@ def _print(r: dict[str, Any]) -> None:
         print(f"| {bs} | {t['samples_per_s']:.2f} | {t['samples_per_s'] / base['samples_per_s']:.2f}x |")
 
 
+def cli(ap: argparse.ArgumentParser, run_fn: Any) -> dict[str, Any]:
+    """Add the options every benchmark shares, parse, run ``run_fn(args)`` and write ``--json`` if asked."""
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tiny", action="store_true", help="64 px / 64 visual tokens model (smoke test)")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    report = run_fn(args)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
 def main() -> None:
     """CLI entry point."""
     ap = argparse.ArgumentParser(description="harness vs plain HF generate, and throughput by batch size")
@@ -171,15 +185,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8, help="batch size of the overhead comparison")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--tiny", action="store_true", help="64 px / 64 visual tokens model (smoke test)")
-    ap.add_argument("--json", type=Path, help="also write the figures here")
-    args = ap.parse_args()
-    report = run(args)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1, default=str))
+    cli(ap, run)
 
 
 if __name__ == "__main__":

@@ -82,10 +82,6 @@ TINY_BUILDERS: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
         corpus, InternVLSize(text_kv_heads=4, init_range=0.1, layer_scale=1.0), seed=seed, vocab_size=800
     ),
 }
-#: recipe changes per family (TrainConfig fields). InternViT learned presence slowly from scratch: after 3,000
-#: stage-A steps its shape-set exact match was 0.19 (Qwen's tower: 0.81) and POPE random accuracy 0.70; a
-#: residual scale of 1 at init (not 0.1) and twice the steps are used for it.
-FAMILY_RECIPE: dict[str, dict[str, Any]] = {"internvl": {"tower_steps": 6000}}
 
 
 @dataclass
@@ -284,7 +280,7 @@ def probe(adapter: Adapter, spec: WorldSpec, n_images: int, seed: int) -> dict[s
         chunk = rows[i : i + 64]
         prompts = [adapter.format_prompt(f"Is there {article(s)} {s} in the image?{SHORT_ANSWER}") for _, _, s in chunk]
         inputs = adapter.build_inputs(prompts, [[_pil(sc)] for _, sc, _ in chunk])
-        logits = adapter.model(**inputs).logits[:, -1]  # [b, vocab]
+        logits = adapter.forward(inputs).logits[:, -1]  # [b, vocab] (a training method applies)
         for (kind, _, _), y in zip(chunk, (logits[:, yes] > logits[:, no]).tolist(), strict=True):
             said_yes[kind].append(y)
     mean = lambda xs: round(sum(xs) / max(1, len(xs)), 4)  # noqa: E731
@@ -327,7 +323,7 @@ def train_vlm(
             examples = [encode(proc, _pil(s), conversation(s, rng, mix)) for s in scenes]
             batch = collate(examples, proc.tokenizer.pad_token_id)
             batch = batch_hook(batch) if batch_hook else batch
-            loss = model(**batch).loss
+            loss = adapter.forward(batch).loss  # through the adapter: a training method's positions and masks apply
             _optimize(opt, params, loss, cfg.lr * schedule(step, cfg.steps, cfg.warmup, cfg.min_lr_ratio), cfg.clip)
             entry = {
                 "stage": "vlm",

@@ -1,3 +1,3 @@
 """Mitigation methods, one file each; importing the package registers them all."""
 
-from methods import none  # noqa: F401  (registers "none")
+from methods import cca, mma, none, var  # noqa: F401  (registers them)

@@ -51,3 +51,24 @@ def make_task():
         return POPETask(questions=str(pope_dir / "shapes_pope_{split}.json"), image_root=str(pope_dir / "images"), **kw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def lazy_adapters():
+    """Factory: ``get = lazy_adapters(make)``; ``get(key)`` is the adapter of ``make(key) -> (family, checkpoint
+    dir)``, built and loaded on first use and then reused."""
+    from adapters.base import ADAPTERS
+
+    def factory(make):
+        cache = {}
+
+        def get(key: str):
+            if key not in cache:
+                family, path = make(key)
+                cache[key] = ADAPTERS.get(family)(name=key, path=str(path), device="cpu")
+                cache[key].load()
+            return cache[key]
+
+        return get
+
+    return factory

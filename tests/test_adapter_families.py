@@ -36,17 +36,9 @@ def tiny_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_dirs):
+def loaded(tiny_dirs, lazy_adapters):
     """``loaded(key)``: the family adapter of ``FAMILIES[key]``, loaded once per module."""
-    cache = {}
-
-    def get(key: str):
-        if key not in cache:
-            cache[key] = ADAPTERS.get(FAMILIES[key][0])(name=key, path=str(tiny_dirs[key]), device="cpu")
-            cache[key].load()
-        return cache[key]
-
-    return get
+    return lazy_adapters(lambda key: (FAMILIES[key][0], tiny_dirs[key]))
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -26,3 +26,17 @@ def test_bench_smoke():
     assert o["harness_s_per_sample"] > 0 and o["plain_s_per_sample"] > 0
     assert o["ratio"] == pytest.approx(o["harness_s_per_sample"] / o["plain_s_per_sample"])
     assert set(report["throughput"]) == {1, 4}
+
+
+def test_bench_methods_smoke():
+    from harness.bench_methods import run as run_methods
+
+    args = argparse.Namespace(
+        tiny=True, methods=["var", "cca", "mma"], batch_size=2, max_new_tokens=3, layers=4, repeats=1,
+        device="cpu", dtype="float32",
+    )  # fmt: skip
+    report = run_methods(args)
+    assert set(report["methods"]) == {"none", "var", "cca", "mma"}
+    assert report["methods"]["none"]["ratio"] == 1.0
+    for t in report["methods"].values():
+        assert t["s_per_sample"] > 0 and len(t["runs_s"]) == 1

@@ -96,3 +96,19 @@ def test_run_py_other_families_on_their_shipped_checkpoints(tmp_path, family):
     assert res["n-samples"]["pope"] == {"original": 9, "effective": 9, "errors": 0}
     assert res["model"]["family"] == family and res["model"]["n_parameters"] > 0
     assert "|pope|" in p.stdout
+
+
+def test_run_py_every_attention_method_on_every_shipped_family(tmp_path):
+    out = tmp_path / "outs"
+    args = ["-m", "method=var,cca,mma", "model=llava,qwen_vl,internvl", f"output_root={out}", "limit=1",
+            "task.gen_kwargs.max_new_tokens=4", "progress=false"]  # fmt: skip
+    p = _run(args, cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for method in ("var", "cca", "mma"):
+        for family in ("llava", "qwen_vl", "internvl"):
+            (results,) = out.glob(f"pope/{family}/{method}-*/results.json")
+            res = json.loads(results.read_text())
+            assert res["n-samples"]["pope"] == {"original": 3, "effective": 3, "errors": 0}
+            assert res["method"]["name"] == method
+    var = json.loads(next(out.glob("pope/llava/var-*/results.json")).read_text())["method"]
+    assert var["resolved"]["sink_source"].endswith("var_sinks.json"), "calibrated sink dims of the shipped model"

@@ -1,0 +1,435 @@
+r"""The intervention layer: one custom attention function for the language model, dispatching per layer.
+
+Every method of the product reaches the model through the sites below. The attention ones are served by a
+single function registered with transformers' ``AttentionInterface`` under the name ``"harness"`` together
+with a SAME-NAME mask function in ``AttentionMaskInterface`` (without it transformers hands the function
+``attention_mask=None`` and causality and padding silently disappear). It is switched on for the language
+model only (the vision tower keeps its kernel) while at least one method is attached, and it dispatches each
+call to the callbacks registered for that layer:
+
+==============================  ===================================  ============================================
+site                            registered with                      tensor the callback edits or reads
+==============================  ===================================  ============================================
+``inputs.position_ids``         ``adapter.positions(fn)``            ``[batch, seq]`` (``[3, batch, seq]`` M-RoPE)
+``inputs.mask``                 :meth:`Handle.mask`                  prefill mask ``[batch, 1, q, k]``, True=attend
+``lm.layers.{l}.resid_pre``     :meth:`Handle.resid_pre`             hidden state entering layer l ``[batch, seq, d]``
+``lm.layers.{l}.attn.scores``   :meth:`Handle.scores`                pre-softmax ``[batch, heads, q, k]``
+``lm.layers.{l}.attn.probs``    :meth:`Handle.probs`                 post-softmax ``[batch, heads, q, k]``
+==============================  ===================================  ============================================
+
+Layers where no callback needs scores or probabilities run PyTorch's fused SDPA on the (possibly edited) mask;
+the others run an eager softmax so the probabilities can be edited before they multiply V. A per-call
+:class:`Batch` (prompt tensors, visual-token and padding masks, each method's per-batch state) is built from
+the adapter's inputs before every ``generate``/``forward``; callbacks get a :class:`Step` telling them the layer
+and whether this call is the prefill (query length = key length) or one cached decoding step.
+
+Composition: methods attach with the resources they claim. ``positions``, ``scores``, ``probs`` and ``tokens``
+are exclusive (two methods editing the same probabilities compound in an order no paper defines), mask edits
+and hidden-state reads compose in attach order. A second attach by the same method, or an exclusive claim
+already held, raises :class:`CompositionError` before anything is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from adapters.base import Adapter
+
+#: the name the attention function and its mask function are registered under
+ATTENTION = "harness"
+#: resources at most one attached method may hold
+EXCLUSIVE = frozenset({"positions", "scores", "probs", "tokens"})
+#: every resource a method may claim
+RESOURCES = EXCLUSIVE | {"mask", "resid"}
+
+
+class CompositionError(ValueError):
+    """Two methods that cannot be applied together (or one method twice)."""
+
+
+@dataclass
+class Batch:
+    """What the model is about to process in one ``generate``/``forward`` call.
+
+    Attributes:
+        inputs: The prompt tensors (``input_ids``, ``attention_mask``, image inputs, ``position_ids`` if replaced).
+        prompt_len: Prompt length (padded); keys beyond it are generated tokens.
+        visual: Visual-token positions ``[batch, prompt_len]``.
+        padding: Padding positions ``[batch, prompt_len]``.
+        state: Per-method scratch space, keyed by method name.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    prompt_len: int
+    visual: torch.Tensor
+    padding: torch.Tensor
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def keys(self, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """A ``[batch, prompt_len]`` token mask extended with False for generated keys: ``[batch, kv_len]``."""
+        if kv_len < mask.shape[1]:
+            raise ValueError(f"key length {kv_len} is shorter than the prompt ({mask.shape[1]})")
+        return torch.nn.functional.pad(mask, (0, kv_len - mask.shape[1]), value=False)
+
+
+@dataclass
+class Step:
+    """Where an attention callback is being called.
+
+    Attributes:
+        layer: LM layer index.
+        offset: Sequence position of the first query row (0 in prefill and in uncached passes; the number of
+            cached tokens during cached decoding).
+        q_len: Query length (``prompt_len`` in prefill, 1 in a cached decoding step, more in an uncached one).
+        kv_len: Key length (``offset + q_len``).
+        batch: The current :class:`Batch`.
+    """
+
+    layer: int
+    offset: int
+    q_len: int
+    kv_len: int
+    batch: Batch
+
+    @property
+    def prefill(self) -> bool:
+        """True when the queries start at position 0 (they include the whole prompt)."""
+        return self.offset == 0
+
+    def query_positions(self) -> torch.Tensor:
+        """Sequence positions of the query rows, ``[q]``."""
+        return torch.arange(self.offset, self.offset + self.q_len, device=self.batch.visual.device)
+
+
+MaskFn = Callable[[torch.Tensor, Step], torch.Tensor]
+AttnFn = Callable[[torch.Tensor, Step], torch.Tensor]
+ResidFn = Callable[[torch.Tensor, Step], torch.Tensor | None]
+BatchFn = Callable[[Batch], None]
+RowFn = Callable[[Step], int]
+
+
+class Intervention:
+    """The per-adapter dispatcher (one per adapter, shared by every attached method)."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+        self.batch: Batch | None = None
+        self.owners: dict[str, frozenset[str]] = {}
+        self.batch_fns: list[tuple[str, BatchFn]] = []
+        self.mask_fns: list[tuple[str, MaskFn]] = []
+        self.score_fns: dict[int, list[tuple[str, AttnFn, RowFn | None]]] = {}
+        self.prob_fns: dict[int, list[tuple[str, AttnFn, RowFn | None]]] = {}
+        self._stack: contextlib.ExitStack | None = None
+        self._edited: tuple[torch.Tensor | None, torch.Tensor] | None = None  # (mask received, mask edited)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _start(self) -> None:
+        """Switch the LM to the dispatching attention function and observe the adapter's inputs."""
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(self.adapter.lm_attention(ATTENTION))
+            for layer in range(self.adapter.num_layers("lm")):
+                module = self.adapter.site(f"lm.layers.{layer}.attn")
+                module._harness_site = (self, layer)
+                stack.callback(delattr, module, "_harness_site")
+            stack.enter_context(self.adapter.on_inputs(self._new_batch))
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+
+    def _stop(self) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()
+        self.batch = None
+
+    def _new_batch(self, inputs: dict[str, torch.Tensor] | None) -> None:
+        self._edited = None
+        if inputs is None:  # the adapter call is over
+            self.batch = None
+            return
+        ids = inputs["input_ids"]  # [batch, seq]
+        mask = inputs.get("attention_mask")
+        padding = (mask == 0) if mask is not None else torch.zeros_like(ids, dtype=torch.bool)
+        self.batch = Batch(inputs, ids.shape[1], self.adapter.image_token_mask(inputs), padding)
+        for _owner, fn in self.batch_fns:
+            fn(self.batch)
+
+    # ------------------------------------------------------------------ the attention function
+    def attend(
+        self,
+        layer: int,
+        module: nn.Module,
+        query: torch.Tensor,  # [batch, heads, q, head_dim]
+        key: torch.Tensor,  # [batch, kv_heads, k, head_dim]
+        value: torch.Tensor,  # [batch, kv_heads, k, head_dim]
+        mask: torch.Tensor | None,  # [batch, 1, q, k] bool, True = attend
+        scaling: float,
+        dropout: float,
+        kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run one LM attention call with this layer's callbacks (fused SDPA where none needs probabilities)."""
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if self.batch is None:
+            raise RuntimeError(
+                "an intervention is attached but the model was called without the adapter; use adapter.generate / "
+                "adapter.forward so per-batch state is built"
+            )
+        step = Step(layer, kv_len - q_len, q_len, kv_len, self.batch)
+        received = mask
+        if mask is not None:
+            mask = mask[..., :kv_len]
+        if step.prefill and self.mask_fns:
+            # every layer of one forward receives the same mask tensor: edit it once, reuse the result
+            if self._edited is None or self._edited[0] is not received:
+                self._edited = (received, self._edit_prompt_block(mask, step))
+            mask = self._edited[1]
+        score_fns, prob_fns = self.score_fns.get(layer, []), self.prob_fns.get(layer, [])
+        if not score_fns and not prob_fns:
+            return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+        start = min((first(step) if first else 0) for _o, _f, first in score_fns + prob_fns)
+        start = max(0, min(start, q_len))
+        if start == 0:
+            return self._eager(module, query, key, value, mask, scaling, dropout, step, score_fns, prob_fns)
+        # rows before `start` are never edited: fused SDPA for them, eager only for the rest
+        head, _ = sdpa_attention_forward(module, query[:, :, :start], key, value,
+                                         None if mask is None else mask[:, :, :start], dropout=dropout,
+                                         scaling=scaling, **kwargs)  # fmt: skip
+        if start == q_len:
+            return head, None
+        tail_step = Step(layer, step.offset + start, q_len - start, kv_len, step.batch)
+        tail_mask = None if mask is None else mask[:, :, start:]
+        tail, _ = self._eager(module, query[:, :, start:], key, value, tail_mask, scaling, dropout, tail_step,
+                              score_fns, prob_fns)  # fmt: skip
+        return torch.cat([head, tail], 1), None  # [batch, q, heads, head_dim]; no full probabilities to return
+
+    @staticmethod
+    def _eager(
+        module: nn.Module,
+        query: torch.Tensor,  # [batch, heads, q, head_dim]
+        key: torch.Tensor,  # [batch, kv_heads, k, head_dim]
+        value: torch.Tensor,
+        mask: torch.Tensor | None,  # [batch, 1, q, k]
+        scaling: float,
+        dropout: float,
+        step: Step,
+        score_fns: list,
+        prob_fns: list,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eager attention with the score and probability callbacks applied; ``([batch, q, heads, hd], probs)``."""
+        groups = query.shape[1] // key.shape[1]
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [batch, heads, q, k]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        for _owner, fn, _first in score_fns:
+            scores = fn(scores, step)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # [batch, heads, q, k]
+        for _owner, fn, _first in prob_fns:
+            probs = fn(probs, step)
+        probs = probs.to(query.dtype)
+        dropped = nn.functional.dropout(probs, p=dropout, training=module.training)
+        out = torch.matmul(dropped, value)  # [batch, heads, q, head_dim]
+        return out.transpose(1, 2).contiguous(), probs
+
+    def _edit_prompt_block(self, mask: torch.Tensor | None, step: Step) -> torch.Tensor:
+        """Apply the mask callbacks to the prompt × prompt block (the rows of generated tokens stay causal)."""
+        n = step.batch.prompt_len
+        if mask is None:
+            raise RuntimeError(f"the {ATTENTION!r} mask function produced no mask; mask edits need a materialised one")
+        block = mask[..., :n, :n]  # [batch, 1, prompt, prompt]
+        for _owner, fn in self.mask_fns:
+            block = fn(block, step)
+        if step.q_len == n:
+            return block
+        mask = mask.clone()
+        mask[..., :n, :n] = block
+        return mask
+
+    # ------------------------------------------------------------------ registration
+    def _claim(self, owner: str, claims: frozenset[str]) -> None:
+        unknown = claims - RESOURCES
+        if unknown:
+            raise ValueError(f"{owner}: unknown resources {sorted(unknown)}; known: {sorted(RESOURCES)}")
+        if owner in self.owners:
+            raise CompositionError(f"method {owner!r} is already applied to this model; it cannot be stacked twice")
+        for other, held in self.owners.items():
+            clash = claims & held & EXCLUSIVE
+            if clash:
+                raise CompositionError(
+                    f"method {owner!r} cannot be combined with {other!r}: both edit {', '.join(sorted(clash))} "
+                    "(the result would depend on an order neither paper defines)"
+                )
+        self.owners[owner] = claims
+
+    def _release(self, owner: str) -> None:
+        self.owners.pop(owner, None)
+        self.batch_fns = [(o, f) for o, f in self.batch_fns if o != owner]
+        self.mask_fns = [(o, f) for o, f in self.mask_fns if o != owner]
+        for table in (self.score_fns, self.prob_fns):
+            for layer in list(table):
+                table[layer] = [entry for entry in table[layer] if entry[0] != owner]
+                if not table[layer]:
+                    del table[layer]
+
+
+class Handle:
+    """One method's registrations on an :class:`Intervention`; everything is removed when it detaches."""
+
+    def __init__(self, iv: Intervention, owner: str, claims: frozenset[str]) -> None:
+        self.iv, self.owner, self.claims = iv, owner, claims
+        self._hooks: list[Any] = []
+
+    @property
+    def adapter(self) -> Adapter:
+        """The adapter this handle is attached to."""
+        return self.iv.adapter
+
+    def _need(self, resource: str) -> None:
+        if resource not in self.claims:
+            raise CompositionError(f"method {self.owner!r} did not claim {resource!r} when attaching")
+
+    def _layers(self, layers: list[int] | range) -> list[int]:
+        n = self.adapter.num_layers("lm")
+        bad = [layer for layer in layers if not 0 <= layer < n]
+        if bad:
+            raise IndexError(f"{self.owner}: layers {bad} out of range; the LM has {n} layers (0..{n - 1})")
+        return list(layers)
+
+    def on_batch(self, fn: BatchFn) -> None:
+        """Call ``fn(batch)`` when a new batch starts (before its prefill), e.g. to precompute masks."""
+        self.iv.batch_fns.append((self.owner, fn))
+
+    def mask(self, fn: MaskFn) -> None:
+        """Edit the prompt's mask (site ``inputs.mask``): ``fn(mask [batch, 1, prompt, prompt] bool, step) -> mask``.
+
+        Only the prompt × prompt block is edited (in prefill, and in uncached passes that recompute the prompt);
+        generated tokens keep the ordinary mask (a new token sees every unpadded key), and what the prompt tokens
+        saw in prefill is baked into the cache.
+        """
+        self._need("mask")
+        self.iv.mask_fns.append((self.owner, fn))
+
+    def scores(self, layers: list[int] | range, fn: AttnFn, first_row: RowFn | None = None) -> None:
+        """Edit pre-softmax scores ``[batch, heads, q, k]`` (site ``lm.layers.{l}.attn.scores``), prefill and decode.
+
+        ``first_row(step)``, when given, is the first query row (0-based within this call) the callback may edit;
+        earlier rows run on fused SDPA and are not shown to it (the callback's ``step`` then starts there).
+        """
+        self._need("scores")
+        for layer in self._layers(layers):
+            self.iv.score_fns.setdefault(layer, []).append((self.owner, fn, first_row))
+
+    def probs(self, layers: list[int] | range, fn: AttnFn, first_row: RowFn | None = None) -> None:
+        """Edit post-softmax probabilities ``[batch, heads, q, k]`` (``lm.layers.{l}.attn.probs``), prefill and decode.
+
+        Each row of the returned tensor must still sum to 1; the callback sees float32. ``first_row`` as in
+        :meth:`scores`.
+        """
+        self._need("probs")
+        for layer in self._layers(layers):
+            self.iv.prob_fns.setdefault(layer, []).append((self.owner, fn, first_row))
+
+    def resid_pre(self, layers: list[int] | range, fn: ResidFn) -> None:
+        """Read (or, returning a tensor, replace) the hidden state entering layer l, ``[batch, seq, d]``.
+
+        Site ``lm.layers.{l}.resid_pre``; called in prefill (``step.offset == 0``, the first ``prompt_len`` rows
+        are the prompt) and at every cached decoding step (``step.offset == -1``, one row).
+        """
+        self._need("resid")
+        for layer in self._layers(layers):
+            self._hooks.append(
+                self.adapter.site(f"lm.layers.{layer}").register_forward_pre_hook(
+                    self._resid_hook(layer, fn), with_kwargs=True
+                )
+            )
+
+    def _resid_hook(self, layer: int, fn: ResidFn) -> Callable:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            hidden = args[0] if args else kwargs["hidden_states"]  # [batch, seq, d]
+            batch = self.iv.batch
+            if batch is None:
+                raise RuntimeError("resid_pre hook called outside adapter.generate / adapter.forward")
+            q = hidden.shape[1]
+            offset = 0 if q >= batch.prompt_len else -1  # -1: a cached decoding step (cache length unknown here)
+            step = Step(layer, offset, q, -1, batch)
+            new = fn(hidden, step)
+            if new is None:
+                return None
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+
+        return hook
+
+    def _detach(self) -> None:
+        while self._hooks:
+            self._hooks.pop().remove()
+        self.iv._release(self.owner)
+
+
+@contextlib.contextmanager
+def attach(adapter: Adapter, owner: str, claims: set[str] | frozenset[str]) -> Iterator[Handle]:
+    """Attach method ``owner`` to ``adapter``'s intervention layer, claiming ``claims``; detach on exit.
+
+    The first attach switches the LM to the dispatching attention function; the last detach restores the
+    previous one, so a baseline run after a method run is bit-identical to one before it.
+    """
+    iv: Intervention | None = getattr(adapter, "_intervention", None)
+    if iv is None:
+        iv = Intervention(adapter)
+    iv._claim(owner, frozenset(claims))
+    handle = Handle(iv, owner, frozenset(claims))
+    first = len(iv.owners) == 1
+    try:
+        if first:
+            iv._start()
+            adapter._intervention = iv
+        yield handle
+    finally:
+        handle._detach()
+        if not iv.owners:
+            iv._stop()
+            adapter._intervention = None
+
+
+# ---------------------------------------------------------------------------------------------- registration
+def _attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``AttentionInterface`` entry point: dispatch to the attached :class:`Intervention`, else plain SDPA."""
+    site = getattr(module, "_harness_site", None)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if site is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)  # fmt: skip
+    iv, layer = site
+    return iv.attend(layer, module, query, key, value, attention_mask, scaling, dropout, kwargs)
+
+
+def _mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """The same-name mask function: SDPA's boolean mask (True = attend), always materialised (no causal skip)."""
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(ATTENTION, _attention)
+AttentionMaskInterface.register(ATTENTION, _mask)

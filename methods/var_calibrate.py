@@ -1,0 +1,51 @@
+"""Calibrate VAR's sink dimensions on any model: ``python -m methods.var_calibrate --model llava [--path P]``.
+
+Writes ``var_sinks.json`` beside the checkpoint (or ``--out``); see :mod:`methods.var` for the rule.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from methods.var import SINK_FILE, choose_sinks, measure_channels
+
+
+def main() -> None:
+    """CLI: calibrate a model's sink dimensions and write ``var_sinks.json``."""
+    import argparse
+
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    import adapters  # noqa: F401  (registers adapters)
+    from harness.config import REPO_ROOT, instantiate
+
+    ap = argparse.ArgumentParser(description="Measure massive-activation channels for VAR")
+    ap.add_argument("--model", default="llava", help="conf/model option")
+    ap.add_argument("--path", default=None, help="checkpoint directory or hub id (default: the option's)")
+    ap.add_argument("--images", default=str(REPO_ROOT / "assets" / "shapes-world" / "pope" / "images"))
+    ap.add_argument("--n", type=int, default=32, help="calibration images")
+    ap.add_argument("--outlier", type=float, default=3.0)
+    ap.add_argument("--out", default=None, help=f"output file (default: <checkpoint>/{SINK_FILE})")
+    args = ap.parse_args()
+    node = OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{args.model}.yaml")
+    if args.path:
+        node.path = args.path
+    adapter = instantiate(node)
+    adapter.load()
+    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".png"))[: args.n]
+    questions = ["Describe this image.", "Is there a circle in the image?", "What colour is the largest object?"]
+    prompts = [adapter.format_prompt(questions[i % len(questions)]) for i in range(len(files))]
+    images = [[Image.open(f).convert("RGB")] for f in files]
+    result = choose_sinks(measure_channels(adapter, prompts, images), args.outlier)
+    model = Path(adapter.path).name if Path(adapter.path).is_dir() else adapter.path
+    result |= {"model": model, "images": len(files), "hidden_size": adapter.site("lm.embed").weight.shape[1]}
+    out = Path(args.out) if args.out else Path(adapter.path) / SINK_FILE
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
