@@ -121,6 +121,7 @@ class Adapter(abc.ABC):
         self._position_fn: PositionFn | None = None
         self._input_observers: list[Callable[[dict[str, torch.Tensor] | None], None]] = []
         self._turn_suffix: list[int] | None = None
+        self._logits_processors: list[Any] = []
 
     # ------------------------------------------------------------------ loading
     @property
@@ -248,9 +249,27 @@ class Adapter(abc.ABC):
     @torch.inference_mode()
     def generate_ids(self, inputs: dict[str, torch.Tensor], **gen_kwargs: Any) -> torch.Tensor:
         """Generate continuations (active position replacement applied); the new token ids, ``[batch, new]``."""
+        if self._logits_processors:
+            from transformers import LogitsProcessorList
+
+            extra = list(gen_kwargs.pop("logits_processor", None) or [])
+            gen_kwargs["logits_processor"] = LogitsProcessorList([*extra, *self._logits_processors])
         with self._call(inputs) as prepared:
             out = self._require_loaded().generate(**prepared, **gen_kwargs)  # [batch, prompt + new]
         return out[:, inputs["input_ids"].shape[1] :]
+
+    @contextlib.contextmanager
+    def decoding_logits(self, processor: Any) -> Iterator[None]:
+        """Add a ``transformers.LogitsProcessor`` to every :meth:`generate_ids` call (site ``dec_logits``).
+
+        ``processor(input_ids [batch, seq], scores [batch, vocab]) -> scores`` sees each step's next-token scores
+        after the caller's own processors; removed on exit.
+        """
+        self._logits_processors.append(processor)
+        try:
+            yield
+        finally:
+            self._logits_processors.remove(processor)
 
     def generate(self, inputs: dict[str, torch.Tensor], **gen_kwargs: Any) -> list[str]:
         """Generate continuations and return only the new text of each row, decoded without special tokens."""

@@ -15,6 +15,7 @@ site                            registered with                      tensor the 
 ``lm.layers.{l}.resid_pre``     :meth:`Handle.resid_pre`             hidden state entering layer l ``[batch, seq, d]``
 ``lm.layers.{l}.attn.scores``   :meth:`Handle.scores`                pre-softmax ``[batch, heads, q, k]``
 ``lm.layers.{l}.attn.probs``    :meth:`Handle.probs`                 post-softmax ``[batch, heads, q, k]``
+``dec_logits``                  :meth:`Handle.logits`                each decoding step's scores ``[batch, vocab]``
 ==============================  ===================================  ============================================
 
 Layers where no callback needs scores or probabilities run PyTorch's fused SDPA on the (possibly edited) mask;
@@ -49,7 +50,7 @@ ATTENTION = "harness"
 #: resources at most one attached method may hold
 EXCLUSIVE = frozenset({"positions", "scores", "probs", "tokens"})
 #: every resource a method may claim
-RESOURCES = EXCLUSIVE | {"mask", "resid"}
+RESOURCES = EXCLUSIVE | {"mask", "resid", "logits"}
 
 
 class CompositionError(ValueError):
@@ -289,6 +290,7 @@ class Handle:
     def __init__(self, iv: Intervention, owner: str, claims: frozenset[str]) -> None:
         self.iv, self.owner, self.claims = iv, owner, claims
         self._hooks: list[Any] = []
+        self._contexts = contextlib.ExitStack()
 
     @property
     def adapter(self) -> Adapter:
@@ -340,6 +342,14 @@ class Handle:
         for layer in self._layers(layers):
             self.iv.prob_fns.setdefault(layer, []).append((self.owner, fn, first_row))
 
+    def logits(self, processor: Any) -> None:
+        """Edit each decoding step's next-token scores (site ``dec_logits``; contrastive decoding and the like).
+
+        ``processor`` is a ``transformers.LogitsProcessor``: ``processor(input_ids, scores [batch, vocab])``.
+        """
+        self._need("logits")
+        self._contexts.enter_context(self.adapter.decoding_logits(processor))
+
     def resid_pre(self, layers: list[int] | range, fn: ResidFn) -> None:
         """Read (or, returning a tensor, replace) the hidden state entering layer l, ``[batch, seq, d]``.
 
@@ -373,6 +383,7 @@ class Handle:
         return hook
 
     def _detach(self) -> None:
+        self._contexts.close()
         while self._hooks:
             self._hooks.pop().remove()
         self.iv._release(self.owner)

@@ -465,3 +465,22 @@ def test_training_through_the_intervention_layer_has_the_plain_gradients(llava):
         llava.model.zero_grad()
         llava.model.eval()
     assert grads[0].abs().max() > 0 and torch.equal(grads[0], grads[1])
+
+
+def test_decoding_logits_site_edits_every_step_and_is_removed(loaded):
+    adapter = loaded("qwen2_vl")
+    prompts, images = _rows(adapter)
+    inputs = adapter.build_inputs(prompts[:2], images[:2])
+    base = _ids(adapter, inputs)
+    banned = int(base[0, 0])
+    steps = []
+
+    def ban(input_ids, scores):  # [batch, seq], [batch, vocab]
+        steps.append(input_ids.shape[1])
+        return scores.index_fill(1, torch.tensor([banned]), float("-inf"))
+
+    with attach(adapter, "ban", {"logits"}) as handle:
+        handle.logits(ban)
+        edited = _ids(adapter, inputs)
+    assert len(steps) == GEN["max_new_tokens"] and not (edited == banned).any()
+    assert torch.equal(_ids(adapter, inputs), base), "removed on exit"
