@@ -32,9 +32,11 @@ Hyperparameters (paper meaning; official-code convention in brackets):
         published sink dimensions, the calibrated value for calibrated ones.
     layers ("auto" | list[int], default "auto"): layers 2 … L−2 (the code skips layers 0–1, where no sinks are
         computed, and the last layer). On an LM with fewer than 4 layers "auto" is empty and VAR changes nothing.
-    sink_dims ("auto" | list[int], default "auto"): ``D_sink``. "auto": ``var_sinks.json`` in the checkpoint
-        directory (written by the calibration below), else the published values for the checkpoint's hub id
-        (:data:`PUBLISHED_SINK_DIMS`); neither → the run fails before the model loads, naming the command.
+    sink_dims ("auto" | list[int], default "auto"): ``D_sink``. "auto": ``sink_file`` if given, else
+        ``var_sinks.json`` in the checkpoint directory (both written by the calibration below), else the published
+        values for the checkpoint's hub id (:data:`PUBLISHED_SINK_DIMS`); none → the run fails before the model
+        loads, naming the command.
+    sink_file (str | None, default None): a calibration file elsewhere (e.g. for a hub id).
 
 Calibration (any model, including the shipped tiny ones)::
 
@@ -77,11 +79,15 @@ SINK_FILE = "var_sinks.json"
 EPS = 1e-6
 
 
-def sink_source(path: str, sink_dims: str | list[int], tau: float | None) -> tuple[list[int], float, str]:
+def sink_source(
+    path: str, sink_dims: str | list[int], tau: float | None, sink_file: str | None = None
+) -> tuple[list[int], float, str]:
     """Resolve ``(dims, tau, where from)`` without loading the model; raises when nothing is known."""
     if sink_dims != "auto":
         return [int(d) for d in sink_dims], float(tau if tau is not None else PUBLISHED_TAU), "given"
-    file = Path(path) / SINK_FILE
+    file = Path(sink_file) if sink_file else Path(path) / SINK_FILE
+    if sink_file and not file.is_file():
+        raise FileNotFoundError(f"method.sink_file={sink_file} does not exist")
     if file.is_file():
         cal = json.loads(file.read_text())
         tau = tau if tau is not None else cal["tau"]
@@ -91,7 +97,8 @@ def sink_source(path: str, sink_dims: str | list[int], tau: float | None) -> tup
     raise UnsupportedError(
         f"VAR needs the sink dimensions of {path!r}: no {SINK_FILE} beside it and no published values "
         f"(known: {', '.join(PUBLISHED_SINK_DIMS)}). Measure them with `python -m methods.var_calibrate "
-        f"--model <option> --path {path}` (writes {SINK_FILE}), or pass method.sink_dims=[...]"
+        f"--model <option> --path {path} [--out FILE]` and pass method.sink_file=FILE if it is not beside the "
+        "checkpoint, or pass method.sink_dims=[...]"
     )
 
 
@@ -142,12 +149,15 @@ class VAR(Method):
         tau: float | None = None,
         layers: str | list[int] = "auto",
         sink_dims: str | list[int] = "auto",
+        sink_file: str | None = None,
     ) -> None:
         if not 0 <= p <= 1 or not 0 <= rho <= 1 or not 0 <= visual_mass <= 1:
             raise ValueError(f"p, rho and visual_mass are fractions in [0, 1]; got {p}, {rho}, {visual_mass}")
         if layers != "auto" and not isinstance(layers, list | tuple):
             raise ValueError(f"layers must be 'auto' or a list of layer indices, got {layers!r}")
-        super().__init__(p=p, rho=rho, visual_mass=visual_mass, tau=tau, layers=layers, sink_dims=sink_dims)
+        super().__init__(
+            p=p, rho=rho, visual_mass=visual_mass, tau=tau, layers=layers, sink_dims=sink_dims, sink_file=sink_file
+        )
         self.dims: list[int] = []
         self.tau = PUBLISHED_TAU
         self.source = ""
@@ -157,7 +167,8 @@ class VAR(Method):
     def check(self, adapter: Adapter) -> None:
         """Resolve the sink dimensions before the model loads (fails with the calibration command if unknown)."""
         super().check(adapter)
-        self.dims, self.tau, self.source = sink_source(adapter.path, self.hparams["sink_dims"], self.hparams["tau"])
+        hp = self.hparams
+        self.dims, self.tau, self.source = sink_source(adapter.path, hp["sink_dims"], hp["tau"], hp["sink_file"])
 
     def install(self) -> None:
         """Attach to the intervention layer (see the module docstring for what is registered)."""

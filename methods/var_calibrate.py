@@ -41,6 +41,8 @@ def main() -> None:
     result = choose_sinks(measure_channels(adapter, prompts, images), args.outlier)
     model = Path(adapter.path).name if Path(adapter.path).is_dir() else adapter.path
     result |= {"model": model, "images": len(files), "hidden_size": adapter.site("lm.embed").weight.shape[1]}
+    if not args.out and not Path(adapter.path).is_dir():
+        raise SystemExit(f"{adapter.path} is not a local directory: pass --out FILE (then method.sink_file=FILE)")
     out = Path(args.out) if args.out else Path(adapter.path) / SINK_FILE
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

@@ -313,7 +313,17 @@ def test_var_default_layers_and_sink_resolution(loaded, tmp_path):
     bare = ADAPTERS.get("llava")(name="x", path=str(tmp_path))
     with pytest.raises(UnsupportedError, match=r"methods\.var_calibrate"):
         VAR().check(bare)
-    assert VAR().check(ADAPTERS.get("llava")(name="x", path="llava-hf/llava-1.5-7b-hf")) is None
+    hub = ADAPTERS.get("llava")(name="x", path="llava-hf/llava-1.5-7b-hf")
+    published = VAR()
+    published.check(hub)
+    assert (published.dims, published.tau, published.source) == ([1415, 2533], 20.0, "published")
+    cal = tmp_path / "cal.json"
+    cal.write_text('{"sink_dims": [5], "tau": 2.5}')
+    from_file = VAR(sink_file=str(cal))
+    from_file.check(hub)
+    assert (from_file.dims, from_file.tau) == ([5], 2.5), "an explicit calibration file wins over the table"
+    with pytest.raises(FileNotFoundError):
+        VAR(sink_file=str(tmp_path / "missing.json")).check(hub)
 
 
 # ---------------------------------------------------------------------------------------------- CCA
