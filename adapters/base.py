@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 from torch import nn
+from transformers import LogitsProcessorList
 
 from harness.registry import Registry
 
@@ -250,8 +251,6 @@ class Adapter(abc.ABC):
     def generate_ids(self, inputs: dict[str, torch.Tensor], **gen_kwargs: Any) -> torch.Tensor:
         """Generate continuations (active position replacement applied); the new token ids, ``[batch, new]``."""
         if self._logits_processors:
-            from transformers import LogitsProcessorList
-
             extra = list(gen_kwargs.pop("logits_processor", None) or [])
             gen_kwargs["logits_processor"] = LogitsProcessorList([*extra, *self._logits_processors])
         with self._call(inputs) as prepared:

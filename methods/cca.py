@@ -110,24 +110,32 @@ class CCA(Method):
         if not (positions or mask):
             raise ValueError("cca with positions=false and mask=false changes nothing; use method=none")
         super().__init__(positions=positions, mask=mask)
+        self._last: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None  # (input_ids, its ring layout)
 
     def install(self) -> None:
         """Attach to the intervention layer (see the module docstring for what is registered)."""
         claims = {"mask"} | ({"positions"} if self.hparams["positions"] else set())
         handle = self.enter_context(attach(self.adapter, self.name, claims))
-        handle.on_batch(self._prepare)
         if self.hparams["mask"]:
+            handle.on_batch(self._prepare)
             handle.mask(self._mask)
         if self.hparams["positions"]:
             self.enter_context(self.adapter.positions(self._positions))
 
+    def _layout(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """:func:`ring_layout` of this call's inputs, computed once for the position ids and the mask."""
+        ids = inputs["input_ids"]
+        if self._last is None or self._last[0] is not ids:
+            self._last = (ids, ring_layout(self.adapter, inputs))
+        return self._last[1]
+
     def _positions(self, default: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        ring, tile, ends = ring_layout(self.adapter, inputs)
+        ring, tile, ends = self._layout(inputs)
         pos = concentric_positions(ring, tile, ends, inputs["attention_mask"])  # [batch, seq]
         return pos.expand_as(default) if default.dim() == 3 else pos  # M-RoPE: all three components alike
 
     def _prepare(self, batch: Batch) -> None:
-        ring, tile, _ends = ring_layout(self.adapter, batch.inputs)
+        ring, tile, _ends = self._layout(batch.inputs)
         batch.state[self.name] = concentric_allowed(ring, tile)
 
     def _mask(self, mask: torch.Tensor, step: Step) -> torch.Tensor:

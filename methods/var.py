@@ -201,7 +201,7 @@ class VAR(Method):
         else:
             sinks = torch.zeros_like(batch.padding)
         batch.state[self.name]["sinks"][step.layer] = sinks
-        self._counts[:2] += torch.stack([sinks.sum(), (sinks & batch.visual).sum()]).double().cpu()
+        self._count(0, sinks.sum(), (sinks & batch.visual).sum())
 
     def _first_row(self, step: Step) -> int:
         """Rows up to the last visual token of every sample are never edited (fused SDPA runs them)."""
@@ -216,8 +216,14 @@ class VAR(Method):
         hp = self.hparams
         new, selected = redistribute(probs, sinks, visual, rows, hp["p"], hp["rho"], hp["visual_mass"])
         eligible = rows[:, None, :].expand_as(selected)
-        self._counts[2:] += torch.stack([selected.sum(), eligible.sum()]).double().cpu()
+        self._count(2, selected.sum(), eligible.sum())
         return new
+
+    def _count(self, at: int, *values: torch.Tensor) -> None:
+        """Accumulate activity counters on the model's device (no host sync inside the forward)."""
+        if self._counts.device != values[0].device:
+            self._counts = self._counts.to(values[0].device)
+        self._counts[at : at + len(values)] += torch.stack(values).double()
 
     def describe(self) -> dict[str, Any]:
         """Adds the resolved sink dims, tau, layers and what VAR actually did (sink counts, selected rows)."""
