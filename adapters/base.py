@@ -186,6 +186,47 @@ class Adapter(abc.ABC):
         system = self.system_format.format(self.system_prompt) if self.system_prompt else ""
         return self.templates[name].format(images=self.image_placeholder * n_images, text=text, system=system)
 
+    def answer_token_id(self, answer: str) -> int:
+        """Id of the first token the model emits when its answer is ``answer`` (scored by first-token tasks).
+
+        Read off the prompt format itself: the text a reply adds after the generation prompt (with the chat
+        template, the assistant turn rendered after ``add_generation_prompt``; with a fallback template, the answer
+        after a space unless the prompt already ends in whitespace) is tokenised after the prompt, and the first
+        token past their common prefix is returned. So it is ``" Yes"`` for LLaVA-1.5 (``ASSISTANT: Yes``) but
+        ``"Yes"`` for ChatML (``<|im_start|>assistant`` + newline).
+        """
+        prompt = self.format_prompt("Q?", n_images=0)
+        if getattr(self.processor, "chat_template", None) is not None and self.prompt_template in ("auto", "chat"):
+            messages = [{"role": "user", "content": [{"type": "text", "text": "Q?"}]}]
+            full = self.processor.apply_chat_template(
+                [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+            )
+            head = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            if not full.startswith(head):
+                raise ValueError("the chat template does not render the assistant turn after the generation prompt")
+            reply = full[len(head) :]
+        else:
+            reply = answer if prompt[-1:].isspace() else " " + answer
+        tok = self.processor.tokenizer
+        base = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = tok(prompt + reply, add_special_tokens=False)["input_ids"]
+        k = next((i for i, (a, b) in enumerate(zip(base, ids, strict=False)) if a != b), len(base))
+        if k >= len(ids):
+            raise ValueError(f"answer {answer!r} adds no token after the prompt")
+        return ids[k]
+
+    def next_token_logprobs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Log-probabilities of the first generated token, ``[batch, vocab]`` (float32).
+
+        One forward pass over the (left-padded) prompts through :meth:`forward`, so an active method applies
+        exactly as in the first step of :meth:`generate_ids`; the last position of every row is its real last
+        token because padding is on the left.
+        """
+        logits = self.forward(inputs, logits_to_keep=1).logits[:, -1, :]  # [batch, vocab]
+        for processor in self._logits_processors:  # decoding-logit methods act on this step too
+            logits = processor(inputs["input_ids"], logits)
+        return torch.log_softmax(logits.float(), dim=-1)
+
     def build_inputs(self, prompts: list[str], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
         """Tokenise a batch with LEFT padding and preprocess its images (in order); tensors on the model's device.
 
@@ -328,10 +369,11 @@ class Adapter(abc.ABC):
 
         With a single-turn prompt that is the user's question plus any template tokens between the image and
         it (Qwen's ``<|vision_end|>``, InternVL's ``</img>\n``); the end-of-turn marker and the assistant
-        header are excluded. In multi-turn sequences it is the first question after the image.
+        header are excluded. In multi-turn sequences it is the first question after the image. A row without
+        visual tokens (a text-only call) has no instruction after an image: its span is empty, ``(0, 0)``.
 
         Raises:
-            ValueError: a row without visual tokens or without the turn suffix after them.
+            ValueError: a row with visual tokens but without the turn suffix after them.
         """
         suffix = torch.tensor(self.turn_suffix_ids(), device=inputs["input_ids"].device)
         ids = inputs["input_ids"]  # [batch, seq]
@@ -339,7 +381,8 @@ class Adapter(abc.ABC):
         spans = []
         for b, (vis, hit) in enumerate(zip(self.image_token_mask(inputs), hits, strict=True)):
             if not vis.any():
-                raise ValueError(f"row {b} has no visual tokens, so it has no instruction after an image")
+                spans.append((0, 0))
+                continue
             start = int(vis.nonzero().max()) + 1
             after = hit[start:].nonzero()
             if len(after) == 0:

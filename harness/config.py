@@ -33,6 +33,17 @@ def config_hash(cfg: DictConfig | dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+def pair_hash(cfg: DictConfig | dict[str, Any]) -> str:
+    """Hash of everything that determines results except the method: runs that share it are paired comparisons.
+
+    A method run and a ``method=none`` run with the same pair hash evaluated the same model on the same task
+    samples with the same seed (see :mod:`harness.paired`).
+    """
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    return config_hash({**{k: cfg.get(k) for k in RESULT_KEYS}, "method": None})
+
+
 def _repo_path(rel: str) -> str:
     return str((REPO_ROOT / rel).resolve())
 

@@ -19,7 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from adapters.base import Adapter
+from harness.calls import AdapterCalls
 from harness.loggers import NoLogger
+from harness.paired import BASELINE_METHOD, find_baseline, paired_block, paired_summary
 from harness.results import build_results, make_table, sha256_json, sha256_text, write_json
 from harness.store import RecordStore
 from methods.base import Method
@@ -36,6 +38,7 @@ class RunSettings:
     strict: bool = False
     seed: int = 0
     config: dict[str, Any] = field(default_factory=dict)  # fully resolved config, stored in results.json
+    pair_hash: str | None = None  # config hash without the method: finds the method=none run to pair with
     progress: bool = True  # tqdm bar
     report: bool = True  # print the header and the results table at the end
 
@@ -79,8 +82,8 @@ def _load_images(sample: Sample, strict: bool) -> tuple[list[Any] | None, str | 
         return None, exc.reason
 
 
-def run_batch(task: Task, adapter: Adapter, batch: list[Sample], settings: RunSettings) -> list[dict[str, Any]]:
-    """Generate for one batch; returns its records in sample order (errors included)."""
+def run_batch(task: Task, model: AdapterCalls, batch: list[Sample], settings: RunSettings) -> list[dict[str, Any]]:
+    """Answer one batch through ``task.respond``; returns its records in sample order (errors included)."""
     records: dict[str, dict[str, Any]] = {}
     good: list[tuple[Sample, list[Any]]] = []
     for sample in batch:
@@ -90,16 +93,17 @@ def run_batch(task: Task, adapter: Adapter, batch: list[Sample], settings: RunSe
         else:
             good.append((sample, images))
     if good:
-        prompts = [adapter.format_prompt(s.text, n_images=len(ims)) for s, ims in good]
-        inputs = adapter.build_inputs(prompts, [ims for _, ims in good])
-        outputs = adapter.generate(inputs, **task.gen_kwargs)
-        for (sample, _), prompt, raw in zip(good, prompts, outputs, strict=True):
+        responses = task.respond(good, model)
+        if len(responses) != len(good):
+            raise RuntimeError(f"{task.name}.respond returned {len(responses)} responses for {len(good)} samples")
+        for (sample, _), resp in zip(good, responses, strict=True):
             records[sample.sample_id] = {
                 **_base_record(sample, settings.config_hash),
-                "prompt": prompt,
-                "prompt_hash": sha256_text(prompt),
-                "raw_output": raw,
-                **task.score(sample, raw),
+                "prompt": resp.prompt,
+                "prompt_hash": sha256_text(resp.prompt),
+                "raw_output": resp.raw_output,
+                **resp.fields,
+                **task.score(sample, resp),
                 "error": None,
             }
     return [records[s.sample_id] for s in batch]
@@ -112,10 +116,11 @@ def _generate_pending(
     errors: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     bar = tqdm(total=len(pending), desc=f"{task.name}/{method.name}", unit="sample", disable=not settings.progress)
+    model = AdapterCalls(adapter, settings.batch_size)
     with torch.inference_mode(), method.bind(adapter):
         for start in range(0, len(pending), settings.batch_size):
             batch = pending[start : start + settings.batch_size]
-            records = run_batch(task, adapter, batch, settings)
+            records = run_batch(task, model, batch, settings)
             store.append(records)
             errors += [r for r in records if r["error"]]
             bar.update(len(batch))
@@ -153,6 +158,7 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
         resumed={"skipped": len(samples) - len(pending), "generated": len(pending), "dropped_on_load": store.dropped},
         config=settings.config,
         config_hash=settings.config_hash,
+        pair_hash=settings.pair_hash,
         model=adapter.describe(),
         method=method.describe(),
         task=task.describe(),
@@ -165,12 +171,18 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
         },
         samples_file=store.path.name,
     )
+    if ok and method.name != BASELINE_METHOD and settings.pair_hash:
+        baseline = find_baseline(out, settings.pair_hash)
+        if baseline is not None:
+            results["paired"] = paired_block(task, ok, baseline, store.path.name, settings.seed)
     results_path = out / "results.json"
     write_json(results_path, results)
     logger.log_results(results, results_path, store.path)
     if settings.report:
         print(_header(results, settings))
         print(make_table(results) if ok else "no successful samples: nothing to score")
+        if "paired" in results:
+            print(paired_summary(results["paired"]))
     return results
 
 
@@ -178,11 +190,12 @@ def from_config(cfg: Any, output_dir: str | Path | None = None) -> tuple[Task, A
     """Task, adapter (not loaded), method and run settings from a composed top-level config."""
     from omegaconf import OmegaConf
 
-    from harness.config import config_hash, instantiate
+    from harness.config import config_hash, instantiate, pair_hash
 
     settings = RunSettings(
         output_dir=Path(output_dir or cfg.output_dir),
         config_hash=config_hash(cfg),
+        pair_hash=pair_hash(cfg),
         batch_size=cfg.batch_size,
         strict=cfg.strict,
         seed=cfg.seed,

@@ -31,18 +31,7 @@ class RecordStore:
 
     def _load(self) -> None:
         keep: list[str] = []
-        with self.path.open("r", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                if i == len(lines) - 1:  # only the last line may be torn by a kill
-                    self.dropped["torn"] += 1
-                    continue
-                raise ValueError(f"{self.path}:{i + 1}: corrupt record line (not the last one)") from None
+        for line, rec in _read_lines(self.path, self.dropped):
             if rec.get("config_hash") != self.config_hash:
                 raise ConfigMismatchError(
                     f"{self.path} holds records of config {rec.get('config_hash')}, this run is {self.config_hash}; "
@@ -83,3 +72,30 @@ class RecordStore:
         for r in records:
             if not r.get("error"):
                 self.records.setdefault(r["sample_id"], r)
+
+
+def _read_lines(path: Path, dropped: dict[str, int]) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` pairs of a records file; a torn last line is counted in ``dropped["torn"]`` and skipped."""
+    with path.open("r", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # only the last line may be torn by a kill
+                dropped["torn"] += 1
+                continue
+            raise ValueError(f"{path}:{i + 1}: corrupt record line (not the last one)") from None
+    return out
+
+
+def load_records(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Successful records of a finished (or killed) run, read-only: first copy per ``sample_id``, any config."""
+    records: dict[str, dict[str, Any]] = {}
+    for _, rec in _read_lines(Path(path), {"torn": 0}):
+        if not rec.get("error"):
+            records.setdefault(rec["sample_id"], rec)
+    return records

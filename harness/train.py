@@ -60,7 +60,6 @@ from harness.train_data import (
     SHORT_ANSWER,
     Mix,
     SceneStream,
-    answer_token_id,
     collate,
     conversation,
     encode,
@@ -264,7 +263,7 @@ def probe(adapter: Adapter, spec: WorldSpec, n_images: int, seed: int) -> dict[s
     of a present shape (the co-occurrence trap), with the accuracies of the two balanced sets.
     """
     rng = random.Random(seed)
-    yes, no = (answer_token_id(adapter.processor, w) for w in ("Yes", "No"))
+    yes, no = (adapter.answer_token_id(w) for w in ("Yes", "No"))
     rows: list[tuple[str, Scene, str]] = []
     for i in range(n_images):
         scene = make_scene(seed, "probe", i, spec)

@@ -99,15 +99,6 @@ def segments(processor: Any, turns: list[tuple[str, str]], n_images: int = 1) ->
     return out
 
 
-def answer_token_id(processor: Any, answer: str) -> int:
-    """First token the model emits for ``answer`` right after the generation prompt, read off the chat template.
-
-    E.g. " Yes" for LLaVA-1.5 (``ASSISTANT: Yes``) but "Yes" for ChatML (``<|im_start|>assistant`` + newline).
-    """
-    answer_segment = segments(processor, [("Q?", answer)])[1][0]
-    return processor.tokenizer(answer_segment, add_special_tokens=False)["input_ids"][0]
-
-
 def encode(processor: Any, image: Image.Image, turns: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     """Token ids, labels (answers only) and image inputs of one example."""
     segs = segments(processor, turns)

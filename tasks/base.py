@@ -1,21 +1,27 @@
 """The task interface: a benchmark's samples, prompt, answer parsing and metrics.
 
-A task never touches a model. It turns its original files into :class:`Sample` objects, says how to
-generate (``gen_kwargs``), scores one raw output (:meth:`Task.score`), and aggregates stored per-sample
-records into metrics (:meth:`Task.aggregate`). Because metrics are computed from stored records only, a
-finished run can be re-scored under another parser without generating again.
+A task never touches a model directly. It turns its original files into :class:`Sample` objects, answers a
+batch of them through a :class:`ModelCalls` object (:meth:`Task.respond`: by default one generation per sample;
+a task may make several calls per sample, text-only ones included, or read first-token log-probabilities),
+scores one response (:meth:`Task.score`), and describes stored per-sample records as additive counts
+(:meth:`Task.outcomes`) from which the metrics, their clustered-bootstrap standard errors
+(:meth:`Task.aggregate`) and paired comparisons against a baseline run (:mod:`harness.paired`) are computed.
+Because metrics are computed from stored records only, a finished run can be re-scored under another parser
+without generating again.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
+import numpy as np
 from PIL import Image
 
 from harness.registry import Registry
+from harness.stats import StatFn, cluster_bootstrap
 
 TASKS: Registry[type[Task]] = Registry("task")
 
@@ -59,20 +65,127 @@ class Sample:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class Request:
+    """One model call: the user-turn text and its images (none for a text-only call)."""
+
+    text: str
+    images: list[Image.Image] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Call:
+    """A finished generation call: the formatted prompt, the decoded new text, and its share of the batch time."""
+
+    prompt: str
+    output: str
+    n_images: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A finished scoring call: the formatted prompt and ``{answer: log P(first token of answer)}``."""
+
+    prompt: str
+    logprobs: dict[str, float]
+
+
+class ModelCalls(Protocol):
+    """What a task may ask of the model (the engine hands one in; a method is active around every call)."""
+
+    def generate(self, requests: Sequence[Request], **gen_kwargs: Any) -> list[Call]:
+        """Generate for every request (batched, left-padded); one :class:`Call` per request, in order."""
+
+    def answer_logprobs(self, requests: Sequence[Request], answers: Sequence[str]) -> list[Scored]:
+        """Per request, ``log P(first token of answer)`` of every answer at the first generated position."""
+
+
+@dataclass
+class Response:
+    """What a task made of one sample's model call(s).
+
+    Attributes:
+        raw_output: The text the metrics parse (the last generation of a multi-call pipeline); ``None`` when
+            the task scores something else (e.g. log-probabilities).
+        prompt: The prompt of the main call, stored and hashed in the record.
+        fields: Extra JSON-serialisable fields stored in the record (a multi-call transcript, log-probabilities).
+    """
+
+    raw_output: str | None
+    prompt: str | None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """Per-record additive counts and the statistics computed from their totals.
+
+    Every metric of a task is a function of summed per-record counts, so one set of clustered bootstrap draws
+    (:func:`harness.stats.cluster_bootstrap`) gives all standard errors, and the same counts of two runs on the
+    same samples give paired differences.
+
+    Attributes:
+        counts: ``[n_records, K]`` additive counts, one row per record in the order given.
+        stat_fn: Vectorised map from totals ``[n, K]`` to statistics ``[n, M]`` (NaN where undefined).
+        names: ``M`` pairs ``(row, "metric,filter")`` naming each statistic; ``row`` is a results key.
+        sizes: ``sample_len`` of each row.
+        binary: ``[n_records]`` 0/1 headline outcome per record (1 = right), for McNemar's test; ``None`` when
+            the task has no per-record binary outcome.
+        binary_name: What ``binary`` measures, e.g. ``"correct,pope_official"``.
+    """
+
+    counts: np.ndarray
+    stat_fn: StatFn
+    names: list[tuple[str, str]]
+    sizes: dict[str, int]
+    binary: np.ndarray | None = None
+    binary_name: str = ""
+
+    def rows(self, estimate: np.ndarray, stderr: np.ndarray) -> dict[str, dict[str, Any]]:
+        """Results rows ``{row: {"alias", "sample_len", "<metric>,<filter>", "<metric>_stderr,<filter>"}}``."""
+        out: dict[str, dict[str, Any]] = {}
+        for j, (row, key) in enumerate(self.names):
+            entry = out.setdefault(row, {"alias": row, "sample_len": self.sizes.get(row)})
+            metric, _, filt = key.partition(",")
+            entry[key] = _number(estimate[j])
+            entry[f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr"] = _number(stderr[j])
+        return out
+
+
+def _number(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def stderr_key(key: str) -> str:
+    """``"acc,none"`` → ``"acc_stderr,none"`` (lm-eval's naming)."""
+    metric, _, filt = key.partition(",")
+    return f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr"
+
+
 class Task(abc.ABC):
     """Base class of every benchmark.
 
     Subclasses set ``name`` (the config's ``task.name``), ``version`` (bump when prompt, data handling or
-    scoring changes) and ``higher_is_better`` (metric → bool).
+    scoring changes) and ``higher_is_better`` (metric → bool), and implement :meth:`samples`, :meth:`score`
+    and :meth:`outcomes`; :meth:`respond` and :meth:`aggregate` have working defaults.
+
+    Args:
+        strict: Raise :class:`SampleError` on the first malformed record instead of recording it.
+        gen_kwargs: Generation settings passed to every generation call.
+        n_boot: Bootstrap draws for standard errors (0 disables them).
     """
 
     name: ClassVar[str]
     version: ClassVar[str]
     higher_is_better: ClassVar[dict[str, bool]]
 
-    def __init__(self, *, strict: bool = False, gen_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(self, *, strict: bool = False, gen_kwargs: dict[str, Any] | None = None, n_boot: int = 1000) -> None:
+        if n_boot < 0:
+            raise ValueError(f"n_boot must be non-negative, got {n_boot}")
         self.strict = strict
         self.gen_kwargs: dict[str, Any] = dict(gen_kwargs or {})
+        self.n_boot = int(n_boot)
 
     @abc.abstractmethod
     def samples(self) -> list[Sample]:
@@ -81,22 +194,45 @@ class Task(abc.ABC):
         Malformed records come back with ``error`` set, or raise :class:`SampleError` when ``strict`` is true.
         """
 
+    def respond(self, batch: Sequence[tuple[Sample, list[Image.Image]]], model: ModelCalls) -> list[Response]:
+        """Answer a batch of samples (their images already decoded); one :class:`Response` per sample, in order.
+
+        The default makes one generation call per sample with ``gen_kwargs``. Multi-call pipelines override it.
+        """
+        calls = model.generate([Request(s.text, images) for s, images in batch], **self.gen_kwargs)
+        return [Response(raw_output=c.output, prompt=c.prompt) for c in calls]
+
     @abc.abstractmethod
-    def score(self, sample: Sample, raw_output: str) -> dict[str, Any]:
+    def score(self, sample: Sample, response: Response) -> dict[str, Any]:
         """Per-sample fields stored with the record: at least ``parsed`` (the parsed answer)."""
 
     @abc.abstractmethod
-    def aggregate(self, records: list[dict[str, Any]], seed: int = 0) -> dict[str, dict[str, Any]]:
-        """Metrics from stored per-sample records (successful ones only).
+    def outcomes(self, records: list[dict[str, Any]]) -> Outcomes:
+        """Additive counts of successful stored records and the statistics computed from them.
 
-        A record holds ``sample_id, split, index, image_id, target, raw_output`` and what :meth:`score`
-        returned, so a task can re-parse ``raw_output`` under any of its parsers.
+        A record holds ``sample_id, split, index, image_id, target, raw_output``, the response's ``fields``
+        and what :meth:`score` returned, so a task can re-parse ``raw_output`` under any of its parsers.
+        """
+
+    def aggregate(self, records: list[dict[str, Any]], seed: int = 0) -> dict[str, dict[str, Any]]:
+        """Metrics with clustered-bootstrap standard errors from stored per-sample records.
+
+        Error records are ignored. Clusters are ``image_id`` (questions about one image are resampled
+        together); ``n_boot`` draws seeded with ``seed``.
 
         Returns:
-            ``{subtask: {"<metric>,<filter>": value, "<metric>_stderr,<filter>": stderr, ...}}`` in the
-            lm-eval results layout; the task's own name is the key of its headline aggregate.
+            ``{row: {"alias", "sample_len", "<metric>,<filter>": value, "<metric>_stderr,<filter>": stderr}}``
+            in the lm-eval results layout; the task's own name is the key of its headline row.
         """
+        records = [r for r in records if not r.get("error")]
+        if not records:
+            return {}
+        out = self.outcomes(records)
+        res = cluster_bootstrap(
+            [str(r["image_id"]) for r in records], out.counts, out.stat_fn, n_boot=self.n_boot, seed=seed
+        )
+        return out.rows(res.estimate, res.stderr)
 
     def describe(self) -> dict[str, Any]:
         """Task metadata for the results file."""
-        return {"name": self.name, "version": self.version, "gen_kwargs": self.gen_kwargs}
+        return {"name": self.name, "version": self.version, "gen_kwargs": self.gen_kwargs, "n_boot": self.n_boot}

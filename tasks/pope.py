@@ -39,9 +39,9 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from harness.stats import block_columns, cluster_bootstrap, safe_divide
-from tasks.base import TASKS, Sample, SampleError, Task
-from tasks.yesno import PARSERS, is_clean_yes_no
+from harness.stats import block_columns, safe_divide
+from tasks.base import TASKS, Outcomes, Response, Sample, SampleError, Task
+from tasks.yesno import PARSERS, all_verdicts, is_clean_yes_no
 
 DEFAULT_SPLITS = ("random", "popular", "adversarial")
 DEFAULT_PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -341,10 +341,6 @@ def pope_statistics(sums: np.ndarray, n_splits: int, n_parsers: int) -> np.ndarr
     return np.concatenate([per_split, mean], axis=-2)  # [..., S + 1, M]
 
 
-def _number(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None
-
-
 # ----------------------------------------------------------------------------------------------- task
 
 
@@ -394,7 +390,7 @@ class POPETask(Task):
         gen_kwargs: dict[str, Any] | None = None,
         limit: int | None = None,
     ) -> None:
-        super().__init__(strict=strict, gen_kwargs={**DEFAULT_GEN_KWARGS, **dict(gen_kwargs or {})})
+        super().__init__(strict=strict, gen_kwargs={**DEFAULT_GEN_KWARGS, **dict(gen_kwargs or {})}, n_boot=n_boot)
         self.questions = str(questions)
         self.image_root = None if image_root is None else str(image_root)
         self.splits = [splits] if isinstance(splits, str) else [str(s) for s in splits]
@@ -405,9 +401,8 @@ class POPETask(Task):
         self.extra_parsers = [p for p in dict.fromkeys(extra_parsers) if p != parser]
         for name in (self.parser, *self.extra_parsers):
             PARSERS.get(name)  # fail early, with a did-you-mean message
-        if n_boot < 0 or (limit is not None and limit < 0):
-            raise ValueError("n_boot and limit must be non-negative")
-        self.n_boot = int(n_boot)
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be non-negative, got {limit}")
         self.limit = limit
         self._samples: list[Sample] | None = None
 
@@ -489,58 +484,52 @@ class POPETask(Task):
 
     # ---- scoring
 
-    def score(self, sample: Sample, raw_output: str) -> dict[str, Any]:
-        """``parsed`` under :attr:`parser`, ``clean`` (a bare yes/no), ``correct`` (parsed equals the target)."""
-        parsed = PARSERS.get(self.parser)(raw_output, sample.target)
-        return {"parsed": parsed, "clean": is_clean_yes_no(raw_output), "correct": parsed == sample.target}
+    def score(self, sample: Sample, response: Response) -> dict[str, Any]:
+        """``parsed`` under :attr:`parser`, ``clean`` (a bare yes/no), ``correct``, and every parser's ``verdicts``.
 
-    def aggregate(self, records: list[dict[str, Any]], seed: int = 0) -> dict[str, dict[str, Any]]:
-        """Per-split metrics (``pope_<split>``) and their mean over the splits present (``pope``).
+        ``verdicts`` maps each registered yes/no parser to its reading of the same output, so the samples file
+        shows where the parsers disagree.
+        """
+        text = response.raw_output or ""
+        parsed = PARSERS.get(self.parser)(text, sample.target)
+        return {
+            "parsed": parsed,
+            "clean": is_clean_yes_no(text),
+            "correct": parsed == sample.target,
+            "verdicts": all_verdicts(text, sample.target),
+        }
+
+    def outcomes(self, records: list[dict[str, Any]]) -> Outcomes:
+        """Per-split metrics (rows ``pope_<split>``) and their mean over the splits present (row ``pope``).
 
         Every parser in ``[parser, *extra_parsers]`` re-parses ``raw_output``. Keys are ``"<metric>,<parser>"``
-        and ``"<metric>_stderr,<parser>"`` for :data:`METRICS`, plus the parser-independent
-        ``"unclean_rate,none"`` / ``"unclean_rate_stderr,none"``. Positive class is ``yes``; an undecided
-        (``None``) answer is wrong, a false negative when the target is yes, never a predicted yes. Precision
-        is 0 when nothing is predicted yes; recall is 0 when no target is yes; F1 is 0 when P + R = 0.
-
-        Standard errors: bootstrap over ``image_id`` clusters (``n_boot`` draws, ``seed``), joint across
-        splits, so the standard error of the mean over splits uses the same draws; ``None`` when not
-        computable (``n_boot < 2``).
+        for :data:`METRICS`, plus the parser-independent ``"unclean_rate,none"``. Positive class is ``yes``; an
+        undecided (``None``) answer is wrong, a false negative when the target is yes, never a predicted yes.
+        Precision is 0 when nothing is predicted yes; recall is 0 when no target is yes; F1 is 0 when P + R = 0.
+        The splits share images, so their counts sit in one block of columns each and are bootstrapped jointly:
+        the standard error of the mean over splits comes from the same draws as the per-split ones.
         """
-        records = [r for r in records if not r.get("error")]
-        if not records:
-            return {}
         present = dict.fromkeys(r["split"] for r in records)  # order of first appearance
         splits = [s for s in self.splits if s in present] + [s for s in present if s not in self.splits]
         parsers = [self.parser, *self.extra_parsers]
         split_index = np.array([splits.index(r["split"]) for r in records])  # [n_records]
-        counts = block_columns(_record_counts(records, parsers), split_index, len(splits))  # [n_records, S*K]
-        result = cluster_bootstrap(
-            [str(r["image_id"]) for r in records],
-            counts,
-            lambda sums: pope_statistics(sums, len(splits), len(parsers)),
-            n_boot=self.n_boot,
-            seed=seed,
-        )
-        sizes = np.bincount(split_index, minlength=len(splits))
+        raw = _record_counts(records, parsers)  # [n_records, K]
+        counts = block_columns(raw, split_index, len(splits))  # [n_records, S*K]
+        n_rows, n_cols = len(splits) + 1, 1 + 6 * len(parsers)
         keys = [f"pope_{s}" for s in splits] + ["pope"]
-        lens = [int(x) for x in sizes] + [len(records)]
-        return {
-            key: self._row(key, n, result.estimate[i], result.stderr[i], parsers)
-            for i, (key, n) in enumerate(zip(keys, lens, strict=True))
-        }
-
-    @staticmethod
-    def _row(alias: str, n: int, est: np.ndarray, se: np.ndarray, parsers: list[str]) -> dict[str, Any]:
-        row: dict[str, Any] = {"alias": alias, "sample_len": n}
-        for p, parser in enumerate(parsers):
-            for m, metric in enumerate(METRICS):
-                j = 1 + 6 * p + m
-                row[f"{metric},{parser}"] = _number(est[j])
-                row[f"{metric}_stderr,{parser}"] = _number(se[j])
-        row[f"unclean_rate,{NO_FILTER}"] = _number(est[0])
-        row[f"unclean_rate_stderr,{NO_FILTER}"] = _number(se[0])
-        return row
+        columns = [f"unclean_rate,{NO_FILTER}"] + [f"{m},{p}" for p in parsers for m in METRICS]
+        sizes = np.bincount(split_index, minlength=len(splits))
+        correct = raw[:, 2] + raw[:, 4]  # headline parser's tp + tn (see _record_counts)
+        return Outcomes(
+            counts=counts,
+            stat_fn=lambda sums: pope_statistics(sums, len(splits), len(parsers)).reshape(
+                *sums.shape[:-1], n_rows * n_cols
+            ),
+            names=[(k, c) for k in keys for c in columns],
+            sizes={**{k: int(n) for k, n in zip(keys, sizes, strict=False)}, "pope": len(records)},
+            binary=correct,
+            binary_name=f"correct,{self.parser}",
+        )
 
     def describe(self) -> dict[str, Any]:
         """Task metadata, including the data settings and, once loaded, the number of samples per split."""
@@ -552,7 +541,6 @@ class POPETask(Task):
             prompt_suffix=self.prompt_suffix,
             parser=self.parser,
             extra_parsers=self.extra_parsers,
-            n_boot=self.n_boot,
             limit=self.limit,
         )
         if self._samples is not None:

@@ -24,6 +24,8 @@ file is a pure function of the arguments (re-running gives identical bytes). :fu
         videos/video_1.mp4                              the shuffled clips, "Clip k" overlaid at each clip start
         frames/1/clip_1.png                             representative frame of clip k (no overlay)
         procedures.json                                 qid -> build steps, clip -> step map (not in VCRBench)
+      causal/                       VQA-Causal layout (CSV; images are the CHAIR images, as COCO val2014 is shared)
+        vqa_causal.csv                                  image_id,sentence,reverse_sentence
 
 Formats:
 
@@ -65,6 +67,12 @@ of the 300 images have the 3 objects POPE needs (936 questions per POPE split); 
 the images; colours are uniform; the least visible object keeps 50% of its pixels. MME: 300 images in
 existence / count / color, 264 in position (2,328 questions). CHAIR: 300 images, 833 instances, 1,500
 reference captions. VCR: 30 samples (3/4/5/6/7 steps: 15/5/4/3/3). About 2.9 MB in all.
+
+* **VQA-Causal** (§4.2): one row per object that a later-drawn object hides by at least 5% of its pixels:
+  "The red circle is partly hidden is due to the blue square covering it." and the reversal "The blue square
+  covers the red circle is due to the red circle being partly hidden." (:func:`causal_pair`). Both sentences
+  name the same objects, so only the causal direction — which one covers which, visible in the image —
+  separates them.
 
 Eval images are the ``"eval"`` stream of :func:`tasks.shapes.make_scene`; VCR samples the separate ``"vcr"``
 stream. ``metadata.json`` lists the content digest (:func:`tasks.shapes.image_digest` of the RGB pixels) of every
@@ -528,7 +536,64 @@ def export_vcr(
 
 
 # ----------------------------------------------------------------------------------------------- all
-BENCHMARKS = ("pope", "chair", "mme", "vcr")
+BENCHMARKS = ("pope", "chair", "mme", "vcr", "causal")
+
+
+# ----------------------------------------------------------------------------------------------- causal
+#: Least hidden fraction of an object for its occlusion to be stated as a cause (0.05 = 5% of its pixels).
+CAUSAL_MIN_HIDDEN = 0.05
+
+
+def occlusions(scene: Scene, min_hidden: float = CAUSAL_MIN_HIDDEN) -> list[tuple[int, int, float]]:
+    """``(hidden, cover, fraction)``: object ``hidden`` loses ``fraction`` of its pixels, most of them to ``cover``.
+
+    Only objects hiding at least ``min_hidden`` of their own pixels count; ``cover`` is the later-drawn object
+    overlapping the most of them.
+    """
+    size = scene.image.shape[0]
+    masks = [_mask(o, size) for o in scene.objects]
+    out = []
+    for i, (mask, vis) in enumerate(zip(masks, visible_masks(scene), strict=True)):
+        lost = 1.0 - vis.sum() / max(mask.sum(), 1)
+        overlaps = [(int((mask & masks[j]).sum()), j) for j in range(i + 1, len(masks))]
+        if lost >= min_hidden and overlaps and max(overlaps)[0] > 0:
+            out.append((i, max(overlaps)[1], round(float(lost), 4)))
+    return out
+
+
+def causal_pair(scene: Scene, hidden: int, cover: int) -> tuple[str, str]:
+    """VQA-Causal's sentence and its order-reversed version for "``hidden`` is partly hidden by ``cover``".
+
+    Same construction as the benchmark ("<effect> is due to <cause>" and the reversal, which keeps the
+    connective and swaps the clauses), so a model that reads only the objects cannot tell them apart.
+    """
+    a, b = scene.objects[hidden], scene.objects[cover]
+    na, nb = f"{a.colour} {a.shape}", f"{b.colour} {b.shape}"
+    return (
+        f"The {na} is partly hidden is due to the {nb} covering it.",
+        f"The {nb} covers the {na} is due to the {na} being partly hidden.",
+    )
+
+
+def export_causal(scenes: Sequence[Scene], out_dir: str | Path) -> dict[str, Any]:
+    """Write ``vqa_causal.csv`` (VQA-Causal's columns ``image_id,sentence,reverse_sentence``).
+
+    One row per occluded object (:func:`occlusions`), in scene order; ``image_id`` is the scene's CHAIR/COCO image
+    id, so the rows point at ``chair/images/shapes_<12-digit id>.png`` as the real file points at COCO val2014.
+    """
+    import csv
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, scene in enumerate(scenes):
+        for hidden, cover, _ in occlusions(scene):
+            rows.append((chair_image_id(i), *causal_pair(scene, hidden, cover)))
+    with (out / "vqa_causal.csv").open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["image_id", "sentence", "reverse_sentence"])
+        writer.writerows(rows)
+    return {"rows": len(rows), "images": len({r[0] for r in rows})}
 
 
 def _prepare(out: Path, overwrite: bool) -> None:
@@ -556,7 +621,7 @@ def export_all(
     """Generate ``n_eval`` eval-split scenes, export every benchmark and write ``metadata.json``.
 
     Args:
-        out_dir: Output directory (subfolders ``pope/``, ``chair/``, ``mme/``, ``vcr/``).
+        out_dir: Output directory (subfolders ``pope/``, ``chair/``, ``mme/``, ``vcr/``, ``causal/``).
         seed: World seed (scenes, questions, captions, VCR samples).
         n_eval: Number of eval-split scenes shared by POPE, CHAIR and MME.
         spec: World parameters of the eval scenes.
@@ -576,6 +641,7 @@ def export_all(
         "pope": export_pope(scenes, out / "pope", seed=seed),
         "chair": export_chair(scenes, out / "chair", seed=seed, n_subset=chair_subset),
         "mme": export_mme(scenes, out / "mme", seed=seed, max_per_subtask=mme_per_subtask),
+        "causal": export_causal(scenes, out / "causal"),
     }
     vcr = export_vcr(n_vcr, out / "vcr", seed=seed, spec=vcr_spec)
     vcr_digests = vcr.pop("digests")

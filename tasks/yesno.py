@@ -1,4 +1,4 @@
-"""Yes/no answer parsers shared by the yes/no benchmarks (POPE, later MME).
+"""Yes/no answer parsers shared by the yes/no benchmarks (POPE, MME).
 
 The same raw generation scores differently under the rules of different papers; on POPE (Li et al.,
 EMNLP 2023, "Evaluating Object Hallucination in Large Vision-Language Models") the choice moves numbers by
@@ -20,6 +20,10 @@ Rules (see each function's docstring for details):
 * ``vcd_substring`` — VCD ``eval_pope.py``: target-aware substring test.
 * ``lmms_exact`` — lmms-eval ``pope``: exact ``yes``/``no`` after lowercasing and stripping.
 * ``yorn_words`` — VLMEvalKit ``YOrN_Extraction`` without the LLM judge: word-level yes xor no.
+* ``mme_official`` — MME ``eval_tool/calculation.py``: exact ``yes``/``no``, else only the first 4 characters.
+
+:func:`all_verdicts` gives every registered rule's verdict on one output (stored per sample, so a reader sees at a
+glance which outputs the rules disagree on).
 """
 
 from __future__ import annotations
@@ -150,6 +154,35 @@ def parse_yorn_words(text: str, target: str | None = None) -> YesNo:
     return None
 
 
+@PARSERS.register("mme_official")
+def parse_mme_official(text: str, target: str | None = None) -> YesNo:
+    """MME's official rule (``eval_tool/calculation.py``, ``parse_pred_ans``).
+
+    1. Lowercase (and strip surrounding whitespace, as LLaVA's and lmms-eval's generation code do before the
+       answer reaches the tool).
+    2. Exactly ``"yes"`` or ``"no"`` → that answer.
+    3. Otherwise look only at the first 4 characters: contains ``"yes"`` → ``"yes"``; else contains ``"no"`` →
+       ``"no"``; else ``None`` (MME's "other", always wrong).
+
+    So ``"Yes."`` and ``"No, there is"`` are decided, ``"There is no"`` is not, and ``"noted"`` / ``"nope"`` count as
+    no (a faithful quirk of the 4-character prefix). ``target`` is ignored.
+    """
+    answer = text.strip().lower()
+    if answer in ("yes", "no"):
+        return answer
+    prefix = answer[:4]
+    if "yes" in prefix:
+        return "yes"
+    if "no" in prefix:
+        return "no"
+    return None
+
+
 def get_parser(name: str) -> YesNoParser:
     """The parser registered as ``name`` (raises with a did-you-mean message when unknown)."""
     return PARSERS.get(name)
+
+
+def all_verdicts(text: str, target: str | None = None) -> dict[str, YesNo]:
+    """Every registered parser's verdict on ``text`` (``{parser name: "yes" | "no" | None}``), in registry order."""
+    return {name: PARSERS.get(name)(text, target) for name in PARSERS.names()}

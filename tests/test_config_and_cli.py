@@ -112,3 +112,47 @@ def test_run_py_every_attention_method_on_every_shipped_family(tmp_path):
             assert res["method"]["name"] == method
     var = json.loads(next(out.glob("pope/llava/var-*/results.json")).read_text())["method"]
     assert var["resolved"]["sink_source"].endswith("var_sinks.json"), "calibrated sink dims of the shipped model"
+
+
+NEW_TASKS = ("chair", "mme", "vcrbench", "causal_pairs")
+
+
+def _stderr_keys(res: dict) -> list[str]:
+    return [k for row in res["results"].values() for k in row if "_stderr," in k and row[k] is not None]
+
+
+def test_every_task_on_the_shipped_llava_with_paired_statistics(tmp_path):
+    """``run.py task=chair|mme|vcrbench|causal_pairs`` on the shipped LLaVA; the CCA run of each task finds its
+    ``method=none`` run (same model, task, samples, seed) and reports paired differences and McNemar's test."""
+    out = tmp_path / "outs"
+    args = ["-m", f"task={','.join(NEW_TASKS)}", "method=none,cca", f"output_root={out}", "limit=2",
+            "++task.gen_kwargs.max_new_tokens=24", "progress=false"]  # fmt: skip
+    p = _run(args, cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for task in NEW_TASKS:
+        (base,) = out.glob(f"{task}/llava/none-*/results.json")
+        (cca,) = out.glob(f"{task}/llava/cca-*/results.json")
+        res, res_cca = json.loads(base.read_text()), json.loads(cca.read_text())
+        n = res["n-samples"][task]
+        assert n["effective"] == n["original"] > 0 and n["errors"] == 0, (task, n)
+        assert _stderr_keys(res), f"{task}: no standard error"
+        assert "paired" not in res and res["pair_hash"] == res_cca["pair_hash"]
+        paired = res_cca["paired"]
+        assert paired["baseline_dir"] == str(base.parent) and paired["n_paired"] == n["effective"], task
+        assert paired["mcnemar"]["outcome"] and 0 <= paired["mcnemar"]["p_value_exact"] <= 1
+        some = next(iter(next(iter(paired["metrics"].values())).values()))
+        assert set(some) == {"method", "baseline", "diff", "diff_stderr", "ci_low", "ci_high"}
+    assert "paired vs" in p.stdout
+
+
+@pytest.mark.parametrize("family", ["qwen_vl", "internvl"])
+def test_every_task_on_the_other_shipped_families(tmp_path, family):
+    out = tmp_path / "outs"
+    args = ["-m", f"task={','.join(NEW_TASKS)}", f"model={family}", f"output_root={out}", "limit=1",
+            "++task.gen_kwargs.max_new_tokens=16", "progress=false"]  # fmt: skip
+    p = _run(args, cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for task in NEW_TASKS:
+        (results,) = out.glob(f"{task}/{family}/none-*/results.json")
+        n = json.loads(results.read_text())["n-samples"][task]
+        assert n["effective"] == n["original"] > 0 and n["errors"] == 0, (task, n)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from harness.stats import block_columns, cluster_bootstrap, factorize
-from tasks.base import Sample
+from tasks.base import Response, Sample
 from tasks.pope import METRICS, POPETask
+from tasks.yesno import PARSERS
 
 
 def task(**kw) -> POPETask:
@@ -115,13 +116,22 @@ def test_split_order_follows_config_and_error_records_skipped():
     assert res["pope_random"]["sample_len"] == 12
 
 
-def test_score_fields():
+def test_score_fields_and_every_parsers_verdict():
     t = task(parser="lmms_exact")
     s = Sample(sample_id="random/1", split="random", index=0, image_id="a", text="q", target="yes", source="f:1")
-    assert t.score(s, "Yes.") == {"parsed": None, "clean": True, "correct": False}
-    assert t.score(s, " yes ") == {"parsed": "yes", "clean": True, "correct": True}
+
+    def score(task_, text):
+        return task_.score(s, Response(raw_output=text, prompt="p"))
+
+    out = score(t, "Yes.")
+    assert {k: out[k] for k in ("parsed", "clean", "correct")} == {"parsed": None, "clean": True, "correct": False}
+    # every registered parser's reading is stored, so the samples file shows where they disagree
+    assert out["verdicts"] == {name: PARSERS.get(name)("Yes.", "yes") for name in PARSERS.names()}
+    assert out["verdicts"]["pope_official"] == "yes" and out["verdicts"]["lmms_exact"] is None
+    assert {k: score(t, " yes ")[k] for k in ("parsed", "correct")} == {"parsed": "yes", "correct": True}
     t2 = task(parser="pope_official")
-    assert t2.score(s, "No, there is not.") == {"parsed": "no", "clean": False, "correct": False}
+    out = score(t2, "No, there is not.")
+    assert (out["parsed"], out["clean"], out["correct"]) == ("no", False, False)
 
 
 def test_gen_kwargs_merged_over_defaults():

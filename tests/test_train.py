@@ -133,10 +133,10 @@ def test_qwen_examples_keep_token_type_ids_aligned(tmp_path):
 def test_answer_token_is_what_the_chat_template_puts_after_the_prompt(llava, tmp_path):
     from adapters.qwen_vl import QwenVLAdapter
     from adapters.tiny import build_tiny
-    from harness.train_data import answer_token_id
 
     tok = llava.processor.tokenizer
-    assert tok.decode([answer_token_id(llava.processor, "Yes")]) == " Yes"
+    assert tok.decode([llava.answer_token_id("Yes")]) == " Yes"
     qwen = QwenVLAdapter(name="q", path=str(build_tiny("qwen_vl", tmp_path / "q", tokenizer_corpus(40))))
     qwen.load()
-    assert qwen.processor.tokenizer.decode([answer_token_id(qwen.processor, "Yes")]) == "Yes"
+    assert qwen.processor.tokenizer.decode([qwen.answer_token_id("Yes")]) == "Yes"
+    assert qwen.processor.tokenizer.decode([qwen.answer_token_id("No")]) == "No"

@@ -1,0 +1,253 @@
+"""Paired comparison of a method run against its ``method=none`` baseline on the same samples.
+
+A mitigation method and its baseline answer the *same* items, so their difference is estimated far more
+precisely from paired data than from two independent standard errors. For every metric of the task:
+
+* the difference ``method − baseline`` with its standard error and a percentile confidence interval from a
+  bootstrap that resamples clusters (images) jointly for both runs — one draw picks the same images for the
+  method and for the baseline, so the correlation between the two runs is kept;
+* for the task's binary per-sample outcome (correct / no hallucination), McNemar's test on the discordant pairs
+  (``b`` = baseline right and method wrong, ``c`` = baseline wrong and method right): the exact two-sided
+  binomial p-value (``b ~ Binomial(b + c, 1/2)`` under the null) and the χ² statistic with continuity
+  correction ``max(|b − c| − 1, 0)² / (b + c)`` with its p-value.
+
+Samples are paired by ``sample_id`` and must carry the same ``doc_hash`` and ``target_hash`` in both runs
+(otherwise the runs did not evaluate the same data and the comparison is refused). The baseline of a run is
+found automatically next to it (see :func:`find_baseline`): a ``none-*`` directory of the same task and model
+whose ``results.json`` has the same ``pair_hash`` (hash of model, task and seed — everything but the method).
+
+    python -m harness.paired RUN_DIR [--baseline DIR]     # (re)compute and store results["paired"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.stats import cluster_bootstrap
+from harness.store import load_records
+from tasks.base import Outcomes, Task
+
+BASELINE_METHOD = "none"
+
+
+def mcnemar(baseline: np.ndarray, method: np.ndarray) -> dict[str, Any]:
+    """McNemar's test on paired binary outcomes (1 = right).
+
+    Implemented here (a binomial tail and a χ² tail with one degree of freedom) rather than pulling SciPy into
+    the runtime for two formulas; the test suite checks both p-values against SciPy.
+
+    Args:
+        baseline: ``[n]`` 0/1 outcomes of the baseline run.
+        method: ``[n]`` 0/1 outcomes of the method run, same samples in the same order.
+
+    Returns:
+        Counts of the 2×2 table, the continuity-corrected χ² ``statistic`` and its ``p_value``, and the exact
+        two-sided binomial ``p_value_exact``; p-values are 1.0 when there is no discordant pair.
+    """
+    base, meth = np.asarray(baseline, dtype=bool), np.asarray(method, dtype=bool)
+    b = int(np.sum(base & ~meth))  # baseline right, method wrong
+    c = int(np.sum(~base & meth))  # baseline wrong, method right
+    n = b + c
+    stat = max(abs(b - c) - 1, 0) ** 2 / n if n else 0.0  # Edwards' continuity correction, floored at 0
+    return {
+        "both_right": int(np.sum(base & meth)),
+        "both_wrong": int(np.sum(~base & ~meth)),
+        "baseline_only_right": b,
+        "method_only_right": c,
+        "statistic": stat,
+        "p_value": math.erfc(math.sqrt(stat / 2)) if n else 1.0,  # χ²(1) survival function
+        "p_value_exact": _binomial_two_sided(min(b, c), n),
+    }
+
+
+def _binomial_two_sided(k: int, n: int) -> float:
+    """``min(1, 2·P(X ≤ k))`` for ``X ~ Binomial(n, 1/2)`` and ``k ≤ n/2``, summed in log space (any ``n``)."""
+    if n == 0:
+        return 1.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
+    top = max(logs)
+    tail = math.exp(top) * sum(math.exp(v - top) for v in logs)
+    return min(1.0, 2.0 * tail)
+
+
+def _pair(records: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> tuple[list[dict], list[dict], int]:
+    """Successful records present in both runs, in the method run's order, and how many were left unpaired."""
+    base = {r["sample_id"]: r for r in baseline if not r.get("error")}
+    mine = [r for r in records if not r.get("error")]
+    pairs = [(r, base[r["sample_id"]]) for r in mine if r["sample_id"] in base]
+    for r, b in pairs:
+        for key in ("doc_hash", "target_hash"):
+            if r.get(key) != b.get(key):
+                raise ValueError(
+                    f"sample {r['sample_id']!r} differs between the runs ({key}); they did not evaluate the same data"
+                )
+    pairs.sort(key=lambda p: p[0]["index"])
+    unpaired = len(mine) + len(base) - 2 * len(pairs)
+    return [p[0] for p in pairs], [p[1] for p in pairs], unpaired
+
+
+def compare(
+    task: Task,
+    records: list[dict[str, Any]],
+    baseline: list[dict[str, Any]],
+    *,
+    seed: int = 0,
+    n_boot: int | None = None,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Paired differences (method − baseline) of every metric, with clustered-bootstrap CIs, and McNemar's test.
+
+    Args:
+        task: The task both runs evaluated (its :meth:`~tasks.base.Task.outcomes` defines the metrics).
+        records: Per-sample records of the method run.
+        baseline: Per-sample records of the baseline run.
+        seed: Bootstrap seed.
+        n_boot: Bootstrap draws (default: the task's ``n_boot``).
+        level: Confidence level of the percentile interval.
+
+    Returns:
+        ``{"n_paired", "n_unpaired", "n_clusters", "n_boot", "ci_level", "metrics": {row: {metric: {...}}},
+        "mcnemar"}``; each metric holds ``method``, ``baseline``, ``diff``, ``diff_stderr``, ``ci_low``,
+        ``ci_high`` (``None`` where undefined).
+
+    Raises:
+        ValueError: When a paired sample's document or target differs between the runs, or nothing pairs.
+    """
+    mine, base, unpaired = _pair(records, baseline)
+    if not mine:
+        raise ValueError("no sample was answered successfully in both runs")
+    a, b = task.outcomes(mine), task.outcomes(base)
+    if a.names != b.names:
+        raise ValueError("the two runs report different metrics (task options differ?)")
+    n_boot = task.n_boot if n_boot is None else n_boot
+    k = a.counts.shape[1]
+
+    def stat(sums: np.ndarray) -> np.ndarray:  # [..., 2K] -> [..., 3, M]: method, baseline, difference
+        sa, sb = a.stat_fn(sums[..., :k]), b.stat_fn(sums[..., k:])
+        return np.stack([sa, sb, sa - sb], axis=-2)
+
+    res = cluster_bootstrap(
+        [str(r["image_id"]) for r in mine], np.hstack([a.counts, b.counts]), stat, n_boot=n_boot, seed=seed
+    )
+    return {
+        "n_paired": len(mine),
+        "n_unpaired": unpaired,
+        "n_clusters": res.n_clusters,
+        "n_boot": n_boot,
+        "ci_level": level,
+        "metrics": _metric_table(a, res.estimate, res.stderr[2], res.draws[:, 2], level),
+        "mcnemar": _mcnemar_block(a, b),
+    }
+
+
+def _metric_table(
+    out: Outcomes, est: np.ndarray, diff_se: np.ndarray, diff_draws: np.ndarray, level: float
+) -> dict[str, dict[str, Any]]:
+    """``{row: {metric: {method, baseline, diff, diff_stderr, ci_low, ci_high}}}`` from ``[3, M]`` estimates."""
+    alpha = (1 - level) / 2
+    table: dict[str, dict[str, Any]] = {}
+    for j, (row, key) in enumerate(out.names):
+        draws = diff_draws[:, j][np.isfinite(diff_draws[:, j])]  # [n_finite]
+        lo, hi = np.quantile(draws, [alpha, 1 - alpha]) if len(draws) >= 2 else (np.nan, np.nan)
+        table.setdefault(row, {})[key] = {
+            "method": _num(est[0, j]),
+            "baseline": _num(est[1, j]),
+            "diff": _num(est[2, j]),
+            "diff_stderr": _num(diff_se[j]),
+            "ci_low": _num(lo),
+            "ci_high": _num(hi),
+        }
+    return table
+
+
+def _mcnemar_block(a: Outcomes, b: Outcomes) -> dict[str, Any] | None:
+    if a.binary is None or b.binary is None:
+        return None
+    return {"outcome": a.binary_name, **mcnemar(b.binary, a.binary)}
+
+
+def _num(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def find_baseline(output_dir: str | Path, pair_hash: str) -> Path | None:
+    """The newest ``none-*`` run directory beside ``output_dir`` whose results carry ``pair_hash``."""
+    parent = Path(output_dir).resolve().parent
+    found = []
+    for results in parent.glob(f"{BASELINE_METHOD}-*/results.json"):
+        try:
+            doc = json.loads(results.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if doc.get("pair_hash") == pair_hash and results.parent != Path(output_dir).resolve():
+            found.append((results.stat().st_mtime, results.parent))
+    return max(found)[1] if found else None
+
+
+def paired_block(
+    task: Task, records: list[dict[str, Any]], baseline_dir: Path, samples_file: str, seed: int
+) -> dict[str, Any]:
+    """The ``paired`` block of a results file (an ``error`` entry instead when the comparison is refused)."""
+    info: dict[str, Any] = {"baseline_dir": str(baseline_dir)}
+    try:
+        base = list(load_records(baseline_dir / samples_file).values())
+        return {**info, **compare(task, records, base, seed=seed)}
+    except (OSError, ValueError) as exc:
+        return {**info, "error": str(exc)}
+
+
+def paired_summary(block: dict[str, Any], max_rows: int = 6) -> str:
+    """A few printable lines: the baseline, the headline differences with CIs, McNemar's test."""
+    if "error" in block:
+        return f"paired vs {block['baseline_dir']}: refused ({block['error']})"
+    lines = [f"paired vs {block['baseline_dir']} ({block['n_paired']} samples, {block['n_clusters']} clusters):"]
+    shown = 0
+    for row, metrics in block["metrics"].items():
+        for key, m in metrics.items():
+            if shown >= max_rows or m["diff"] is None:
+                continue
+            ci = f"[{m['ci_low']:+.4f}, {m['ci_high']:+.4f}]" if m["ci_low"] is not None else "[n/a]"
+            lines.append(f"  {row} {key}: {m['method']:.4f} vs {m['baseline']:.4f}, diff {m['diff']:+.4f} {ci}")
+            shown += 1
+    mc = block.get("mcnemar")
+    if mc:
+        lines.append(
+            f"  McNemar on {mc['outcome']}: method-only right {mc['method_only_right']}, baseline-only right "
+            f"{mc['baseline_only_right']}, p = {mc['p_value_exact']:.4g} (exact)"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Recompute the paired block of a finished run (e.g. after its baseline finished) and store it."""
+    from omegaconf import OmegaConf
+
+    import tasks  # noqa: F401  (registers tasks)
+    from harness.config import instantiate
+    from harness.results import write_json
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--baseline", type=Path, default=None, help="baseline run directory (default: found beside)")
+    args = ap.parse_args(argv)
+    results = json.loads((args.run_dir / "results.json").read_text(encoding="utf-8"))
+    baseline = args.baseline or find_baseline(args.run_dir, results["pair_hash"])
+    if baseline is None:
+        raise SystemExit(f"no {BASELINE_METHOD}-* run with pair_hash {results['pair_hash']} beside {args.run_dir}")
+    cfg = OmegaConf.create(results["config"])
+    task = instantiate(cfg.task, drop=("name",), strict=False)
+    records = list(load_records(args.run_dir / results["samples_file"]).values())
+    results["paired"] = paired_block(task, records, baseline, results["samples_file"], results["config"]["seed"])
+    write_json(args.run_dir / "results.json", results)
+    print(json.dumps(results["paired"], indent=1)[:4000])
+
+
+if __name__ == "__main__":
+    main()
