@@ -172,20 +172,32 @@ class Task(abc.ABC):
 
     Args:
         strict: Raise :class:`SampleError` on the first malformed record instead of recording it.
-        gen_kwargs: Generation settings passed to every generation call.
+        gen_kwargs: Generation settings passed to every generation call, merged over ``default_gen_kwargs``.
         n_boot: Bootstrap draws for standard errors (0 disables them).
+        limit: At most this many samples (the engine passes the run's ``limit``; each task says what it counts:
+            samples per split, images per subtask, ...); ``None`` for all.
     """
 
     name: ClassVar[str]
     version: ClassVar[str]
     higher_is_better: ClassVar[dict[str, bool]]
+    #: the benchmark's usual decoding settings; ``gen_kwargs`` given to the constructor are merged over them
+    default_gen_kwargs: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, *, strict: bool = False, gen_kwargs: dict[str, Any] | None = None, n_boot: int = 1000) -> None:
-        if n_boot < 0:
-            raise ValueError(f"n_boot must be non-negative, got {n_boot}")
+    def __init__(
+        self,
+        *,
+        strict: bool = False,
+        gen_kwargs: dict[str, Any] | None = None,
+        n_boot: int = 1000,
+        limit: int | None = None,
+    ) -> None:
+        if n_boot < 0 or (limit is not None and limit < 0):
+            raise ValueError(f"n_boot and limit must be non-negative, got n_boot={n_boot}, limit={limit}")
         self.strict = strict
-        self.gen_kwargs: dict[str, Any] = dict(gen_kwargs or {})
+        self.gen_kwargs: dict[str, Any] = {**self.default_gen_kwargs, **dict(gen_kwargs or {})}
         self.n_boot = int(n_boot)
+        self.limit = limit
 
     @abc.abstractmethod
     def samples(self) -> list[Sample]:

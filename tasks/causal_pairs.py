@@ -48,7 +48,7 @@ from PIL import Image
 
 from harness.stats import safe_divide
 from tasks.base import TASKS, ModelCalls, Outcomes, Request, Response, Sample, SampleError, Task
-from tasks.pope import _ImageFile
+from tasks.media import ImageFile
 
 DEFAULT_PROMPT = (
     "{sentence} Given such an image, considering the above sentence, does it reflect the proper causal "
@@ -135,14 +135,13 @@ class CausalPairsTask(Task):
         gen_kwargs: dict[str, Any] | None = None,
         limit: int | None = None,
     ) -> None:
-        super().__init__(strict=strict, gen_kwargs=gen_kwargs, n_boot=n_boot)
+        super().__init__(strict=strict, gen_kwargs=gen_kwargs, n_boot=n_boot, limit=limit)
         if "{sentence}" not in prompt:
             raise ValueError("prompt must contain a {sentence} field")
         if len(answers) != 2 or answers[0] == answers[1]:
             raise ValueError(f"answers must be two different words (affirmative, negative), got {list(answers)}")
         self.data, self.image_root, self.image_pattern = str(data), image_root, image_pattern
         self.connective, self.prompt, self.answers = connective, prompt, [str(a) for a in answers]
-        self.limit = limit
         self._samples: list[Sample] | None = None
 
     def _sentence(self, text: str) -> str:
@@ -172,7 +171,7 @@ class CausalPairsTask(Task):
         images = None
         if error is None:
             name = image_name(pattern, row["image_id"])
-            images = _ImageFile(str(Path(self.image_root) / name) if self.image_root else name, source)
+            images = ImageFile(str(Path(self.image_root) / name) if self.image_root else name, source)
         return Sample(
             sample_id=str(i),
             split=self.name,

@@ -40,7 +40,6 @@ word counts each time); ``recall`` = sum over captions of |correct node words| /
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import random
 import re
@@ -50,10 +49,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from PIL import Image
 
 from harness.stats import safe_divide
 from tasks.base import TASKS, Outcomes, Response, Sample, SampleError, Task
+from tasks.media import ImageFile, resolve_files
 
 DEFAULT_PROMPT = "Please describe this image in detail."
 DEFAULT_GEN_KWARGS: dict[str, Any] = {"max_new_tokens": 512, "do_sample": False}
@@ -319,43 +318,6 @@ def chair_statistics(sums: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- COCO files
 
 
-@dataclass(frozen=True)
-class _ImageFile:
-    """Lazy loader of one image file (picklable, unlike a closure)."""
-
-    path: str
-    source: str
-
-    def __call__(self) -> list[Image.Image]:
-        try:
-            with Image.open(self.path) as im:
-                im.load()
-                return [im.convert("RGB")]
-        except FileNotFoundError:
-            raise SampleError(f"image not found: {self.path}", self.source) from None
-        except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...).
-            raise SampleError(f"cannot decode image {self.path}: {type(exc).__name__}: {exc}", self.source) from exc
-
-
-def resolve_files(spec: str | Sequence[str], what: str) -> list[Path]:
-    """Files matching one path/glob or a list of them, in order, without repeats.
-
-    Raises:
-        FileNotFoundError: When a pattern matches nothing; the message names it.
-    """
-    files: list[Path] = []
-    for pattern in [spec] if isinstance(spec, str) else list(spec):
-        pattern = str(Path(pattern).expanduser())
-        if any(ch in pattern for ch in "*?["):
-            found = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())
-        else:
-            found = [Path(pattern)] if Path(pattern).is_file() else []
-        if not found:
-            raise FileNotFoundError(f"no CHAIR {what} file matches {pattern!r}")
-        files += [f for f in found if f not in files]
-    return files
-
-
 def _load_json(path: Path, keys: Sequence[str]) -> dict[str, Any]:
     """A COCO annotation file, checked to be an object whose ``keys`` are lists."""
     try:
@@ -545,6 +507,7 @@ class CHAIRTask(Task):
 
     name: ClassVar[str] = "chair"
     version: ClassVar[str] = "1.0"
+    default_gen_kwargs: ClassVar[dict[str, Any]] = DEFAULT_GEN_KWARGS
     #: ``len`` is marked higher-is-better: at equal CHAIR, longer (more detailed) captions are wanted, and a method
     #: that lowers CHAIR by shortening captions should show up as a loss.
     higher_is_better: ClassVar[dict[str, bool]] = {"chair_s": False, "chair_i": False, "recall": True, "len": True}
@@ -566,11 +529,9 @@ class CHAIRTask(Task):
         gen_kwargs: dict[str, Any] | None = None,
         limit: int | None = None,
     ) -> None:
-        super().__init__(strict=strict, gen_kwargs={**DEFAULT_GEN_KWARGS, **dict(gen_kwargs or {})}, n_boot=n_boot)
+        super().__init__(strict=strict, gen_kwargs=gen_kwargs, n_boot=n_boot, limit=limit)
         if image_ids_file is not None and n_images is not None:
             raise ValueError("give image_ids_file or n_images, not both")
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be non-negative, got {limit}")
         self.instances = instances if isinstance(instances, str) else list(instances)
         self.captions = captions if isinstance(captions, str) else list(captions)
         self.image_root = None if image_root is None else str(image_root)
@@ -580,7 +541,6 @@ class CHAIRTask(Task):
         self.seed = int(seed)
         self.prompt = prompt
         self.drop_incomplete_sentence = bool(drop_incomplete_sentence)
-        self.limit = limit
         self.vocab = Vocabulary.from_file(self.synonyms)
         self._samples: list[Sample] | None = None
 
@@ -589,9 +549,9 @@ class CHAIRTask(Task):
     def samples(self) -> list[Sample]:
         """One sample per selected image, in the ids file's order (else by image id); cached."""
         if self._samples is None:
-            inst = load_instances(resolve_files(self.instances, "instances"), self.vocab, self.synonyms)
+            inst = load_instances(resolve_files(self.instances, "CHAIR instances"), self.vocab, self.synonyms)
             chosen = self._select(inst)
-            caps = load_captions(resolve_files(self.captions, "captions"), {i for i, _ in chosen})
+            caps = load_captions(resolve_files(self.captions, "CHAIR captions"), {i for i, _ in chosen})
             self._samples = [self._sample(i, image_id, src, inst, caps) for i, (image_id, src) in enumerate(chosen)]
         return list(self._samples)
 
@@ -634,7 +594,7 @@ class CHAIRTask(Task):
             text=self.prompt,
             target=", ".join(gt),
             source=source,
-            images=_ImageFile(path, source) if path else None,
+            images=ImageFile(path, source) if path else None,
             doc=doc,
             error=error,
         )

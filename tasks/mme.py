@@ -30,8 +30,6 @@ errors come from a bootstrap over images, joint across subtasks (:mod:`harness.s
 from __future__ import annotations
 
 import difflib
-import glob
-import hashlib
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -44,7 +42,7 @@ from PIL import Image
 
 from harness.stats import block_columns, safe_divide
 from tasks.base import TASKS, Outcomes, Response, Sample, SampleError, Task
-from tasks.pope import _ImageBytes, _ImageFile
+from tasks.media import ImageFile, MalformedImageCell, image_cell, resolve_files
 from tasks.yesno import PARSERS, all_verdicts, is_clean_yes_no
 
 log = logging.getLogger(__name__)
@@ -215,7 +213,7 @@ def _folder_items(root: Path, subtask: str, limit: int | None) -> Iterator[_Imag
         if image is None:
             item.images = _MissingImage(f"{image_dir}/{txt.stem}.*", str(txt))
         else:
-            item.images = _ImageFile(str(image), str(txt))
+            item.images = ImageFile(str(image), str(txt))
         item.questions, item.error = _read_questions(txt)
         yield item
 
@@ -230,19 +228,6 @@ def folder_subtasks(root: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- parquet
-
-
-def parquet_files(pattern: str) -> list[Path]:
-    """Parquet files matching a path or glob, sorted.
-
-    Raises:
-        FileNotFoundError: When nothing matches.
-    """
-    pattern = str(Path(pattern).expanduser())
-    files = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())
-    if not files:
-        raise FileNotFoundError(f"no MME parquet file matches {pattern!r}")
-    return files
 
 
 def _row_subtask(row: dict[str, Any]) -> str:
@@ -280,17 +265,6 @@ def _parquet_items(files: list[Path]) -> dict[str, dict[str, _ImageItem]]:
     return items
 
 
-def _image_cell(cell: Any, source: str, base: Path, cache: dict[bytes, bytes]) -> Callable[[], list[Image.Image]]:
-    """Lazy image of a parquet ``image`` cell (struct ``{bytes, path}``; path relative to ``base``)."""
-    data, path = (cell.get("bytes"), cell.get("path")) if isinstance(cell, dict) else (None, None)
-    if data:
-        data = cache.setdefault(hashlib.blake2b(data, digest_size=16).digest(), data)  # an image's two rows share it
-        return _ImageBytes(data, path or "<embedded image>", source)
-    if path:
-        return _ImageFile(str(base / path), source)
-    raise ValueError("malformed row: field 'image' has neither bytes nor path")
-
-
 def _attach_images(files: list[Path], wanted: dict[str, _ImageItem], image_root: str | None) -> None:
     """Pass 2: read the ``image`` column, in batches, only for the first row of each wanted image."""
     import pyarrow.parquet as pq
@@ -307,9 +281,9 @@ def _attach_images(files: list[Path], wanted: dict[str, _ImageItem], image_root:
                 item = wanted.get(f"{path}[{i}]")
                 if item is not None:
                     try:
-                        item.images = _image_cell(cell, item.source, base, cache)
-                    except ValueError as exc:
-                        item.error = str(exc)
+                        item.images, _ = image_cell(cell, item.source, base, cache)
+                    except MalformedImageCell as exc:
+                        item.error = f"malformed row: {exc}"
                 i += 1
 
 
@@ -481,6 +455,7 @@ class MMETask(Task):
 
     name: ClassVar[str] = "mme"
     version: ClassVar[str] = "1.0"
+    default_gen_kwargs: ClassVar[dict[str, Any]] = DEFAULT_GEN_KWARGS
     higher_is_better: ClassVar[dict[str, bool]] = {
         "acc": True,
         "acc_plus": True,
@@ -505,9 +480,7 @@ class MMETask(Task):
         gen_kwargs: dict[str, Any] | None = None,
         limit: int | None = None,
     ) -> None:
-        super().__init__(strict=strict, gen_kwargs={**DEFAULT_GEN_KWARGS, **dict(gen_kwargs or {})}, n_boot=n_boot)
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be non-negative, got {limit}")
+        super().__init__(strict=strict, gen_kwargs=gen_kwargs, n_boot=n_boot, limit=limit)
         self.data = str(data)
         self.subtasks = resolve_subtasks(subtasks)
         self.image_root = None if image_root is None else str(image_root)
@@ -518,7 +491,6 @@ class MMETask(Task):
         for name in (self.parser, *self.extra_parsers):
             PARSERS.get(name)  # fail early, with a did-you-mean message
         self.require_yes_and_no = bool(require_yes_and_no)
-        self.limit = limit
         self._samples: list[Sample] | None = None
         self._found: list[str] = []
 
@@ -552,7 +524,7 @@ class MMETask(Task):
         return found, {s: list(_folder_items(root, s, self.limit)) for s in self._wanted(found)}
 
     def _load_parquet(self) -> tuple[list[str], dict[str, list[_ImageItem]]]:
-        files = parquet_files(self.data)
+        files = resolve_files(self.data, "MME parquet")
         found, chosen = load_parquet(files, self.subtasks, self.limit, self.image_root)
         self._wanted(found)
         return found, chosen

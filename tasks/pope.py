@@ -27,8 +27,6 @@ Standard errors come from a bootstrap over images, joint across the splits (:mod
 
 from __future__ import annotations
 
-import hashlib
-import io
 import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator
@@ -41,6 +39,7 @@ from PIL import Image
 
 from harness.stats import block_columns, safe_divide
 from tasks.base import TASKS, Outcomes, Response, Sample, SampleError, Task
+from tasks.media import ImageFile, MalformedImageCell, image_cell, resolve_files
 from tasks.yesno import PARSERS, all_verdicts, is_clean_yes_no
 
 DEFAULT_SPLITS = ("random", "popular", "adversarial")
@@ -54,44 +53,6 @@ NO_FILTER = "none"
 UNKNOWN_SPLIT = "unknown"
 _LABELS = ("yes", "no")
 _PARQUET_BATCH = 64
-
-
-# ----------------------------------------------------------------------------------------------- images
-
-
-@dataclass(frozen=True)
-class _ImageFile:
-    """Lazy loader of one image file (picklable, unlike a closure)."""
-
-    path: str
-    source: str
-
-    def __call__(self) -> list[Image.Image]:
-        return [_decode(self.path, self.source, self.path)]
-
-
-@dataclass(frozen=True)
-class _ImageBytes:
-    """Lazy decoder of one image embedded in a parquet row."""
-
-    data: bytes = field(repr=False)
-    name: str
-    source: str
-
-    def __call__(self) -> list[Image.Image]:
-        return [_decode(io.BytesIO(self.data), self.source, self.name)]
-
-
-def _decode(fp: Any, source: str, name: str) -> Image.Image:
-    """Open, fully decode (``load``) and convert to RGB, turning every failure into :class:`SampleError`."""
-    try:
-        with Image.open(fp) as im:
-            im.load()
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise SampleError(f"image not found: {name}", source) from None
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...).
-        raise SampleError(f"cannot decode image {name}: {type(exc).__name__}: {exc}", source) from exc
 
 
 # ----------------------------------------------------------------------------------------------- rows
@@ -167,7 +128,7 @@ def _json_item(record: Any, source: str, split: str | None, image_root: str | No
         item.image_id = Path(image).stem
         item.question = _string(record, "text").strip()
         item.target = _label(record, "label")
-        item.images = _ImageFile(_image_path(image_root, image), source)
+        item.images = ImageFile(_image_path(image_root, image), source)
     except _Malformed as exc:
         item.error = str(exc)
     return item
@@ -196,24 +157,6 @@ def _iter_json(path: Path, split: str | None, image_root: str | None) -> Iterato
         yield _json_item(record, source, split, image_root)
 
 
-def _parquet_image(value: Any, source: str, image_root: str | None, cache: dict[bytes, bytes]) -> tuple[Any, str]:
-    """The lazy image of a parquet ``image`` cell and its path (``""`` when only bytes are stored)."""
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path") or ""
-    elif isinstance(value, (bytes, bytearray)):
-        data, path = bytes(value), ""
-    elif isinstance(value, str):
-        data, path = None, value
-    else:
-        raise _Malformed(f"field 'image' must be a struct of bytes/path, got {type(value).__name__}")
-    if data:
-        data = cache.setdefault(hashlib.blake2b(data, digest_size=16).digest(), data)  # share identical images
-        return _ImageBytes(data, path or "<embedded image>", source), path
-    if path:
-        return _ImageFile(_image_path(image_root, path), source), path
-    raise _Malformed("field 'image' has neither bytes nor path")
-
-
 def _parquet_item(
     row: dict[str, Any], source: str, split: str | None, image_root: str | None, cache: dict[bytes, bytes]
 ) -> _Item:
@@ -229,11 +172,11 @@ def _parquet_item(
         item.qid = _question_id(row["question_id"])
         item.question = _string(row, "question").strip()
         item.target = _label(row, "answer")
-        item.images, path = _parquet_image(row["image"], source, image_root, cache)
+        item.images, path = image_cell(row["image"], source, image_root, cache)
         item.image_id = str(row.get("image_source") or Path(path).stem)
         if not item.image_id:
             raise _Malformed("missing field 'image_source' (and the image has no path)")
-    except _Malformed as exc:
+    except (_Malformed, MalformedImageCell) as exc:
         item.error = str(exc)
     return item
 
@@ -254,24 +197,6 @@ def _iter_file(path: Path, split: str | None, image_root: str | None) -> Iterato
     if path.suffix.lower() == ".parquet":
         return _iter_parquet(path, split, image_root)
     return _iter_json(path, split, image_root)
-
-
-def resolve_files(pattern: str) -> list[Path]:
-    """Files matching a path or glob pattern, sorted.
-
-    Raises:
-        FileNotFoundError: When nothing matches; the message names the pattern.
-    """
-    pattern = str(Path(pattern).expanduser())
-    if any(ch in pattern for ch in "*?["):
-        import glob
-
-        files = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())
-    else:
-        files = [Path(pattern)] if Path(pattern).is_file() else []
-    if not files:
-        raise FileNotFoundError(f"no POPE question file matches {pattern!r}")
-    return files
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -364,6 +289,7 @@ class POPETask(Task):
 
     name: ClassVar[str] = "pope"
     version: ClassVar[str] = "1.0"
+    default_gen_kwargs: ClassVar[dict[str, Any]] = DEFAULT_GEN_KWARGS
     #: ``yes_ratio`` has no better direction (0.5 is ideal on balanced splits; above means over-affirming, the
     #: usual hallucination failure), so it is marked ``False`` like the other "rates to watch".
     higher_is_better: ClassVar[dict[str, bool]] = {
@@ -390,7 +316,7 @@ class POPETask(Task):
         gen_kwargs: dict[str, Any] | None = None,
         limit: int | None = None,
     ) -> None:
-        super().__init__(strict=strict, gen_kwargs={**DEFAULT_GEN_KWARGS, **dict(gen_kwargs or {})}, n_boot=n_boot)
+        super().__init__(strict=strict, gen_kwargs=gen_kwargs, n_boot=n_boot, limit=limit)
         self.questions = str(questions)
         self.image_root = None if image_root is None else str(image_root)
         self.splits = [splits] if isinstance(splits, str) else [str(s) for s in splits]
@@ -401,9 +327,6 @@ class POPETask(Task):
         self.extra_parsers = [p for p in dict.fromkeys(extra_parsers) if p != parser]
         for name in (self.parser, *self.extra_parsers):
             PARSERS.get(name)  # fail early, with a did-you-mean message
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be non-negative, got {limit}")
-        self.limit = limit
         self._samples: list[Sample] | None = None
 
     # ---- loading
@@ -419,14 +342,14 @@ class POPETask(Task):
         """One file pattern per split: every row of the split's file(s) belongs to it."""
         buckets: dict[str, list[_Item]] = {}
         for split in self.splits:
-            files = resolve_files(self.questions.replace("{split}", split))
+            files = resolve_files(self.questions.replace("{split}", split), "POPE question")
             rows = itertools.chain.from_iterable(_iter_file(f, split, self.image_root) for f in files)
             buckets[split] = list(itertools.islice(rows, self.limit))
         return buckets
 
     def _category_buckets(self) -> dict[str, list[_Item]]:
         """Files holding every split: a row's split is its ``category``; other categories are skipped."""
-        files = resolve_files(self.questions)
+        files = resolve_files(self.questions, "POPE question")
         buckets: dict[str, list[_Item]] = {s: [] for s in self.splits}
         present: set[str] = set()
         first_unknown: _Item | None = None

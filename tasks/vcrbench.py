@@ -47,6 +47,7 @@ from PIL import Image
 
 from harness.stats import block_columns, safe_divide
 from tasks.base import TASKS, Call, ModelCalls, Outcomes, Request, Response, Sample, SampleError, Task
+from tasks.media import decode_image
 
 # Official prompts, character for character (pritamqu/VCRBench @ 5d616a3, unchanged since 589efb1: data/dataset.py
 # and models/qwen2_5_vl_rrd.py). The direct prompt is stripped as the official inference scripts do; the RRD prompts
@@ -312,17 +313,6 @@ def _tagged(image: Image.Image, clip: int) -> Image.Image:
     return image
 
 
-def _image(path: str, source: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise SampleError(f"image not found: {path}", source) from None
-    except Exception as exc:  # PIL raises many types
-        raise SampleError(f"cannot decode image {path}: {type(exc).__name__}: {exc}", source) from exc
-
-
 def label_clip(image: Image.Image, clip: int) -> Image.Image:
     """Copy of ``image`` with ``"Clip k"`` in white on a black box at the top left (as VCRBench overlays)."""
     arr = np.asarray(image.convert("RGB")).copy()
@@ -369,7 +359,7 @@ class _ClipInput:
     def _clip(self, files: tuple[str, ...]) -> list[Image.Image]:
         if len(files) == 1 and Path(files[0]).suffix.lower() not in IMAGE_SUFFIXES:
             return video_frames(files[0], self.source, self.sampler.per_clip(len(self.clips)))
-        return [_image(f, self.source) for f in files]
+        return [decode_image(f, self.source, f) for f in files]
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -537,6 +527,7 @@ class VCRBenchTask(Task):
 
     name: ClassVar[str] = "vcrbench"
     version: ClassVar[str] = "1.0"
+    default_gen_kwargs: ClassVar[dict[str, Any]] = DEFAULT_GEN_KWARGS
     higher_is_better: ClassVar[dict[str, bool]] = {
         "acc": True,
         "step_acc": True,
@@ -561,18 +552,15 @@ class VCRBenchTask(Task):
         gen_kwargs: dict[str, Any] | None = None,
         limit: int | None = None,
     ) -> None:
-        super().__init__(strict=strict, gen_kwargs={**DEFAULT_GEN_KWARGS, **dict(gen_kwargs or {})}, n_boot=n_boot)
+        super().__init__(strict=strict, gen_kwargs=gen_kwargs, n_boot=n_boot, limit=limit)
         if mode not in MODES or rrd_recognition not in RECOGNITION:
             raise ValueError(f"mode must be one of {MODES} and rrd_recognition one of {RECOGNITION}")
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be non-negative, got {limit}")
         self.data = str(data)
         self.video_root = None if video_root is None else str(video_root)
         self.sampler = FrameSampler(num_frames=num_frames, fps=fps, max_frames=max_frames)
         self.label_clips = bool(label_clips)
         self.mode, self.rrd_recognition = mode, rrd_recognition
         self.rrd_reason_with_video = bool(rrd_reason_with_video)
-        self.limit = limit
         self._samples: list[Sample] | None = None
 
     @property
