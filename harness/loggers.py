@@ -97,6 +97,7 @@ class WandbLogger:
                         metric, _, filt = key.partition(",")
                         se = metrics.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
                         rows.append([sub, filt or "none", metric, value, se])
+        scalars.update(_paired_scalars(results.get("paired")))
         self.run.log(scalars)
         self.run.log(
             {
@@ -132,3 +133,20 @@ class WandbLogger:
                 self.run.finish()
             finally:
                 self.run = None
+
+
+def _paired_scalars(paired: dict[str, Any] | None) -> dict[str, float]:
+    """``paired/<row>/<metric>/{diff,diff_stderr,ci_low,ci_high}`` and McNemar's p-values of a results file."""
+    if not paired or "error" in paired:
+        return {}
+    out = {
+        f"paired/{row}/{key}/{stat}": value
+        for row, metrics in paired["metrics"].items()
+        for key, m in metrics.items()
+        for stat, value in m.items()
+        if stat in ("diff", "diff_stderr", "ci_low", "ci_high") and value is not None
+    }
+    if paired.get("mcnemar"):
+        out["paired/mcnemar/p_value_exact"] = paired["mcnemar"]["p_value_exact"]
+        out["paired/mcnemar/statistic"] = paired["mcnemar"]["statistic"]
+    return out

@@ -273,7 +273,7 @@ class CaptionEval:
             "mention_idxs": list(self.mentions.indices),
             "hallucinated": [list(pair) for pair in self.hallucinated],
             "hallucination_idxs": list(self.hallucination_idxs),
-            "correct": list(self.correct),
+            "correct_objects": list(self.correct),
             "has_hallucination": bool(self.hallucinated),
             "n_words": len(self.mentions.tokens),
         }

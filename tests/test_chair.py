@@ -225,14 +225,14 @@ def test_per_caption_fields(fixture):
     task = CHAIRTask(**fixture)
     rec = {r["image_id"]: r for r in records_for(task, {i: g[0] for i, g in GENERATED.items()})}
     assert rec["1"]["hallucinated"] == [["couch", "couch"], ["cat", "cat"], ["cat", "cat"]]
-    assert rec["1"]["correct"] == ["dog", "person"]
+    assert rec["1"]["correct_objects"] == ["dog", "person"]
     assert rec["2"]["mentions"] == ["toilet", "toilet", "sink"] and rec["2"]["hallucinated"] == []
     assert rec["3"]["hallucinated"] == [["hot dog", "hot dog"]]
     assert rec["4"]["hallucinated"] == [["teddy bear", "teddy bear"], ["traffic light", "traffic light"]]
     for i, (caption, mentions, hallucinated, correct, words) in GENERATED.items():
         r = rec[str(i)]
         assert r["parsed"] == caption
-        assert (len(r["mentions"]), len(r["hallucinated"]), len(r["correct"]), r["n_words"]) == (
+        assert (len(r["mentions"]), len(r["hallucinated"]), len(r["correct_objects"]), r["n_words"]) == (
             mentions,
             hallucinated,
             correct,

@@ -156,3 +156,18 @@ def test_every_task_on_the_other_shipped_families(tmp_path, family):
         (results,) = out.glob(f"{task}/{family}/none-*/results.json")
         n = json.loads(results.read_text())["n-samples"][task]
         assert n["effective"] == n["original"] > 0 and n["errors"] == 0, (task, n)
+
+
+def test_rrd_pipeline_runs_under_a_method(tmp_path):
+    """VCRBench's two-stage RRD (recognition with frames, then a text-only reasoning call) under VAR."""
+    out = tmp_path / "outs"
+    args = ["task=vcrbench", "task.mode=rrd", "method=var", f"output_root={out}", "limit=1",
+            "task.gen_kwargs.max_new_tokens=12", "progress=false"]  # fmt: skip
+    p = _run(args, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (samples,) = out.glob("vcrbench/llava/var-*/samples_vcrbench.jsonl")
+    rec = json.loads(samples.read_text().splitlines()[0])
+    stages = [(c["stage"], c["n_images"]) for c in rec["calls"]]
+    assert stages[0][0] == "recognition" and stages[0][1] > 0
+    assert stages[-1] == ("reasoning", 0), "the reasoning call is text-only"
+    assert rec["raw_output"] == rec["calls"][-1]["output"]

@@ -64,3 +64,21 @@ def test_wandb_that_cannot_start_warns_and_the_run_continues(llava, pope_dir, tm
     )
     logger.finish()
     assert res["results"] and (tmp_path / "results.json").exists()
+
+
+def test_paired_block_becomes_scalars():
+    from harness.loggers import _paired_scalars
+
+    paired = {
+        "metrics": {"mme": {"acc,mme_official": {"method": 0.7, "baseline": 0.6, "diff": 0.1, "diff_stderr": 0.02,
+                                                 "ci_low": 0.06, "ci_high": None}}},
+        "mcnemar": {"p_value_exact": 0.03, "statistic": 4.2},
+    }  # fmt: skip
+    assert _paired_scalars(paired) == {
+        "paired/mme/acc,mme_official/diff": 0.1,
+        "paired/mme/acc,mme_official/diff_stderr": 0.02,
+        "paired/mme/acc,mme_official/ci_low": 0.06,
+        "paired/mcnemar/p_value_exact": 0.03,  # ci_high is None: left out
+        "paired/mcnemar/statistic": 4.2,
+    }
+    assert _paired_scalars({"baseline_dir": "x", "error": "no"}) == {} and _paired_scalars(None) == {}
