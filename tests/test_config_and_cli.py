@@ -144,6 +144,15 @@ def test_every_task_on_the_shipped_llava_with_paired_statistics(tmp_path):
         assert set(some) == {"method", "baseline", "diff", "diff_stderr", "ci_low", "ci_high"}
     assert "paired vs" in p.stdout
 
+    # `python -m harness.paired RUN` recomputes the block from the stored records alone (no model needed)
+    from harness.paired import main as paired_main
+
+    (cca,) = out.glob("mme/llava/cca-*/results.json")
+    before = json.loads(cca.read_text())
+    cca.write_text(json.dumps({k: v for k, v in before.items() if k != "paired"}))
+    paired_main([str(cca.parent)])
+    assert json.loads(cca.read_text())["paired"] == before["paired"]
+
 
 @pytest.mark.parametrize("family", ["qwen_vl", "internvl"])
 def test_every_task_on_the_other_shipped_families(tmp_path, family):
