@@ -15,6 +15,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from harness.results import stderr_key
+
 
 class NoLogger:
     """Logs nothing."""
@@ -95,7 +97,7 @@ class WandbLogger:
                     scalars[f"{sub}/{key}"] = value
                     if "_stderr" not in key and key != "sample_len":
                         metric, _, filt = key.partition(",")
-                        se = metrics.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
+                        se = metrics.get(stderr_key(key))
                         rows.append([sub, filt or "none", metric, value, se])
         scalars.update(_paired_scalars(results.get("paired")))
         self.run.log(scalars)

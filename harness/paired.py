@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.stats import cluster_bootstrap
+from harness.stats import cluster_bootstrap, finite_or_none
 from harness.store import load_records
 from tasks.base import Outcomes, Task
 
@@ -157,12 +157,12 @@ def _metric_table(
         draws = diff_draws[:, j][np.isfinite(diff_draws[:, j])]  # [n_finite]
         lo, hi = np.quantile(draws, [alpha, 1 - alpha]) if len(draws) >= 2 else (np.nan, np.nan)
         table.setdefault(row, {})[key] = {
-            "method": _num(est[0, j]),
-            "baseline": _num(est[1, j]),
-            "diff": _num(est[2, j]),
-            "diff_stderr": _num(diff_se[j]),
-            "ci_low": _num(lo),
-            "ci_high": _num(hi),
+            "method": finite_or_none(est[0, j]),
+            "baseline": finite_or_none(est[1, j]),
+            "diff": finite_or_none(est[2, j]),
+            "diff_stderr": finite_or_none(diff_se[j]),
+            "ci_low": finite_or_none(lo),
+            "ci_high": finite_or_none(hi),
         }
     return table
 
@@ -171,10 +171,6 @@ def _mcnemar_block(a: Outcomes, b: Outcomes) -> dict[str, Any] | None:
     if a.binary is None or b.binary is None:
         return None
     return {"outcome": a.binary_name, **mcnemar(b.binary, a.binary)}
-
-
-def _num(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None
 
 
 def find_baseline(output_dir: str | Path, pair_hash: str) -> Path | None:

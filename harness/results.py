@@ -31,6 +31,20 @@ PACKAGES = (
 )
 
 
+def stderr_key(key: str) -> str:
+    """``"acc,none"`` → ``"acc_stderr,none"`` (lm-eval's naming of a metric's standard error)."""
+    metric, _, filt = key.partition(",")
+    return f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr"
+
+
+def package_version(name: str) -> str | None:
+    """Installed version of a distribution, ``None`` when it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def sha256_text(text: str | None) -> str | None:
     """Hex SHA-256 of a string (``None`` stays ``None``)."""
     return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -58,12 +72,7 @@ def git_info(root: Path = REPO_ROOT) -> dict[str, str | None]:
 
 def environment() -> dict[str, Any]:
     """Python, platform and package versions."""
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = {name: package_version(name) for name in PACKAGES}
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -118,7 +127,7 @@ def make_table(results: dict[str, Any]) -> str:
                 if key in ("alias", "sample_len") or "_stderr" in key or not isinstance(value, int | float):
                     continue
                 metric, _, filt = key.partition(",")
-                stderr = metrics.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
+                stderr = metrics.get(stderr_key(key))
                 arrow = {True: "↑", False: "↓"}.get(better.get(metric), "")
                 rows.append(
                     [

@@ -208,3 +208,8 @@ def safe_divide(num: np.ndarray, den: np.ndarray, empty: float = 0.0) -> np.ndar
     out = np.full(num.shape, empty, dtype=np.float64)
     np.divide(num, den, out=out, where=den != 0)
     return out
+
+
+def finite_or_none(x: float) -> float | None:
+    """``float(x)``, or ``None`` when ``x`` is NaN or infinite (JSON has no NaN)."""
+    return float(x) if np.isfinite(x) else None

@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 
 from harness.registry import Registry
-from harness.stats import StatFn, cluster_bootstrap
+from harness.results import stderr_key
+from harness.stats import StatFn, cluster_bootstrap, finite_or_none
 
 TASKS: Registry[type[Task]] = Registry("task")
 
@@ -147,20 +148,9 @@ class Outcomes:
         out: dict[str, dict[str, Any]] = {}
         for j, (row, key) in enumerate(self.names):
             entry = out.setdefault(row, {"alias": row, "sample_len": self.sizes.get(row)})
-            metric, _, filt = key.partition(",")
-            entry[key] = _number(estimate[j])
-            entry[f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr"] = _number(stderr[j])
+            entry[key] = finite_or_none(estimate[j])
+            entry[stderr_key(key)] = finite_or_none(stderr[j])
         return out
-
-
-def _number(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None
-
-
-def stderr_key(key: str) -> str:
-    """``"acc,none"`` → ``"acc_stderr,none"`` (lm-eval's naming)."""
-    metric, _, filt = key.partition(",")
-    return f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr"
 
 
 class Task(abc.ABC):

@@ -50,6 +50,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from harness.results import package_version
 from harness.stats import safe_divide
 from tasks.base import TASKS, Outcomes, Response, Sample, SampleError, Task
 from tasks.media import ImageFile, resolve_files
@@ -642,21 +643,12 @@ class CHAIRTask(Task):
             prompt=self.prompt,
             drop_incomplete_sentence=self.drop_incomplete_sentence,
             limit=self.limit,
-            tokenizer=f"nltk {_version('nltk')} NLTKWordTokenizer + regex sentence split",
-            lemmatizer=f"lemminflect {_version('lemminflect')} getLemma(upos=NOUN)",
+            tokenizer=f"nltk {package_version('nltk') or 'unknown'} NLTKWordTokenizer + regex sentence split",
+            lemmatizer=f"lemminflect {package_version('lemminflect') or 'unknown'} getLemma(upos=NOUN)",
         )
         if self._samples is not None:
             info["n_images_loaded"] = len(self._samples)
         return info
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _record_gt(record: dict[str, Any]) -> list[str]:

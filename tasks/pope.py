@@ -449,7 +449,7 @@ class POPETask(Task):
                 *sums.shape[:-1], n_rows * n_cols
             ),
             names=[(k, c) for k in keys for c in columns],
-            sizes={**{k: int(n) for k, n in zip(keys, sizes, strict=False)}, "pope": len(records)},
+            sizes={**{f"pope_{s}": int(n) for s, n in zip(splits, sizes, strict=True)}, "pope": len(records)},
             binary=correct,
             binary_name=f"correct,{self.parser}",
         )
