@@ -54,10 +54,18 @@ ADAPTERS: Registry[type[Adapter]] = Registry("adapter")
 CHATML = "{system}<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n"
 CHATML_SYSTEM = "<|im_start|>system\n{}<|im_end|>\n"
 
+#: inputs entries starting with this are for methods (source images, their sizes) and never reach the model
+HARNESS_PREFIX = "harness_"
+
 #: ``fn(default_position_ids, inputs) -> new_position_ids`` (same shape), see :meth:`Adapter.positions`
 PositionFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
 _SITE = re.compile(r"^(lm|vision)\.layers\.(\d+)(?:\.(attn|mlp))?$")
+
+
+def model_inputs(inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``inputs`` without the harness-only entries, i.e. what the model's ``forward``/``generate`` accepts."""
+    return {k: v for k, v in inputs.items() if not k.startswith(HARNESS_PREFIX)}
 
 
 class SiteError(LookupError):
@@ -231,7 +239,9 @@ class Adapter(abc.ABC):
         """Tokenise a batch with LEFT padding and preprocess its images (in order); tensors on the model's device.
 
         Every row must carry as many images as its prompt has placeholders; the images of all rows are flattened
-        in row order, as the processors expect.
+        in row order, as the processors expect. Two entries are for methods only and are stripped before the model
+        call (:data:`HARNESS_KEYS`): ``harness_images`` (the PIL images, flattened) and ``harness_image_sizes``
+        (``[n_images, 2]`` original height and width).
         """
         flat = [im for row in images for im in row]
         kwargs = self.image_kwargs() if flat else {}
@@ -239,6 +249,9 @@ class Adapter(abc.ABC):
         out = {k: v.to(self.device) for k, v in batch.items()}
         if "pixel_values" in out and self.model is not None:
             out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
+        # harness-only entries (never passed to the model): the source images and their (height, width)
+        out["harness_images"] = flat  # type: ignore[assignment]
+        out["harness_image_sizes"] = torch.tensor([[im.height, im.width] for im in flat], dtype=torch.long)
         return out
 
     def image_kwargs(self) -> dict[str, Any]:
@@ -255,7 +268,7 @@ class Adapter(abc.ABC):
         try:
             for observe in self._input_observers:
                 observe(inputs)
-            yield inputs
+            yield model_inputs(inputs)
         finally:
             for observe in self._input_observers:
                 observe(None)
@@ -435,6 +448,56 @@ class Adapter(abc.ABC):
     def visual_grid(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Per sample, the ``(row, col)`` of every visual token (:meth:`visual_token_map` columns 2–3)."""
         return [m[:, 2:] for m in self.visual_token_map(inputs)]
+
+    def visual_content(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per sample, the fraction of each visual token's patch covered by the image rather than padding, ``[n]``.
+
+        1.0 everywhere for families whose preprocessing never pads (resize/crop, dynamic resolution, tiling);
+        families that letterbox override this.
+        """
+        return [torch.ones(int(n)) for n in self.image_token_mask(inputs).sum(-1).tolist()]
+
+    def vision_cls_attention(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per sample, the vision tower's head-mean [CLS]→patch attention for each visual token, ``[n]``.
+
+        Read at the layer whose output feeds the projector (site ``vision.layers.{l}.attn.probs``, CLS query row),
+        pooled to the LM's visual tokens where patches are merged. Families without a [CLS] token raise.
+        """
+        raise NotImplementedError(
+            f"the {self.family} vision tower has no [CLS] token, so there is no [CLS]→patch attention to read"
+        )
+
+    @contextlib.contextmanager
+    def vision_attention(self, implementation: str) -> Iterator[None]:
+        """Switch the VISION tower's attention function (e.g. to ``"eager"`` to read probabilities); restore on exit."""
+        model = self._require_loaded()
+        vcfg = model.config.vision_config
+        previous = vcfg._attn_implementation
+        model.set_attn_implementation({"vision_config": implementation})
+        try:
+            yield
+        finally:
+            model.set_attn_implementation({"vision_config": previous})
+
+    def _per_row(self, inputs: dict[str, torch.Tensor], units: torch.Tensor, per_unit: int) -> list[torch.Tensor]:
+        """Split per-image (or per-tile) token scores ``[n_units, tokens_per_unit]`` into the batch's rows."""
+        out, start = [], 0
+        for n in self.image_token_mask(inputs).sum(-1).tolist():
+            k, rest = divmod(int(n), per_unit)
+            if rest:
+                raise ValueError(f"{n} visual tokens is not a multiple of {per_unit}")
+            out.append(units[start : start + k].reshape(-1))
+            start += k
+        if start != units.shape[0]:
+            raise ValueError(f"{units.shape[0]} images/tiles for {start} in the prompts")
+        return out
+
+    @staticmethod
+    def _feature_layer_attention(attentions: tuple[torch.Tensor, ...], feature_layer: int) -> torch.Tensor:
+        """The attention of the layer whose output is ``hidden_states[feature_layer]`` (``[n, heads, q, k]``)."""
+        if not isinstance(feature_layer, int) or feature_layer == 0:
+            raise ValueError(f"vision_feature_layer {feature_layer!r} has no single attention layer")
+        return attentions[feature_layer if feature_layer < 0 else feature_layer - 1]
 
     def position_ids(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Position ids the LM uses in prefill, as ``generate`` builds them.

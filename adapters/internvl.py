@@ -106,6 +106,23 @@ class InternVLAdapter(Adapter):
         feats = model.model.pixel_shuffle(feats, scale_factor=cfg.downsample_ratio)  # [n_tiles, s/2, s/2, 4d]
         return feats.reshape(feats.shape[0], -1, feats.shape[-1])
 
+    def vision_cls_attention(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """[CLS]→patch attention of the feature layer (head mean), summed over each 2×2 pixel-shuffle group.
+
+        The score map is pixel-shuffled exactly like the features, so each LM token gets the attention mass of the
+        patches it merges; tiles in the order the LM sees them.
+        """
+        model = self._require_loaded()
+        cfg = model.config
+        with self.vision_attention("eager"):
+            out = model.model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True)
+        att = self._feature_layer_attention(out.attentions, cfg.vision_feature_layer)  # [n_tiles, heads, 1+P, 1+P]
+        cls = att[:, :, 0, 1:].float().mean(1)  # [n_tiles, P]
+        side = math.isqrt(cls.shape[1])
+        shuffled = model.model.pixel_shuffle(cls.reshape(-1, side, side, 1), scale_factor=cfg.downsample_ratio)
+        pooled = shuffled.sum(-1).reshape(cls.shape[0], -1)  # [n_tiles, tokens_per_tile]
+        return self._per_row(inputs, pooled, self.tokens_per_tile)
+
     # ------------------------------------------------------------------ anatomy
     @property
     def image_token_id(self) -> int:

@@ -33,7 +33,7 @@ from transformers import (
 )
 from transformers.vision_utils import get_vision_window_index
 
-from adapters.base import ADAPTERS, CHATML, CHATML_SYSTEM, Adapter
+from adapters.base import ADAPTERS, CHATML, CHATML_SYSTEM, Adapter, model_inputs
 from adapters.processors import load_processor
 
 #: config.model_type → (model class, stock processor class)
@@ -181,7 +181,7 @@ class QwenVLAdapter(Adapter):
     def _generation_positions(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The ``[4, batch, seq]`` tensor ``generate`` builds: row 0 = text positions, rows 1–3 = M-RoPE."""
         model = self._require_loaded()
-        kwargs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        kwargs = {k: v for k, v in model_inputs(inputs).items() if k != "pixel_values"}
         return model._prepare_position_ids_for_generation(inputs["input_ids"], kwargs)
 
     def _model_position_ids(self, positions: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -137,6 +137,7 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples = task.samples()
+    method.output_dir = out
     store = RecordStore(out / f"samples_{task.name}.jsonl", settings.config_hash)
     pending = [s for s in samples if not store.done(s.sample_id)]
     errors, gen_seconds = [], 0.0
@@ -171,6 +172,9 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
         },
         samples_file=store.path.name,
     )
+    method_report = method.report()
+    if method_report is not None:
+        results["method_report"] = method_report
     if ok and method.name != BASELINE_METHOD and settings.pair_hash:
         baseline = find_baseline(out, settings.pair_hash)
         if baseline is not None:

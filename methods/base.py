@@ -16,6 +16,7 @@ Subclasses implement :meth:`Method.install` and register what they add through :
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch.utils.hooks import RemovableHandle
@@ -44,6 +45,7 @@ class Method(contextlib.AbstractContextManager):
     def __init__(self, **hparams: Any) -> None:
         self.hparams = hparams
         self.adapter: Adapter | None = None
+        self.output_dir: Path | None = None  # the run directory, for methods that write files (set by the engine)
         self._handles: list[RemovableHandle] = []
         self._stack: contextlib.ExitStack | None = None
 
@@ -95,6 +97,13 @@ class Method(contextlib.AbstractContextManager):
         if self._stack is not None:
             stack, self._stack = self._stack, None
             stack.close()
+
+    def report(self) -> dict[str, Any] | None:
+        """What the method measured over the run (tokens kept, categories found), stored in the results file.
+
+        Called after generation; ``None`` (the default) when the method has nothing to report.
+        """
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Method metadata for the results file."""

@@ -15,6 +15,9 @@ site                            registered with                      tensor the 
 ``lm.layers.{l}.resid_pre``     :meth:`Handle.resid_pre`             hidden state entering layer l ``[batch, seq, d]``
 ``lm.layers.{l}.attn.scores``   :meth:`Handle.scores`                pre-softmax ``[batch, heads, q, k]``
 ``lm.layers.{l}.attn.probs``    :meth:`Handle.probs`                 post-softmax ``[batch, heads, q, k]``
+``lm.layers.{l}.tokens``        :meth:`Handle.drop_input`,           which prompt tokens enter layer l (see
+                                :meth:`Handle.drop_at`,              :mod:`methods.surgery`), ``[batch, prompt]``
+                                :meth:`Handle.enter_at`
 ``dec_logits``                  :meth:`Handle.logits`                each decoding step's scores ``[batch, vocab]``
 ==============================  ===================================  ============================================
 
@@ -26,8 +29,9 @@ and whether this call is the prefill (query length = key length) or one cached d
 
 Composition: methods attach with the resources they claim. ``positions``, ``scores``, ``probs`` and ``tokens``
 are exclusive (two methods editing the same probabilities compound in an order no paper defines), mask edits
-and hidden-state reads compose in attach order. A second attach by the same method, or an exclusive claim
-already held, raises :class:`CompositionError` before anything is installed.
+and hidden-state reads compose in attach order. A method that removes or adds tokens (``tokens``) changes what
+every other site's positions mean, so it combines only with decoding-logit methods. A second attach by the same
+method, or an exclusive claim already held, raises :class:`CompositionError` before anything is installed.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import sdpa_mask
 
 from adapters.base import Adapter
+from methods.surgery import InputSelect, LayerSelect, Surgery
 
 #: the name the attention function and its mask function are registered under
 ATTENTION = "harness"
@@ -51,6 +56,8 @@ ATTENTION = "harness"
 EXCLUSIVE = frozenset({"positions", "scores", "probs", "tokens"})
 #: every resource a method may claim
 RESOURCES = EXCLUSIVE | {"mask", "resid", "logits"}
+#: resources another method's ``tokens`` claim cannot coexist with (their per-position state would be stale)
+TOKEN_CONFLICTS = RESOURCES - {"logits"}
 
 
 class CompositionError(ValueError):
@@ -131,6 +138,7 @@ class Intervention:
         self.prob_fns: dict[int, list[tuple[str, AttnFn, RowFn | None]]] = {}
         self._stack: contextlib.ExitStack | None = None
         self._edited: tuple[torch.Tensor | None, torch.Tensor] | None = None  # (mask received, mask edited)
+        self.surgery: Surgery | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def _start(self) -> None:
@@ -265,6 +273,11 @@ class Intervention:
         if owner in self.owners:
             raise CompositionError(f"method {owner!r} is already applied to this model; it cannot be stacked twice")
         for other, held in self.owners.items():
+            if ("tokens" in claims and held & TOKEN_CONFLICTS) or ("tokens" in held and claims & TOKEN_CONFLICTS):
+                raise CompositionError(
+                    f"method {owner!r} cannot be combined with {other!r}: one of them removes or adds prompt tokens "
+                    "mid-stack, which changes the positions the other one edits"
+                )
             clash = claims & held & EXCLUSIVE
             if clash:
                 raise CompositionError(
@@ -275,6 +288,8 @@ class Intervention:
 
     def _release(self, owner: str) -> None:
         self.owners.pop(owner, None)
+        if "tokens" not in {c for held in self.owners.values() for c in held}:
+            self.surgery = None
         self.batch_fns = [(o, f) for o, f in self.batch_fns if o != owner]
         self.mask_fns = [(o, f) for o, f in self.mask_fns if o != owner]
         for table in (self.score_fns, self.prob_fns):
@@ -291,6 +306,7 @@ class Handle:
         self.iv, self.owner, self.claims = iv, owner, claims
         self._hooks: list[Any] = []
         self._contexts = contextlib.ExitStack()
+        self._positions_on = False
 
     @property
     def adapter(self) -> Adapter:
@@ -349,6 +365,66 @@ class Handle:
         """
         self._need("logits")
         self._contexts.enter_context(self.adapter.decoding_logits(processor))
+
+    def _surgery(self) -> Surgery:
+        """The adapter's token surgery, installed on every decoder layer at first use."""
+        self._need("tokens")
+        if self.iv.surgery is None:
+            surgery = Surgery(self.adapter.num_layers("lm"))
+            for layer in range(surgery.num_layers):
+                site = self.adapter.site(f"lm.layers.{layer}")
+                self._hooks.append(site.register_forward_pre_hook(surgery.hook(layer), with_kwargs=True))
+            self.on_batch(surgery.start)
+            self.iv.surgery = surgery
+        return self.iv.surgery
+
+    def _explicit_positions(self, surgery: Surgery) -> None:
+        if self._positions_on:
+            return
+
+        def positions(default: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            renumbered = surgery.plan_inputs(inputs)
+            if renumbered is None:
+                return default  # explicit: decoding continues from the unpruned prompt length
+            if default.dim() != 2:
+                raise ValueError("renumbering positions after input pruning is defined for 1-D RoPE only")
+            return renumbered
+
+        self._contexts.enter_context(self.adapter.positions(positions))
+        self._positions_on = True
+
+    def drop_input(self, select: InputSelect, renumber: bool = False) -> None:
+        """Tokens that never enter the LM (site ``lm.layers.0.tokens``), decided from the prompt tensors.
+
+        ``select(inputs) -> keep [batch, prompt] bool``. ``renumber=False``: the kept tokens keep their positions
+        in the unpruned prompt (gaps); ``True``: positions are contiguous over the kept tokens (as if the prompt
+        had been built without the dropped ones).
+        """
+        surgery = self._surgery()
+        if surgery.input_select is not None:
+            raise CompositionError(f"{self.owner}: one input selection per model")
+        surgery.input_select = (select, renumber)
+        self._explicit_positions(surgery)
+
+    def drop_at(self, layer: int, select: LayerSelect) -> None:
+        """Tokens removed from layer ``layer`` on (site ``lm.layers.{layer}.tokens``), decided in prefill.
+
+        ``select(batch) -> keep [batch, prompt] bool`` is called once per prompt when its prefill reaches the
+        layer (e.g. from attention recorded at an earlier layer in ``batch.state``). Kept tokens keep their
+        positions; the KV cache of layers ≥ ``layer`` holds only them.
+        """
+        self._surgery().drops.append((self._layers([layer])[0], select))
+
+    def enter_at(self, layer: int, select: InputSelect) -> None:
+        """Tokens absent from layers ``< layer`` that enter at ``layer`` with their LM input embeddings.
+
+        ``select(inputs) -> enter_late [batch, prompt] bool``; every token keeps its full-prompt position.
+        """
+        if layer == 0:
+            raise ValueError("enter_at(0) is the ordinary forward pass; use a layer >= 1")
+        surgery = self._surgery()
+        surgery.entries.append((self._layers([layer])[0], select))
+        self._explicit_positions(surgery)
 
     def resid_pre(self, layers: list[int] | range, fn: ResidFn) -> None:
         """Read (or, returning a tensor, replace) the hidden state entering layer l, ``[batch, seq, d]``.

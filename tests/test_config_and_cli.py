@@ -180,3 +180,26 @@ def test_rrd_pipeline_runs_under_a_method(tmp_path):
     assert stages[0][0] == "recognition" and stages[0][1] > 0
     assert stages[-1] == ("reasoning", 0), "the reasoning call is text-only"
     assert rec["raw_output"] == rec["calls"][-1]["output"]
+
+
+def test_run_py_pruning_and_probing_methods_on_the_shipped_checkpoints(tmp_path):
+    """fastv, fastervlm, fastv+debias and embedlens run from the CLI on the shipped LLaVA and write their results."""
+    out = tmp_path / "outs"
+    common = [f"output_root={out}", "limit=1", "task.gen_kwargs.max_new_tokens=4", "progress=false"]
+    p = _run(["-m", "method=fastv,fastervlm,embedlens", "model=llava", *common], cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = _run(["method=fastv", "method.debias=true", "model=internvl", *common], cwd=tmp_path, timeout=300)
+    assert d.returncode == 0, d.stderr[-3000:]
+    for family, method in (("llava", "fastv"), ("llava", "fastervlm"), ("llava", "embedlens"), ("internvl", "fastv")):
+        (results,) = out.glob(f"pope/{family}/{method}-*/results.json")
+        res = json.loads(results.read_text())
+        assert res["n-samples"]["pope"] == {"original": 3, "effective": 3, "errors": 0}
+        assert "method_report" in res
+    lens = next(out.glob("pope/llava/embedlens-*"))
+    report = json.loads((lens / "results.json").read_text())["method_report"]
+    assert report["images"] == len(list((lens / "embedlens" / "maps").glob("*.png"))) >= 1
+    assert abs(sum(report["fractions"].values()) - 1) < 1e-3
+    fastv = json.loads(next(out.glob("pope/llava/fastv-*/results.json")).read_text())["method_report"]
+    assert fastv["kept_fraction"] == 0.5 and fastv["layer_K"] == 1
+    q = _run(["method=fastervlm", "model=qwen_vl", *common], cwd=tmp_path, timeout=120)
+    assert q.returncode != 0 and "no [CLS] token" in q.stderr

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adapters.base import ADAPTERS
+from adapters.base import ADAPTERS, model_inputs
 from adapters.tiny import InternVLSize, LlavaSize, QwenVLSize, build_tiny
 from harness.assets import tokenizer_corpus
 from methods.base import METHODS, Method
@@ -124,7 +124,7 @@ def test_calling_the_model_directly_while_attached_fails_clearly(loaded):
     prompts, images = _rows(adapter)
     inputs = adapter.build_inputs(prompts[:1], images[:1])
     with _make("var").bind(adapter), pytest.raises(RuntimeError, match=r"adapter\.generate / adapter\.forward"):
-        adapter.model(**inputs)
+        adapter.model(**model_inputs(inputs))
 
 
 def test_composition_rules(loaded):

@@ -7,6 +7,7 @@ from typing import ClassVar
 import pytest
 from PIL import Image
 
+from adapters.base import model_inputs
 from adapters.llava import LlavaAdapter
 from methods.base import METHODS, Method, UnsupportedError
 
@@ -40,7 +41,7 @@ def test_hooks_installed_inside_and_removed_after(llava):
         assert _n_hooks(llava) == before + 1
         assert llava.model.config.get_text_config()._attn_implementation == "eager"
         inputs = llava.build_inputs([llava.format_prompt("hi")], [[Image.new("RGB", (64, 64))]])
-        llava.model(**inputs)
+        llava.model(**model_inputs(inputs))
         assert m.calls == 1
     assert _n_hooks(llava) == before
     assert llava.model.config.get_text_config()._attn_implementation == "sdpa"

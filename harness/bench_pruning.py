@@ -1,0 +1,199 @@
+"""Benchmark: visual-token pruning — prefill speed-up and peak memory over ``none``, and accuracy retained.
+
+    python -m harness.bench_pruning                          # CPU: speed on a 576-token LLaVA, POPE on the shipped one
+    python -m harness.bench_pruning --device cuda --layers 32 --batch-size 8
+
+**Speed.** A random-init LLaVA with LLaVA-1.5's token counts (336 px images in 14 px patches: 576 visual tokens)
+and an LM of ``--layers`` layers runs the prefill (one ``adapter.forward`` over the prompt, last-token logits,
+vision tower included) on the same batch under every setting, interleaved ``--repeats`` times; the median time is
+compared with ``none``'s. Peak memory: on CUDA ``max_memory_allocated`` during the prefill; on CPU the peak
+resident set size sampled every millisecond during the prefill, minus the size just before it.
+
+**Accuracy.** Shapes-world POPE (all three splits, or ``--pope-limit`` per split) on the shipped tiny LLaVA (64
+visual tokens) under each setting; retained = setting's accuracy / ``none``'s.
+
+Targets (issue 7): FastV R=50 % ≥ 1.4× faster prefill, R=90 % ≥ 2.5×; FasterVLM at 90 % keeps ≥ 90 % of the
+baseline POPE accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.llava import LlavaAdapter
+from adapters.tiny import build_tiny_llava
+from harness.assets import tokenizer_corpus
+from harness.bench import MID, TINY, cli
+from harness.results import environment
+from methods.base import METHODS
+from tasks.shapes import WorldSpec, generate
+
+SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "none": ("none", {}),
+    "fastv R=50%": ("fastv", {"ratio": 0.5}),
+    "fastv R=75%": ("fastv", {"ratio": 0.75}),
+    "fastv R=90%": ("fastv", {"ratio": 0.9}),
+    "fastervlm R=50%": ("fastervlm", {"ratio": 0.5}),
+    "fastervlm R=75%": ("fastervlm", {"ratio": 0.75}),
+    "fastervlm R=90%": ("fastervlm", {"ratio": 0.9}),
+}
+
+
+class PeakRSS:
+    """Peak resident set size (bytes) above the level at entry, sampled every millisecond in a thread."""
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    @property
+    def extra(self) -> int:
+        """Bytes above the starting level."""
+        return self.peak - self.start
+
+
+def _prefill(adapter: LlavaAdapter, setting: str, inputs: dict[str, torch.Tensor]) -> tuple[float, int]:
+    name, kw = SETTINGS[setting]
+    cuda = adapter.device.type == "cuda"
+    with torch.inference_mode(), METHODS.get(name)(**kw).bind(adapter):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            adapter.forward(inputs, logits_to_keep=1)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+        memory = torch.cuda.max_memory_allocated() - base if cuda else rss.extra
+    return seconds, memory
+
+
+def speed(args: argparse.Namespace, settings: list[str]) -> dict[str, Any]:
+    """Median prefill time and peak memory per setting, interleaved, on a 576-visual-token LLaVA."""
+    size = dataclasses.replace(TINY if args.tiny else MID, text_layers=args.layers)
+    work = Path(tempfile.mkdtemp(prefix="bench-pruning-"))
+    adapter = LlavaAdapter(name="bench", path=str(build_tiny_llava(work / "m", tokenizer_corpus(), size, seed=0)),
+                           device=args.device, dtype=args.dtype)  # fmt: skip
+    adapter.load()
+    from PIL import Image
+
+    scenes = generate(args.batch_size, 5, WorldSpec(image_size=size.image_size, min_objects=3))
+    prompts = [adapter.format_prompt("Is there a red circle in the image? Answer yes or no.")] * args.batch_size
+    inputs = adapter.build_inputs(prompts, [[Image.fromarray(s.image)] for s in scenes])
+    for s in settings:  # warm-up
+        _prefill(adapter, s, inputs)
+    times: dict[str, list[float]] = {s: [] for s in settings}
+    memory: dict[str, list[int]] = {s: [] for s in settings}
+    for _ in range(args.repeats):
+        for s in settings:
+            t, m = _prefill(adapter, s, inputs)
+            times[s].append(t)
+            memory[s].append(m)
+    base_t, base_m = statistics.median(times["none"]), statistics.median(memory["none"])
+    return {
+        "model": {"visual_tokens": size.n_visual_tokens, "prompt_tokens": int(inputs["input_ids"].shape[1]),
+                  "lm_layers": args.layers, "params": sum(p.numel() for p in adapter.model.parameters()),
+                  "device": str(adapter.device), "dtype": args.dtype, "batch_size": args.batch_size},
+        "settings": {s: {"prefill_s": statistics.median(times[s]), "speedup": base_t / statistics.median(times[s]),
+                         "peak_mb": statistics.median(memory[s]) / 2**20,
+                         "memory_ratio": statistics.median(memory[s]) / base_m if base_m > 0 else None}
+                     for s in settings},
+    }  # fmt: skip
+
+
+def accuracy(args: argparse.Namespace, settings: list[str]) -> dict[str, Any]:
+    """Shapes-world POPE accuracy of each setting on the shipped LLaVA, and the share of ``none``'s kept."""
+    from harness.config import REPO_ROOT
+    from harness.engine import RunSettings, evaluate
+    from tasks.pope import POPETask
+
+    data = REPO_ROOT / "assets" / "shapes-world" / "pope"
+    adapter = LlavaAdapter(name="llava", path=str(REPO_ROOT / "assets" / "shapes-llava"), device=args.device)
+    out: dict[str, Any] = {}
+    for s in settings:
+        name, kw = SETTINGS[s]
+        task = POPETask(questions=str(data / "shapes_pope_{split}.json"), image_root=str(data / "images"),
+                        limit=args.pope_limit, n_boot=200)  # fmt: skip
+        run_dir = Path(tempfile.mkdtemp(prefix="bench-pope-"))
+        res = evaluate(
+            task,
+            adapter,
+            METHODS.get(name)(**kw),
+            RunSettings(output_dir=run_dir, config_hash=s, batch_size=16, progress=False, report=False),
+        )
+        out[s] = {"accuracy": res["results"]["pope"]["accuracy,pope_official"],
+                  "n": res["n-samples"]["pope"]["effective"]}  # fmt: skip
+    base = out["none"]["accuracy"]
+    for v in out.values():
+        v["retained"] = v["accuracy"] / base if base else None
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Speed and accuracy tables, printed side by side."""
+    import methods  # noqa: F401  (registers methods)
+
+    settings = list(SETTINGS)
+    report = {"speed": speed(args, settings), "environment": environment()}
+    if not args.skip_accuracy:
+        report["accuracy"] = accuracy(args, settings)
+    _print(report)
+    return report
+
+
+def _print(r: dict[str, Any]) -> None:
+    m = r["speed"]["model"]
+    print(f"\nprefill: LLaVA random-init {m['params'] / 1e6:.1f} M params, {m['lm_layers']} LM layers, "
+          f"{m['visual_tokens']} visual tokens ({m['prompt_tokens']} prompt tokens), batch {m['batch_size']}, "
+          f"{m['device']} {m['dtype']}; POPE: shipped tiny LLaVA (64 visual tokens)")  # fmt: skip
+    acc = r.get("accuracy", {})
+    print("| setting | prefill s | speed-up | peak MB | memory ratio | POPE acc | retained |")
+    print("|---|---|---|---|---|---|---|")
+    for s, v in r["speed"]["settings"].items():
+        a = acc.get(s, {})
+        mem = f"{v['memory_ratio']:.2f}" if v["memory_ratio"] is not None else "n/a"
+        pope = f"{a['accuracy']:.3f} | {a['retained']:.3f}" if a else "– | –"
+        print(f"| {s} | {v['prefill_s']:.3f} | {v['speedup']:.2f}× | {v['peak_mb']:.1f} | {mem} | {pope} |")
+
+
+def main() -> None:
+    """CLI entry point."""
+    ap = argparse.ArgumentParser(description="pruning: prefill speed-up, peak memory and POPE accuracy retained")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=16, help="LM layers of the speed model (FastV K=2)")
+    ap.add_argument("--pope-limit", type=int, default=None, help="POPE questions per split (default: all)")
+    ap.add_argument("--skip-accuracy", action="store_true")
+    cli(ap, run)
+
+
+if __name__ == "__main__":
+    main()
