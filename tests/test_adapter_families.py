@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adapters.base import ADAPTERS
+from adapters.base import ADAPTERS, model_inputs
 from adapters.tiny import InternVLSize, LlavaSize, QwenVLSize, build_tiny
 from harness.assets import tokenizer_corpus
 from methods.base import METHODS
@@ -266,7 +266,7 @@ def test_save_load_round_trip(adapter, tmp_path):
     again.load()
     prompts, images = _rows(adapter)
     x1, x2 = adapter.build_inputs(prompts, images), again.build_inputs(prompts, images)
-    assert all(torch.equal(x1[k], x2[k]) for k in x1)
+    assert all(torch.equal(x1[k], x2[k]) for k in model_inputs(x1))
     with torch.inference_mode():
         assert torch.equal(adapter.forward(x1).logits, again.forward(x2).logits)
     assert {p.name for p in tmp_path.iterdir()} >= {"model.safetensors", "config.json", "processor_config.json"}
