@@ -81,3 +81,20 @@ def instantiate(node: DictConfig, *, drop: tuple[str, ...] = (), **kwargs: Any) 
     for key in drop:
         fields.pop(key, None)
     return _hydra_instantiate(fields, _convert_="all", **kwargs)
+
+
+def calibration_target(option: str, path: str | None, out: str | None, filename: str, flag: str) -> tuple[Any, Path]:
+    """A calibration CLI's (unloaded) adapter and output file.
+
+    The adapter is ``conf/model/<option>.yaml`` with ``path`` overriding its checkpoint; the file is ``out``, else
+    ``filename`` beside a local checkpoint (a hub id needs ``--out``, read back through ``method.<flag>``).
+    """
+    node = OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{option}.yaml")
+    if path:
+        node.path = path
+    adapter = instantiate(node)
+    if out:
+        return adapter, Path(out)
+    if not Path(adapter.path).is_dir():
+        raise SystemExit(f"{adapter.path} is not a local directory: pass --out FILE (then method.{flag}=FILE)")
+    return adapter, Path(adapter.path) / filename

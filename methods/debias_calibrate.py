@@ -77,10 +77,8 @@ def calibrate(adapter: Adapter, pruner_name: str, layer: str, rule: str, family:
 
 def main() -> None:
     """CLI entry point."""
-    from omegaconf import OmegaConf
-
     import adapters  # noqa: F401  (registers adapters)
-    from harness.config import REPO_ROOT, instantiate
+    from harness.config import calibration_target
 
     ap = argparse.ArgumentParser(description="Fit a pruner's positional attention trend for debiasing")
     ap.add_argument("--model", default="llava", help="conf/model option")
@@ -93,16 +91,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256, help="calibration images")
     ap.add_argument("--out", default=None, help=f"output file (default: <checkpoint>/{TREND_FILE})")
     args = ap.parse_args()
-    node = OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{args.model}.yaml")
-    if args.path:
-        node.path = args.path
-    adapter = instantiate(node)
-    if not args.out and not Path(adapter.path).is_dir():
-        raise SystemExit(f"{adapter.path} is not a local directory: pass --out FILE (then method.debias_file=FILE)")
+    adapter, out = calibration_target(args.model, args.path, args.out, TREND_FILE, "debias_file")
     adapter.load()
     key, trend = calibrate(adapter, args.pruner, args.layer, args.rule, args.family,
                            calibration_images(args.n, args.images))  # fmt: skip
-    out = Path(args.out) if args.out else Path(adapter.path) / TREND_FILE
     save_trend(out, key, trend)
     print(json.dumps({key: trend.to_dict()}, indent=1))
     print(f"wrote {out}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
@@ -83,10 +82,8 @@ def calibrate(adapter: Adapter, images: list, k: int = 3, norm_ratio: float = 3.
 
 def main() -> None:
     """CLI entry point."""
-    from omegaconf import OmegaConf
-
     import adapters  # noqa: F401  (registers adapters)
-    from harness.config import REPO_ROOT, instantiate
+    from harness.config import calibration_target
 
     ap = argparse.ArgumentParser(description="Calibrate EmbedLens marker token ids")
     ap.add_argument("--model", default="llava", help="conf/model option (LLaVA family)")
@@ -98,16 +95,10 @@ def main() -> None:
     ap.add_argument("--flat-std", type=float, default=1e-3)
     ap.add_argument("--out", default=None, help=f"output file (default: <checkpoint>/{MARKER_FILE})")
     args = ap.parse_args()
-    node = OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{args.model}.yaml")
-    if args.path:
-        node.path = args.path
-    adapter = instantiate(node)
-    if not args.out and not Path(adapter.path).is_dir():
-        raise SystemExit(f"{adapter.path} is not a local directory: pass --out FILE (then method.markers_file=FILE)")
+    adapter, out = calibration_target(args.model, args.path, args.out, MARKER_FILE, "markers_file")
     adapter.load()
     images = calibration_images(args.n, args.images, seed=1)
     result = calibrate(adapter, images, k=args.top_k, norm_ratio=args.norm_ratio, flat_std=args.flat_std)
-    out = Path(args.out) if args.out else Path(adapter.path) / MARKER_FILE
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     print(f"wrote {out}")

@@ -43,7 +43,7 @@ from adapters.base import Adapter
 from methods.base import METHODS, Method, UnsupportedError
 from methods.debias import PositionalTrend, trend_key
 from methods.intervention import attach
-from methods.pruning import Counter, Debias, budget, check_budget, debiased, require_trend, select_top, tile_groups
+from methods.pruning import Debias, KeptTokens, budget, check_budget, debiased, require_trend, select_top, tile_groups
 
 TREND_KEY = trend_key("fastervlm", None, "cls")
 
@@ -67,7 +67,7 @@ class FasterVLM(Method):
         check_budget(ratio, keep)
         self.ratio, self.keep = ratio, keep
         self.debias, self.debias_file, self.pad_threshold = debias, debias_file, pad_threshold
-        self.counter = Counter()
+        self.counter = KeptTokens()
         self.recorded: list[torch.Tensor] | None = None  # raw per-tile scores, when calibrating
         self._trend: PositionalTrend | None = None
 

@@ -46,7 +46,7 @@ from adapters.base import Adapter
 from methods.base import METHODS, Method
 from methods.debias import PositionalTrend, trend_key
 from methods.intervention import Batch, Step, attach
-from methods.pruning import Counter, Debias, budget, check_budget, debiased, require_trend, select_top, tile_groups
+from methods.pruning import Debias, KeptTokens, budget, check_budget, debiased, require_trend, select_top, tile_groups
 
 RULES = ("last", "mean")
 
@@ -95,7 +95,7 @@ class FastV(Method):
         check_budget(ratio, keep)
         self.layer, self.ratio, self.keep, self.rule = layer, ratio, keep, rule
         self.debias, self.debias_file, self.pad_threshold = debias, debias_file, pad_threshold
-        self.counter = Counter()
+        self.counter = KeptTokens()
         self.recorded: list[torch.Tensor] | None = None  # raw per-tile scores, when calibrating
         self._trend: PositionalTrend | None = None
 

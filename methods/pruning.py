@@ -104,7 +104,7 @@ def select_top(scores: torch.Tensor, groups: list[torch.Tensor], k_of: Any, debi
 
 
 @dataclass
-class Counter:
+class KeptTokens:
     """Visual tokens seen and kept over a run (the method's report)."""
 
     rows: int = 0

@@ -15,11 +15,10 @@ def main() -> None:
     """CLI: calibrate a model's sink dimensions and write ``var_sinks.json``."""
     import argparse
 
-    from omegaconf import OmegaConf
     from PIL import Image
 
     import adapters  # noqa: F401  (registers adapters)
-    from harness.config import REPO_ROOT, instantiate
+    from harness.config import REPO_ROOT, calibration_target
 
     ap = argparse.ArgumentParser(description="Measure massive-activation channels for VAR")
     ap.add_argument("--model", default="llava", help="conf/model option")
@@ -29,10 +28,7 @@ def main() -> None:
     ap.add_argument("--outlier", type=float, default=3.0)
     ap.add_argument("--out", default=None, help=f"output file (default: <checkpoint>/{SINK_FILE})")
     args = ap.parse_args()
-    node = OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{args.model}.yaml")
-    if args.path:
-        node.path = args.path
-    adapter = instantiate(node)
+    adapter, out = calibration_target(args.model, args.path, args.out, SINK_FILE, "sink_file")
     adapter.load()
     files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".png"))[: args.n]
     questions = ["Describe this image.", "Is there a circle in the image?", "What colour is the largest object?"]
@@ -41,9 +37,6 @@ def main() -> None:
     result = choose_sinks(measure_channels(adapter, prompts, images), args.outlier)
     model = Path(adapter.path).name if Path(adapter.path).is_dir() else adapter.path
     result |= {"model": model, "images": len(files), "hidden_size": adapter.site("lm.embed").weight.shape[1]}
-    if not args.out and not Path(adapter.path).is_dir():
-        raise SystemExit(f"{adapter.path} is not a local directory: pass --out FILE (then method.sink_file=FILE)")
-    out = Path(args.out) if args.out else Path(adapter.path) / SINK_FILE
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     print(f"wrote {out}")
