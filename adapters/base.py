@@ -39,6 +39,7 @@ import contextlib
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -57,6 +58,9 @@ CHATML_SYSTEM = "<|im_start|>system\n{}<|im_end|>\n"
 #: inputs entries starting with this are for methods (source images, their sizes) and never reach the model
 HARNESS_PREFIX = "harness_"
 
+#: a rectangle ``(x0, y0, x1, y1)`` in an ORIGINAL image's pixel coordinates (x right, y down)
+Box = tuple[float, float, float, float]
+
 #: ``fn(default_position_ids, inputs) -> new_position_ids`` (same shape), see :meth:`Adapter.positions`
 PositionFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
@@ -66,6 +70,26 @@ _SITE = re.compile(r"^(lm|vision)\.layers\.(\d+)(?:\.(attn|mlp))?$")
 def model_inputs(inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
     """``inputs`` without the harness-only entries, i.e. what the model's ``forward``/``generate`` accepts."""
     return {k: v for k, v in inputs.items() if not k.startswith(HARNESS_PREFIX)}
+
+
+@dataclass(frozen=True)
+class TileFrame:
+    """Where one tile's visual-token grid lies in its source image (see :meth:`Adapter.tile_frames`).
+
+    Attributes:
+        image: The sample's image index (prompt order).
+        tile: The image's tile index (0 for untiled families).
+        rows: Token-grid rows.
+        cols: Token-grid columns.
+        box: The rectangle of the original image the grid covers; it extends beyond the image where the
+            processor padded it (letterbox) and lies inside it for centre crops and tiles.
+    """
+
+    image: int
+    tile: int
+    rows: int
+    cols: int
+    box: Box
 
 
 class SiteError(LookupError):
@@ -329,6 +353,15 @@ class Adapter(abc.ABC):
         new = self.generate_ids(inputs, **gen_kwargs)
         return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
 
+    def answer_lengths(self, new_ids: torch.Tensor) -> list[int]:
+        """Per row of :meth:`generate_ids` output ``[batch, new]``, the tokens before its first EOS or padding."""
+        cfg = self._require_loaded().generation_config
+        stops = {cfg.pad_token_id, *(cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id])}
+        stop = torch.isin(new_ids, torch.tensor([s for s in stops if s is not None], device=new_ids.device))
+        ended = stop.any(-1)
+        first = stop.int().argmax(-1)  # [batch] index of the first stop (0 when none)
+        return torch.where(ended, first, torch.full_like(first, new_ids.shape[1])).tolist()
+
     def forward(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> Any:
         """One forward pass over the prompt (active position replacement applied); the model's output object."""
         with self._call(inputs) as prepared:
@@ -448,6 +481,41 @@ class Adapter(abc.ABC):
     def visual_grid(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Per sample, the ``(row, col)`` of every visual token (:meth:`visual_token_map` columns 2–3)."""
         return [m[:, 2:] for m in self.visual_token_map(inputs)]
+
+    def tile_frames(self, inputs: dict[str, torch.Tensor]) -> list[list[TileFrame]]:
+        """Per sample, each (image, tile)'s token grid and the original-image rectangle it covers, in sequence order.
+
+        Needs ``harness_image_sizes`` (inputs from :meth:`build_inputs`); the rectangles come from
+        :meth:`tile_boxes`, the family's preprocessing geometry.
+        """
+        if "harness_image_sizes" not in inputs:
+            raise ValueError("tile geometry needs the original image sizes (inputs from adapter.build_inputs)")
+        sizes = inputs["harness_image_sizes"].tolist()
+        out, first = [], 0
+        for vmap in self.visual_token_map(inputs):
+            cells = vmap[vmap[:, 2] >= 0]  # [n, 4] tokens with a grid cell
+            tiles: dict[tuple[int, int], tuple[int, int]] = {}
+            for image, tile, row, col in cells.tolist():
+                r, c = tiles.get((image, tile), (0, 0))
+                tiles[(image, tile)] = (max(r, row + 1), max(c, col + 1))
+            n_images = int(vmap[:, 0].max()) + 1 if len(vmap) else 0
+            per_image = [sum(1 for i, _t in tiles if i == image) for image in range(n_images)]
+            boxes = [self.tile_boxes(tuple(sizes[first + i]), n) for i, n in enumerate(per_image)]
+            out.append([TileFrame(i, t, r, c, boxes[i][t]) for (i, t), (r, c) in tiles.items()])
+            first += n_images
+        if first != len(sizes):
+            raise ValueError(f"{len(sizes)} image sizes for {first} images in the prompts")
+        return out
+
+    def tile_boxes(self, size: tuple[int, int], n_tiles: int) -> list[Box]:
+        """The rectangles of an image of ``size = (height, width)`` that its ``n_tiles`` tiles' grids cover.
+
+        Default: one tile whose grid covers the whole image (the image is resized, never cropped or padded).
+        """
+        if n_tiles != 1:
+            raise NotImplementedError(f"{self.family}: no tile geometry for {n_tiles} tiles per image")
+        h, w = size
+        return [(0.0, 0.0, float(w), float(h))]
 
     def visual_content(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Per sample, the fraction of each visual token's patch covered by the image rather than padding, ``[n]``.

@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 from torch import nn
 from transformers import InternVLForConditionalGeneration, InternVLProcessor
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-from adapters.base import ADAPTERS, CHATML, CHATML_SYSTEM, Adapter
+from adapters.base import ADAPTERS, CHATML, CHATML_SYSTEM, Adapter, Box
 from adapters.processors import load_processor
 
 
@@ -122,6 +123,25 @@ class InternVLAdapter(Adapter):
         shuffled = model.model.pixel_shuffle(cls.reshape(-1, side, side, 1), scale_factor=cfg.downsample_ratio)
         pooled = shuffled.sum(-1).reshape(cls.shape[0], -1)  # [n_tiles, tokens_per_tile]
         return self._per_row(inputs, pooled, self.tokens_per_tile)
+
+    def tile_boxes(self, size: tuple[int, int], n_tiles: int) -> list[Box]:
+        """Crops row-major over the processor's tile canvas, then the whole-image thumbnail (when > 1 crop).
+
+        The canvas (columns × rows of tiles) is the processor's own choice (``get_optimal_tiled_canvas``: closest
+        aspect ratio within ``min_tiles..max_tiles``); without tiling the single tile is the whole image resized.
+        """
+        ip = self.processor.image_processor
+        h, w = size
+        if not ip.crop_to_patches:
+            return super().tile_boxes(size, n_tiles)
+        tile = (ip.size["height"], ip.size["width"])
+        cols, rows = get_optimal_tiled_canvas((h, w), tile, ip.min_patches, ip.max_patches)
+        crops = [(c * w / cols, r * h / rows, (c + 1) * w / cols, (r + 1) * h / rows)
+                 for r in range(rows) for c in range(cols)]  # fmt: skip
+        boxes = crops + ([(0.0, 0.0, float(w), float(h))] if len(crops) > 1 else [])
+        if len(boxes) != n_tiles:
+            raise ValueError(f"image {w}x{h}: the processor's canvas has {len(boxes)} tiles, the prompt {n_tiles}")
+        return boxes
 
     # ------------------------------------------------------------------ anatomy
     @property

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from adapters.base import ADAPTERS, Adapter
+from adapters.base import ADAPTERS, Adapter, Box
 
 
 @ADAPTERS.register("llava")
@@ -78,6 +78,27 @@ class LlavaAdapter(Adapter):
         if cfg.vision_feature_select_strategy == "full":
             cls = torch.cat([torch.full_like(cls[:, :1], torch.inf), cls], 1)  # [n_images, 1 + P]
         return self._per_row(inputs, cls, cls.shape[1])
+
+    def tile_boxes(self, size: tuple[int, int], n_tiles: int) -> list[Box]:
+        """The region the patch grid covers: the padded square (``do_pad``), the centre crop, or the whole image.
+
+        ``do_pad`` centres the image on a square of side ``max(h, w)`` (the grid covers it all, padding included);
+        otherwise ``do_center_crop`` resizes the shortest edge to ``size["shortest_edge"]`` and keeps the centred
+        ``crop_size`` window; without either, the image is resized whole.
+        """
+        if n_tiles != 1:
+            raise ValueError(f"LLaVA-1.5 has one tile per image, got {n_tiles}")
+        h, w = size
+        ip = self.processor.image_processor
+        if getattr(ip, "do_pad", False):
+            side = max(h, w)
+            x0, y0 = -((side - w) // 2), -((side - h) // 2)
+            return [(float(x0), float(y0), float(x0 + side), float(y0 + side))]
+        if getattr(ip, "do_center_crop", False):
+            scale = ip.size["shortest_edge"] / min(h, w)  # original → resized pixels
+            cw, ch = ip.crop_size["width"] / scale, ip.crop_size["height"] / scale  # the crop in original pixels
+            return [((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)]
+        return super().tile_boxes(size, n_tiles)
 
     def visual_content(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Content fraction per visual token when the processor pads images to a square (``do_pad``), else 1.

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from adapters.base import Adapter
+from methods.base import Method
 from tasks.base import Call, Request, Scored
 
 
@@ -28,13 +29,15 @@ class AdapterCalls:
     Args:
         adapter: A loaded adapter.
         batch_size: Most requests per model call.
+        method: The active method; its :meth:`~methods.base.Method.rewrite` sees every batch first.
     """
 
-    def __init__(self, adapter: Adapter, batch_size: int = 8) -> None:
+    def __init__(self, adapter: Adapter, batch_size: int = 8, method: Method | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.adapter = adapter
         self.batch_size = batch_size
+        self.method = method
         self._answer_ids: dict[str, int] = {}
 
     def _chunks(self, requests: Sequence[Request]) -> list[list[int]]:
@@ -44,9 +47,12 @@ class AdapterCalls:
             groups.setdefault(bool(req.images), []).append(i)
         return [idx[k : k + self.batch_size] for idx in groups.values() for k in range(0, len(idx), self.batch_size)]
 
-    def _inputs(self, requests: list[Request]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    def _inputs(self, requests: list[Request]) -> tuple[list[Request], list[str], dict[str, torch.Tensor]]:
+        """The batch as the model sees it: ``(requests after the method's rewrite, prompts, inputs)``."""
+        if self.method is not None:
+            requests = self.method.rewrite(list(requests))
         prompts = [self.adapter.format_prompt(r.text, n_images=len(r.images)) for r in requests]
-        return prompts, self.adapter.build_inputs(prompts, [list(r.images) for r in requests])
+        return requests, prompts, self.adapter.build_inputs(prompts, [list(r.images) for r in requests])
 
     def generate(self, requests: Sequence[Request], **gen_kwargs: Any) -> list[Call]:
         """Generate for every request; one :class:`Call` per request, in order.
@@ -57,7 +63,7 @@ class AdapterCalls:
         for idx in self._chunks(requests):
             batch = [requests[i] for i in idx]
             t0 = time.perf_counter()
-            prompts, inputs = self._inputs(batch)
+            batch, prompts, inputs = self._inputs(batch)
             texts = self.adapter.generate(inputs, **gen_kwargs)
             share = (time.perf_counter() - t0) / len(idx)
             for i, req, prompt, text in zip(idx, batch, prompts, texts, strict=True):
@@ -80,7 +86,7 @@ class AdapterCalls:
         ids = [self.answer_token_id(a) for a in answers]
         out: list[Scored | None] = [None] * len(requests)
         for idx in self._chunks(requests):
-            prompts, inputs = self._inputs([requests[i] for i in idx])
+            _, prompts, inputs = self._inputs([requests[i] for i in idx])
             logp = self.adapter.next_token_logprobs(inputs)[:, ids].detach().cpu()  # [batch, n_answers]
             for row, i in enumerate(idx):
                 out[i] = Scored(prompts[row], {a: float(logp[row, j]) for j, a in enumerate(answers)})

@@ -116,7 +116,7 @@ def _generate_pending(
     errors: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     bar = tqdm(total=len(pending), desc=f"{task.name}/{method.name}", unit="sample", disable=not settings.progress)
-    model = AdapterCalls(adapter, settings.batch_size)
+    model = AdapterCalls(adapter, settings.batch_size, method)
     with torch.inference_mode(), method.bind(adapter):
         for start in range(0, len(pending), settings.batch_size):
             batch = pending[start : start + settings.batch_size]

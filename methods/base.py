@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from adapters.base import Adapter
 from harness.registry import Registry
+from tasks.base import Request
 
 METHODS: Registry[type[Method]] = Registry("method")
 
@@ -97,6 +98,15 @@ class Method(contextlib.AbstractContextManager):
         if self._stack is not None:
             stack, self._stack = self._stack, None
             stack.close()
+
+    def rewrite(self, requests: list[Request]) -> list[Request]:
+        """The requests the model actually answers, for one batch (default: unchanged).
+
+        Called by the engine's model calls inside the method's context, before each batch is built. Multi-pass
+        methods (CARVE) run their extra passes here and return refined requests (other images, same text); the
+        time spent counts towards the batch's per-sample seconds.
+        """
+        return requests
 
     def report(self) -> dict[str, Any] | None:
         """What the method measured over the run (tokens kept, categories found), stored in the results file.

@@ -13,6 +13,8 @@ site                            registered with                      tensor the 
 ``inputs.position_ids``         ``adapter.positions(fn)``            ``[batch, seq]`` (``[3, batch, seq]`` M-RoPE)
 ``inputs.mask``                 :meth:`Handle.mask`                  prefill mask ``[batch, 1, q, k]``, True=attend
 ``lm.layers.{l}.resid_pre``     :meth:`Handle.resid_pre`             hidden state entering layer l ``[batch, seq, d]``
+``lm.layers.{l}.attn_out``      :meth:`Handle.attn_out`              attention output before the residual add
+``lm.layers.{l}.mlp_out``       :meth:`Handle.mlp_out`               MLP output before the residual add
 ``lm.layers.{l}.attn.scores``   :meth:`Handle.scores`                pre-softmax ``[batch, heads, q, k]``
 ``lm.layers.{l}.attn.probs``    :meth:`Handle.probs`                 post-softmax ``[batch, heads, q, k]``
 ``lm.layers.{l}.tokens``        :meth:`Handle.drop_input`,           which prompt tokens enter layer l (see
@@ -28,10 +30,11 @@ the adapter's inputs before every ``generate``/``forward``; callbacks get a :cla
 and whether this call is the prefill (query length = key length) or one cached decoding step.
 
 Composition: methods attach with the resources they claim. ``positions``, ``scores``, ``probs`` and ``tokens``
-are exclusive (two methods editing the same probabilities compound in an order no paper defines), mask edits
-and hidden-state reads compose in attach order. A method that removes or adds tokens (``tokens``) changes what
-every other site's positions mean, so it combines only with decoding-logit methods. A second attach by the same
-method, or an exclusive claim already held, raises :class:`CompositionError` before anything is installed.
+are exclusive (two methods editing the same probabilities compound in an order no paper defines), mask edits,
+hidden-state and sub-layer-output edits (``resid``, ``outputs``) compose in attach order. A method that removes or
+adds tokens (``tokens``) changes what every other site's positions mean, so it combines only with decoding-logit
+methods. A second attach by the same method, or an exclusive claim already held, raises :class:`CompositionError`
+before anything is installed.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ ATTENTION = "harness"
 #: resources at most one attached method may hold
 EXCLUSIVE = frozenset({"positions", "scores", "probs", "tokens"})
 #: every resource a method may claim
-RESOURCES = EXCLUSIVE | {"mask", "resid", "logits"}
+RESOURCES = EXCLUSIVE | {"mask", "resid", "outputs", "logits"}
 #: resources another method's ``tokens`` claim cannot coexist with (their per-position state would be stale)
 TOKEN_CONFLICTS = RESOURCES - {"logits"}
 
@@ -440,16 +443,46 @@ class Handle:
                 )
             )
 
+    def attn_out(self, layers: list[int] | range, fn: ResidFn) -> None:
+        """Read (or, returning a tensor, replace) layer l's attention output ``[batch, seq, d]``.
+
+        Site ``lm.layers.{l}.attn_out``: the attention module's output after its output projection, before the
+        residual add; ``step`` as in :meth:`resid_pre` (prefill: ``offset == 0``; a cached decoding step:
+        ``offset == -1``, one row).
+        """
+        self._sublayer_out("attn", layers, fn)
+
+    def mlp_out(self, layers: list[int] | range, fn: ResidFn) -> None:
+        """Read (or replace) layer l's MLP output ``[batch, seq, d]`` (site ``lm.layers.{l}.mlp_out``), as attn_out."""
+        self._sublayer_out("mlp", layers, fn)
+
+    def _sublayer_out(self, part: str, layers: list[int] | range, fn: ResidFn) -> None:
+        self._need("outputs")
+        for layer in self._layers(layers):
+            hook = self._output_hook(layer, fn)
+            self._hooks.append(self.adapter.site(f"lm.layers.{layer}.{part}").register_forward_hook(hook))
+
+    def _step(self, layer: int, q: int) -> Step:
+        batch = self.iv.batch
+        if batch is None:
+            raise RuntimeError("an intervention hook was called outside adapter.generate / adapter.forward")
+        offset = 0 if q >= batch.prompt_len else -1  # -1: a cached decoding step (cache length unknown here)
+        return Step(layer, offset, q, -1, batch)
+
+    def _output_hook(self, layer: int, fn: ResidFn) -> Callable:
+        def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
+            tensor = output[0] if isinstance(output, tuple) else output  # [batch, seq, d]
+            new = fn(tensor, self._step(layer, tensor.shape[1]))
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
     def _resid_hook(self, layer: int, fn: ResidFn) -> Callable:
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             hidden = args[0] if args else kwargs["hidden_states"]  # [batch, seq, d]
-            batch = self.iv.batch
-            if batch is None:
-                raise RuntimeError("resid_pre hook called outside adapter.generate / adapter.forward")
-            q = hidden.shape[1]
-            offset = 0 if q >= batch.prompt_len else -1  # -1: a cached decoding step (cache length unknown here)
-            step = Step(layer, offset, q, -1, batch)
-            new = fn(hidden, step)
+            new = fn(hidden, self._step(layer, hidden.shape[1]))
             if new is None:
                 return None
             if args:

@@ -53,6 +53,38 @@ def make_task():
     return make
 
 
+#: 4-layer random-init models of every family for mechanism tests (init 0.2: attention far from uniform);
+#: ``(adapter family, size)`` per key
+FOUR_LAYER_KEYS = ("llava", "qwen_vl", "qwen2_5_vl", "internvl")
+
+
+@pytest.fixture(scope="session")
+def four_layer(tmp_path_factory, lazy_adapters):
+    """Factory: ``get = four_layer(seed)``; ``get(key)`` is the loaded 4-layer random model of family ``key``
+    (one of :data:`FOUR_LAYER_KEYS`), built from ``seed`` on first use."""
+    from adapters.tiny import InternVLSize, LlavaSize, QwenVLSize, build_tiny
+    from harness.assets import tokenizer_corpus
+
+    sizes = {
+        "llava": ("llava", LlavaSize(init_range=0.2, text_layers=4)),
+        "qwen_vl": ("qwen_vl", QwenVLSize(init_range=0.2, text_layers=4)),
+        "qwen2_5_vl": ("qwen_vl", QwenVLSize(variant="qwen2_5_vl", init_range=0.2, text_layers=4)),
+        "internvl": ("internvl", InternVLSize(init_range=0.2, text_layers=4)),
+    }
+    corpus = tokenizer_corpus(80)
+
+    def factory(seed: int):
+        root = tmp_path_factory.mktemp(f"four-layer-{seed}")
+
+        def make(key: str):
+            family, size = sizes[key]
+            return family, build_tiny(family, root / key, corpus, size, seed=seed)
+
+        return lazy_adapters(make)
+
+    return factory
+
+
 @pytest.fixture(scope="session")
 def lazy_adapters():
     """Factory: ``get = lazy_adapters(make)``; ``get(key)`` is the adapter of ``make(key) -> (family, checkpoint

@@ -203,3 +203,26 @@ def test_run_py_pruning_and_probing_methods_on_the_shipped_checkpoints(tmp_path)
     assert fastv["kept_fraction"] == 0.5 and fastv["layer_K"] == 1
     q = _run(["method=fastervlm", "model=qwen_vl", *common], cwd=tmp_path, timeout=120)
     assert q.returncode != 0 and "no [CLS] token" in q.stderr
+
+
+def test_run_py_carve_and_iri_on_the_shipped_checkpoints(tmp_path):
+    """carve (masks saved) and iri (committed FCCT calibration) run from the CLI and write their results."""
+    out = tmp_path / "outs"
+    common = [f"output_root={out}", "limit=1", "task.gen_kwargs.max_new_tokens=4", "progress=false"]
+    c = _run(["method=carve", "method.save_masks=true", "method.feed=both", "model=llava", *common], cwd=tmp_path)
+    assert c.returncode == 0, c.stderr[-3000:]
+    i = _run(["method=iri", "model=qwen_vl", *common], cwd=tmp_path)
+    assert i.returncode == 0, i.stderr[-3000:]
+    carve = next(out.glob("pope/llava/carve-*"))
+    res = json.loads((carve / "results.json").read_text())
+    assert res["n-samples"]["pope"] == {"original": 3, "effective": 3, "errors": 0}
+    assert res["method_report"]["requests_refined"] == 3 and res["method_report"]["layers"] == [1]
+    records = [json.loads(line) for line in (carve / "samples_pope.jsonl").read_text().splitlines()]
+    assert all(r["prompt"].count("<image>") == 2 for r in records)  # feed=both: original + refined
+    index = [json.loads(line) for line in (carve / "carve_masks" / "index.jsonl").read_text().splitlines()]
+    assert len(index) == 3 and all((carve / "carve_masks" / e["file"]).is_file() for e in index)
+    iri = json.loads(next(out.glob("pope/qwen_vl/iri-*/results.json")).read_text())["method"]
+    assert iri["resolved"]["fcct_file"].endswith("shapes-qwen2vl/iri_fcct.json")
+    assert iri["resolved"]["plan"]["attn"]["sources"] == [0] and iri["resolved"]["plan"]["attn"]["targets"] == [1]
+    missing = _run(["method=iri", f"model.path={tmp_path}", *common], cwd=tmp_path)
+    assert missing.returncode != 0 and "python -m methods.fcct" in missing.stderr

@@ -14,20 +14,13 @@ import torch
 from PIL import Image
 
 from adapters.base import ADAPTERS, model_inputs
-from adapters.tiny import InternVLSize, LlavaSize, QwenVLSize, build_tiny
-from harness.assets import tokenizer_corpus
 from methods.base import METHODS, Method
 from methods.cca import CCA, concentric_allowed, concentric_positions, ring_layout
 from methods.intervention import CompositionError, attach
 from methods.mma import MMA
 from methods.var import VAR, redistribute, sink_scores
 
-FAMILIES = {
-    "llava": ("llava", LlavaSize(init_range=0.2, text_layers=4)),
-    "qwen2_vl": ("qwen_vl", QwenVLSize(init_range=0.2, text_layers=4)),
-    "qwen2_5_vl": ("qwen_vl", QwenVLSize(variant="qwen2_5_vl", init_range=0.2, text_layers=4)),
-    "internvl": ("internvl", InternVLSize(init_range=0.2, text_layers=4)),
-}
+FAMILIES = ("llava", "qwen_vl", "qwen2_5_vl", "internvl")  # conftest's 4-layer random models
 GEN = {"max_new_tokens": 5, "do_sample": False}
 #: VAR on random tiny models: explicit sink dims and a low tau so that sinks exist; every row eligible
 VAR_TINY = {"sink_dims": [0, 1, 2, 3], "tau": 2.0, "rho": 0.0, "visual_mass": 0.0, "p": 0.5}
@@ -38,15 +31,8 @@ def _make(name: str, **kw) -> Method:
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory, lazy_adapters):
-    corpus = tokenizer_corpus(80)
-    root = tmp_path_factory.mktemp("method-families")
-
-    def make(key: str):
-        fam, size = FAMILIES[key]
-        return fam, build_tiny(fam, root / key, corpus, size, seed=2)
-
-    return lazy_adapters(make)
+def loaded(four_layer):
+    return four_layer(seed=2)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -440,7 +426,7 @@ def test_mma_admits_image_to_instruction_and_nothing_else(adapter):
 
 
 def test_mma_include_turn_suffix_widens_the_window(loaded):
-    adapter = loaded("qwen2_vl")
+    adapter = loaded("qwen_vl")
     prompts, images = _rows(adapter)
     inputs = adapter.build_inputs(prompts[:1], images[:1])
     recs = []
@@ -478,7 +464,7 @@ def test_training_through_the_intervention_layer_has_the_plain_gradients(llava):
 
 
 def test_decoding_logits_site_edits_every_step_and_is_removed(loaded):
-    adapter = loaded("qwen2_vl")
+    adapter = loaded("qwen_vl")
     prompts, images = _rows(adapter)
     inputs = adapter.build_inputs(prompts[:2], images[:2])
     base = _ids(adapter, inputs)

@@ -8,32 +8,19 @@ import torch
 from PIL import Image
 
 from adapters.base import model_inputs
-from adapters.tiny import InternVLSize, LlavaSize, QwenVLSize, build_tiny
-from harness.assets import tokenizer_corpus
 from methods.base import UnsupportedError
 from methods.fastervlm import FasterVLM
 from methods.fastv import FastV, received_attention, resolve_layer
 from methods.intervention import CompositionError, attach
 
-FAMILIES = {
-    "llava": ("llava", LlavaSize(init_range=0.2, text_layers=4)),
-    "qwen_vl": ("qwen_vl", QwenVLSize(init_range=0.2, text_layers=4)),
-    "internvl": ("internvl", InternVLSize(init_range=0.2, text_layers=4)),
-}
+FAMILIES = ("llava", "qwen_vl", "internvl")  # conftest's 4-layer random models
 T = 4  # generated tokens compared (EOS suppressed so every row decodes T steps through the cache)
 GEN = {"max_new_tokens": T, "min_new_tokens": T, "do_sample": False}
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory, lazy_adapters):
-    corpus = tokenizer_corpus(80)
-    root = tmp_path_factory.mktemp("pruning")
-
-    def make(key: str):
-        fam, size = FAMILIES[key]
-        return fam, build_tiny(fam, root / key, corpus, size, seed=3)
-
-    return lazy_adapters(make)
+def loaded(four_layer):
+    return four_layer(seed=3)
 
 
 def _img(w: int, h: int, seed: int) -> Image.Image:

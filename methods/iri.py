@@ -1,0 +1,195 @@
+r"""IRI — Intermediate Representation Injection.
+
+"Causal Tracing of Object Representations in Large Vision Language Models…", AAAI 2026, arXiv 2511.05923 (no
+official code). Spec: ``shared/research/methods.md`` §7; calibration: :mod:`methods.fcct`.
+
+Causal tracing (FCCT) shows that the last token's attention (MHSA) and MLP outputs in middle layers carry the
+object evidence the answer depends on, and that it fades in later layers. IRI re-injects it: in every forward
+(the last prompt position in prefill, then every generated token), with ``a^(l)`` the last token's attention
+output at layer l (site ``lm.layers.{l}.attn_out``, after the output projection, before the residual add):
+
+    ã^(l) = a^(l) + λ_a · Σ_{k ∈ S_a, k < l} RR^attn_k · a^(k)          for every target layer l ∈ T_a
+    ã^(l) ← ã^(l) · ‖a^(l)‖₂ / ‖ã^(l)‖₂                                  (renormalised to the original norm)
+
+and the same for the MLP outputs (``lm.layers.{l}.mlp_out``) with ``λ_m``, ``RR^mlp``, ``S_m``, ``T_m``. ``RR`` is
+the last-token recovery rate per layer from the FCCT calibration (negative rates count as 0); the causal gate
+``k < l`` means a target only receives what earlier layers produced in the same forward. ``a^(k)`` is the source's
+own output (before any injection into it). No extra forward passes: the source outputs are read on the way.
+
+Layer choice (the paper: "top-k1 sources, top-k2 targets by RR", exact rule unpublished): sources = the ``sources``
+layers with the highest RR among layers 0 … L−2 (a source must have a layer above it); targets = the ``targets``
+layers with the highest RR among the layers above the lowest source.
+
+Hyperparameters:
+    lambda_attn, lambda_mlp ("auto" | float, default "auto"): λ_a, λ_m. "auto": the published values for the
+        checkpoint (:data:`PUBLISHED_LAMBDAS`), else LLaVA-1.5-7B's 0.26 / 0.16 (the paper's main setting).
+    sources, targets ("auto" | int, default "auto"): k1 = 3 and k2 = 10 of 32 layers, scaled to the LM
+        (``max(1, round(3·L/32))``, ``max(1, round(10·L/32))``).
+    use_rr (bool, default True): weight sources by RR (False: weight 1, the paper's "w/o RR" ablation).
+    renorm (bool, default True): rescale to the original norm (False: the "w/o renormalisation" ablation).
+    components (list, default [attn, mlp]): which outputs are injected (the paper's "w/o MLP" / "w/o MHSA").
+    fcct_file (str | None, default None): calibration file; default ``iri_fcct.json`` beside the checkpoint,
+        written by ``python -m methods.fcct --model <option>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from adapters.base import Adapter
+from methods.base import METHODS, Method, UnsupportedError
+from methods.fcct import FCCT_FILE
+from methods.intervention import Step, attach
+
+log = logging.getLogger(__name__)
+
+#: (λ_a, λ_m) reported per checkpoint (methods.md §7: LLaVA-1.5-7B; Qwen-VL-Chat and LLaVA-NeXT have no adapter)
+PUBLISHED_LAMBDAS: dict[str, tuple[float, float]] = {"llava-hf/llava-1.5-7b-hf": (0.26, 0.16)}
+DEFAULT_LAMBDAS = (0.26, 0.16)
+PARTS = ("attn", "mlp")
+
+
+def load_fcct(path: str, fcct_file: str | None) -> tuple[dict[str, Any], str]:
+    """The FCCT calibration of checkpoint ``path`` and where it came from; fails before loading when absent."""
+    file = Path(fcct_file) if fcct_file else Path(path) / FCCT_FILE
+    if not file.is_file():
+        raise UnsupportedError(
+            f"IRI needs the FCCT recovery rates of {path!r} ({file} not found). Trace them with "
+            f"`python -m methods.fcct --model <option> --path {path} [--out FILE]` and pass method.fcct_file=FILE "
+            "if it is not beside the checkpoint"
+        )
+    return json.loads(file.read_text()), str(file)
+
+
+def choose_layers(rr: list[float], n_sources: int, n_targets: int) -> tuple[list[int], list[int]]:
+    """``(sources, targets)`` from per-layer recovery rates (see the module docstring)."""
+    order = sorted(range(len(rr)), key=lambda layer: -rr[layer])
+    sources = sorted([layer for layer in order if layer < len(rr) - 1][:n_sources])
+    if not sources:
+        return [], []
+    targets = sorted([layer for layer in order if layer > sources[0]][:n_targets])
+    return sources, targets
+
+
+def inject(
+    out: torch.Tensor,  # [batch, d] the target's last-token output
+    recorded: dict[int, torch.Tensor],  # source layer → [batch, d]
+    weights: dict[int, float],
+    layer: int,
+    lam: float,
+    renorm: bool,
+) -> torch.Tensor:
+    """``a + λ Σ_{k<layer} w_k a^(k)``, rescaled to ``‖a‖`` per row when ``renorm``; float32 ``[batch, d]``."""
+    a = out.float()
+    add = sum((weights[k] * recorded[k].float() for k in recorded if k < layer), torch.zeros_like(a))
+    new = a + lam * add
+    if renorm:
+        new = new * (a.norm(dim=-1, keepdim=True) / new.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    return new
+
+
+@METHODS.register("iri")
+class IRI(Method):
+    """Inject RR-weighted last-token attention/MLP outputs of causal source layers into later target layers."""
+
+    name: ClassVar[str] = "iri"
+
+    def __init__(
+        self,
+        lambda_attn: str | float = "auto",
+        lambda_mlp: str | float = "auto",
+        sources: str | int = "auto",
+        targets: str | int = "auto",
+        use_rr: bool = True,
+        renorm: bool = True,
+        components: list[str] | tuple[str, ...] = PARTS,
+        fcct_file: str | None = None,
+    ) -> None:
+        components = list(components)
+        if not components or any(c not in PARTS for c in components):
+            raise ValueError(f"components must be a non-empty subset of {PARTS}, got {components}")
+        for name, v in (("sources", sources), ("targets", targets)):
+            if v != "auto" and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be 'auto' or a positive int, got {v!r}")
+        super().__init__(lambda_attn=lambda_attn, lambda_mlp=lambda_mlp, sources=sources, targets=targets,
+                         use_rr=use_rr, renorm=renorm, components=components, fcct_file=fcct_file)  # fmt: skip
+        self.calibration: dict[str, Any] = {}
+        self.source = ""
+        self.plan: dict[str, dict[str, Any]] = {}
+        self._injected = torch.zeros(2, dtype=torch.float64)  # rows injected, mean relative change (sum)
+
+    def check(self, adapter: Adapter) -> None:
+        """Load the FCCT calibration before the model loads (fails with the tracing command when missing)."""
+        super().check(adapter)
+        self.calibration, self.source = load_fcct(adapter.path, self.hparams["fcct_file"])
+
+    def _lambdas(self, path: str) -> tuple[float, float]:
+        published = PUBLISHED_LAMBDAS.get(path, DEFAULT_LAMBDAS)
+        hp = self.hparams
+        given = (hp["lambda_attn"], hp["lambda_mlp"])
+        return tuple(float(p if v == "auto" else v) for v, p in zip(given, published, strict=True))
+
+    def install(self) -> None:
+        """Plan sources/targets per component from the calibration and hook their outputs."""
+        n_layers = self.adapter.num_layers("lm")
+        cal = self.calibration
+        if cal.get("layers") != n_layers:
+            raise ValueError(f"{self.source} was traced on a {cal.get('layers')}-layer LM; this one has {n_layers}")
+        hp = self.hparams
+        k1 = max(1, round(3 * n_layers / 32)) if hp["sources"] == "auto" else hp["sources"]
+        k2 = max(1, round(10 * n_layers / 32)) if hp["targets"] == "auto" else hp["targets"]
+        handle = self.enter_context(attach(self.adapter, self.name, {"outputs"}))
+        for part, lam in zip(PARTS, self._lambdas(self.adapter.path), strict=True):
+            if part not in hp["components"]:
+                continue
+            rr = [max(0.0, float(v)) for v in cal["rr"][part]["last"]]
+            sources, targets = choose_layers(rr, k1, k2)
+            weights = {k: (rr[k] if hp["use_rr"] else 1.0) for k in sources}
+            self.plan[part] = {"lambda": lam, "sources": sources, "targets": targets, "weights": weights}
+            if not targets:
+                log.warning(
+                    "IRI: no %s target layer above the sources on %s; nothing injected", part, self.adapter.path
+                )
+                continue
+            recorded: dict[int, torch.Tensor] = {}
+            layers = sorted(set(sources) | set(targets))
+            hook = getattr(handle, f"{part}_out")
+            for layer in layers:
+                hook([layer], self._site(part, layer, recorded))
+
+    def _site(self, part: str, layer: int, recorded: dict[int, torch.Tensor]):
+        plan = self.plan[part]
+
+        def fn(out: torch.Tensor, step: Step) -> torch.Tensor | None:  # out: [batch, seq, d]
+            last = out[:, -1]  # [batch, d]: the last prompt token in prefill, the new token when decoding
+            new = None
+            if layer in plan["targets"]:
+                new = out.clone()
+                injected = inject(last, recorded, plan["weights"], layer, plan["lambda"], self.hparams["renorm"])
+                new[:, -1] = injected.to(out.dtype)
+                self._count(last, injected)
+            if layer in plan["sources"]:
+                recorded[layer] = last.detach()  # the source's own output (before any injection into it)
+            return new
+
+        return fn
+
+    def _count(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Accumulate rows injected and their relative change ‖ã − a‖ / ‖a‖ (on the model's device)."""
+        rel = (after - before.float()).norm(dim=-1) / before.float().norm(dim=-1).clamp_min(1e-12)
+        if self._injected.device != rel.device:
+            self._injected = self._injected.to(rel.device)
+        self._injected += torch.stack([torch.tensor(float(len(rel)), device=rel.device), rel.sum()]).double()
+
+    def describe(self) -> dict[str, Any]:
+        """Adds the calibration file, the resolved layers / weights / λ and how much was injected."""
+        rows, change = self._injected.tolist()
+        return super().describe() | {
+            "resolved": {"fcct_file": self.source, "plan": self.plan},
+            "activity": {"injections": int(rows), "mean_relative_change": round(change / rows, 6) if rows else 0.0},
+        }
