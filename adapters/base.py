@@ -83,6 +83,7 @@ class TileFrame:
         cols: Token-grid columns.
         box: The rectangle of the original image the grid covers; it extends beyond the image where the
             processor padded it (letterbox) and lies inside it for centre crops and tiles.
+        size: The original image's ``(height, width)``.
     """
 
     image: int
@@ -90,6 +91,18 @@ class TileFrame:
     rows: int
     cols: int
     box: Box
+    size: tuple[int, int]
+
+
+def box_overlap(cells: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Fraction of each cell ``[n, 4]`` inside ``region`` (``[4]`` or ``[n, 4]``), both ``(x0, y0, x1, y1)``; ``[n]``.
+
+    A NaN cell (no grid cell) gives NaN.
+    """
+    x0, y0 = torch.maximum(cells[:, 0], region[..., 0]), torch.maximum(cells[:, 1], region[..., 1])
+    x1, y1 = torch.minimum(cells[:, 2], region[..., 2]), torch.minimum(cells[:, 3], region[..., 3])
+    inter = (x1 - x0).clamp(min=0) * (y1 - y0).clamp(min=0)
+    return inter / ((cells[:, 2] - cells[:, 0]) * (cells[:, 3] - cells[:, 1]))
 
 
 class SiteError(LookupError):
@@ -500,8 +513,9 @@ class Adapter(abc.ABC):
                 tiles[(image, tile)] = (max(r, row + 1), max(c, col + 1))
             n_images = int(vmap[:, 0].max()) + 1 if len(vmap) else 0
             per_image = [sum(1 for i, _t in tiles if i == image) for image in range(n_images)]
-            boxes = [self.tile_boxes(tuple(sizes[first + i]), n) for i, n in enumerate(per_image)]
-            out.append([TileFrame(i, t, r, c, boxes[i][t]) for (i, t), (r, c) in tiles.items()])
+            size = [tuple(sizes[first + i]) for i in range(n_images)]  # (height, width) per image
+            boxes = [self.tile_boxes(size[i], n) for i, n in enumerate(per_image)]
+            out.append([TileFrame(i, t, r, c, boxes[i][t], size[i]) for (i, t), (r, c) in tiles.items()])
             first += n_images
         if first != len(sizes):
             raise ValueError(f"{len(sizes)} image sizes for {first} images in the prompts")
@@ -517,13 +531,38 @@ class Adapter(abc.ABC):
         h, w = size
         return [(0.0, 0.0, float(w), float(h))]
 
+    def token_cells(self, inputs: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sample, each visual token's cell and its image's rectangle in original pixels (float64).
+
+        Returns:
+            ``(cells [n, 4], images [n, 4])`` per sample, ``(x0, y0, x1, y1)``, from :meth:`tile_frames`; a token
+            without a grid cell (a kept [CLS]) has a NaN cell.
+        """
+        out = []
+        for vmap, frames in zip(self.visual_token_map(inputs), self.tile_frames(inputs), strict=True):
+            by_tile = {(f.image, f.tile): f for f in frames}
+            sizes = {f.image: f.size for f in frames}
+            cells, images = [], []
+            for image, tile, r, c in vmap.tolist():
+                h, w = sizes[image]
+                images.append((0.0, 0.0, float(w), float(h)))
+                if r < 0:
+                    cells.append((float("nan"),) * 4)
+                    continue
+                f = by_tile[(image, tile)]
+                cw, ch = (f.box[2] - f.box[0]) / f.cols, (f.box[3] - f.box[1]) / f.rows
+                cells.append((f.box[0] + c * cw, f.box[1] + r * ch, f.box[0] + (c + 1) * cw, f.box[1] + (r + 1) * ch))
+            as_tensor = lambda rows: torch.tensor(rows, dtype=torch.float64).reshape(-1, 4)  # noqa: E731
+            out.append((as_tensor(cells), as_tensor(images)))
+        return out
+
     def visual_content(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Per sample, the fraction of each visual token's patch covered by the image rather than padding, ``[n]``.
 
-        1.0 everywhere for families whose preprocessing never pads (resize/crop, dynamic resolution, tiling);
-        families that letterbox override this.
+        From the preprocessing geometry (:meth:`token_cells`): below 1 only where the processor letterboxes
+        (LLaVA's ``do_pad``); tokens without a grid cell (a kept [CLS]) count as content.
         """
-        return [torch.ones(int(n)) for n in self.image_token_mask(inputs).sum(-1).tolist()]
+        return [box_overlap(cells, images).nan_to_num(nan=1.0).float() for cells, images in self.token_cells(inputs)]
 
     def vision_cls_attention(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Per sample, the vision tower's head-mean [CLS]→patch attention for each visual token, ``[n]``.

@@ -100,35 +100,6 @@ class LlavaAdapter(Adapter):
             return [((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)]
         return super().tile_boxes(size, n_tiles)
 
-    def visual_content(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Content fraction per visual token when the processor pads images to a square (``do_pad``), else 1.
-
-        The padded square (side ``max(h, w)``, image centred as ``pad_to_square`` does) is resized to the
-        crop size, so the image covers a centred band; each patch's covered fraction is the overlap of its rows
-        (or columns) with that band. The [CLS] of the ``full`` strategy counts as content.
-        """
-        if not getattr(self.processor.image_processor, "do_pad", False):
-            return super().visual_content(inputs)
-        if "harness_image_sizes" not in inputs:
-            raise ValueError("padding fractions need the original image sizes (inputs from adapter.build_inputs)")
-        rows, cols = self.grid_shape()
-        cells = []
-        for h, w in inputs["harness_image_sizes"].tolist():
-            side = max(h, w)
-            lo, hi = (side - min(h, w)) // 2 / side, ((side - min(h, w)) // 2 + min(h, w)) / side  # band in [0, 1]
-            n = rows if w >= h else cols
-            edges = torch.arange(n + 1, dtype=torch.float64) / n
-            cover = (torch.minimum(edges[1:], torch.tensor(hi)) - torch.maximum(edges[:-1], torch.tensor(lo))) * n
-            cover = cover.clamp(0, 1).float()  # [n] fraction of each band-crossing line of patches
-            grid = cover[:, None].expand(rows, cols) if w >= h else cover[None, :].expand(rows, cols)
-            cell = grid.reshape(-1)
-            if self._require_loaded().config.vision_feature_select_strategy == "full":
-                cell = torch.cat([torch.ones(1), cell])
-            cells.append(cell)
-        if not cells:
-            return super().visual_content(inputs)
-        return self._per_row(inputs, torch.stack(cells), cells[0].shape[0])
-
     # ------------------------------------------------------------------ anatomy
     @property
     def image_token_id(self) -> int:

@@ -19,6 +19,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch.utils.hooks import RemovableHandle
 
 from adapters.base import Adapter
@@ -26,6 +27,27 @@ from harness.registry import Registry
 from tasks.base import Request
 
 METHODS: Registry[type[Method]] = Registry("method")
+
+
+class DeviceTally:
+    """Running sums a method's hooks add to on the model's device (no host sync inside the forward).
+
+    Args:
+        n: Number of sums.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.sums = torch.zeros(n, dtype=torch.float64)
+
+    def add(self, at: int, *values: torch.Tensor) -> None:
+        """Add scalar tensors ``values`` to the sums ``at, at + 1, …``."""
+        if self.sums.device != values[0].device:
+            self.sums = self.sums.to(values[0].device)
+        self.sums[at : at + len(values)] += torch.stack([v.double() for v in values])
+
+    def tolist(self) -> list[float]:
+        """The sums (one host sync)."""
+        return self.sums.tolist()
 
 
 class UnsupportedError(ValueError):

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adapters.base import Adapter
+from adapters.base import Adapter, box_overlap
 from methods.intervention import Step, attach
 
 COMPONENTS = ("hidden", "attn", "mlp")
@@ -94,24 +94,13 @@ def _word_positions(adapter: Adapter, ids: torch.Tensor, span: tuple[int, int], 
     raise ValueError(f"the object word {word!r} is not among the instruction's tokens")
 
 
-def _object_tokens(adapter: Adapter, inputs: dict[str, Any], row: int, box: tuple[float, ...]) -> torch.Tensor:
-    """Visual tokens of ``row`` whose cell overlaps ``box`` by ≥ MIN_OVERLAP (else the cell holding its centre)."""
-    frames = {(f.image, f.tile): f for f in adapter.tile_frames(inputs)[row]}
-    vmap = adapter.visual_token_map(inputs)[row]  # [n, 4]
-    overlap, centre = torch.zeros(len(vmap)), torch.zeros(len(vmap), dtype=torch.bool)
-    bx0, by0, bx1, by1 = box
-    cx, cy = (bx0 + bx1) / 2, (by0 + by1) / 2
-    for i, (image, tile, r, c) in enumerate(vmap.tolist()):
-        if r < 0:
-            continue
-        f = frames[(image, tile)]
-        cw, ch = (f.box[2] - f.box[0]) / f.cols, (f.box[3] - f.box[1]) / f.rows
-        x0, y0 = f.box[0] + c * cw, f.box[1] + r * ch
-        inter = max(0.0, min(bx1, x0 + cw) - max(bx0, x0)) * max(0.0, min(by1, y0 + ch) - max(by0, y0))
-        overlap[i] = inter / (cw * ch)
-        centre[i] = x0 <= cx < x0 + cw and y0 <= cy < y0 + ch
-    hit = overlap >= MIN_OVERLAP
-    return hit if hit.any() else centre
+def _object_tokens(cells: torch.Tensor, box: tuple[float, ...]) -> torch.Tensor:
+    """Visual tokens whose cell ``[n, 4]`` overlaps ``box`` by ≥ MIN_OVERLAP (else the cell holding its centre)."""
+    hit = box_overlap(cells, torch.tensor(box, dtype=torch.float64)) >= MIN_OVERLAP
+    if hit.any():
+        return hit
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return (cells[:, 0] <= cx) & (cx < cells[:, 2]) & (cells[:, 1] <= cy) & (cy < cells[:, 3])
 
 
 def token_categories(adapter: Adapter, inputs: dict[str, Any], probes: list[Probe]) -> dict[str, torch.Tensor]:
@@ -122,10 +111,11 @@ def token_categories(adapter: Adapter, inputs: dict[str, Any], probes: list[Prob
     real = inputs["attention_mask"].bool().cpu()
     out = {name: torch.zeros(batch, seq, dtype=torch.bool) for name in CATEGORIES}
     pos = torch.arange(seq)
-    for b, (probe, span) in enumerate(zip(probes, adapter.instruction_spans(inputs), strict=True)):
+    rows = zip(probes, adapter.instruction_spans(inputs), adapter.token_cells(inputs), strict=True)
+    for b, (probe, span, (cells, _images)) in enumerate(rows):
         vis_pos = visual[b].nonzero().flatten()
         obj = torch.zeros(seq, dtype=torch.bool)
-        obj[vis_pos[_object_tokens(adapter, inputs, b, probe.box)]] = True
+        obj[vis_pos[_object_tokens(cells, probe.box)]] = True
         first, last = obj.nonzero().min(), obj.nonzero().max()
         out["object_visual"][b] = obj
         out["early_visual"][b] = visual[b] & (pos < first)

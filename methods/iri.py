@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 import torch
 
 from adapters.base import Adapter
-from methods.base import METHODS, Method, UnsupportedError
+from methods.base import METHODS, DeviceTally, Method, UnsupportedError
 from methods.fcct import FCCT_FILE
 from methods.intervention import Step, attach
 
@@ -121,7 +121,7 @@ class IRI(Method):
         self.calibration: dict[str, Any] = {}
         self.source = ""
         self.plan: dict[str, dict[str, Any]] = {}
-        self._injected = torch.zeros(2, dtype=torch.float64)  # rows injected, mean relative change (sum)
+        self._injected = DeviceTally(2)  # rows injected, relative change ‖ã − a‖ / ‖a‖ summed over them
 
     def check(self, adapter: Adapter) -> None:
         """Load the FCCT calibration before the model loads (fails with the tracing command when missing)."""
@@ -172,19 +172,13 @@ class IRI(Method):
                 new = out.clone()
                 injected = inject(last, recorded, plan["weights"], layer, plan["lambda"], self.hparams["renorm"])
                 new[:, -1] = injected.to(out.dtype)
-                self._count(last, injected)
+                rel = (injected - last.float()).norm(dim=-1) / last.float().norm(dim=-1).clamp_min(1e-12)  # [batch]
+                self._injected.add(0, torch.tensor(float(len(rel)), device=rel.device), rel.sum())
             if layer in plan["sources"]:
                 recorded[layer] = last.detach()  # the source's own output (before any injection into it)
             return new
 
         return fn
-
-    def _count(self, before: torch.Tensor, after: torch.Tensor) -> None:
-        """Accumulate rows injected and their relative change ‖ã − a‖ / ‖a‖ (on the model's device)."""
-        rel = (after - before.float()).norm(dim=-1) / before.float().norm(dim=-1).clamp_min(1e-12)
-        if self._injected.device != rel.device:
-            self._injected = self._injected.to(rel.device)
-        self._injected += torch.stack([torch.tensor(float(len(rel)), device=rel.device), rel.sum()]).double()
 
     def describe(self) -> dict[str, Any]:
         """Adds the calibration file, the resolved layers / weights / λ and how much was injected."""

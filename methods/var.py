@@ -60,7 +60,7 @@ from typing import Any, ClassVar
 import torch
 
 from adapters.base import Adapter
-from methods.base import METHODS, Method, UnsupportedError
+from methods.base import METHODS, DeviceTally, Method, UnsupportedError
 from methods.intervention import Batch, Step, attach
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class VAR(Method):
         self.tau = PUBLISHED_TAU
         self.source = ""
         self.layers: list[int] = []
-        self._counts = torch.zeros(4, dtype=torch.float64)  # sinks, visual sinks, selected pairs, eligible pairs
+        self._counts = DeviceTally(4)  # sinks, visual sinks, selected pairs, eligible pairs
 
     def check(self, adapter: Adapter) -> None:
         """Resolve the sink dimensions before the model loads (fails with the calibration command if unknown)."""
@@ -201,7 +201,7 @@ class VAR(Method):
         else:
             sinks = torch.zeros_like(batch.padding)
         batch.state[self.name]["sinks"][step.layer] = sinks
-        self._count(0, sinks.sum(), (sinks & batch.visual).sum())
+        self._counts.add(0, sinks.sum(), (sinks & batch.visual).sum())
 
     def _first_row(self, step: Step) -> int:
         """Rows up to the last visual token of every sample are never edited (fused SDPA runs them)."""
@@ -216,14 +216,8 @@ class VAR(Method):
         hp = self.hparams
         new, selected = redistribute(probs, sinks, visual, rows, hp["p"], hp["rho"], hp["visual_mass"])
         eligible = rows[:, None, :].expand_as(selected)
-        self._count(2, selected.sum(), eligible.sum())
+        self._counts.add(2, selected.sum(), eligible.sum())
         return new
-
-    def _count(self, at: int, *values: torch.Tensor) -> None:
-        """Accumulate activity counters on the model's device (no host sync inside the forward)."""
-        if self._counts.device != values[0].device:
-            self._counts = self._counts.to(values[0].device)
-        self._counts[at : at + len(values)] += torch.stack(values).double()
 
     def describe(self) -> dict[str, Any]:
         """Adds the resolved sink dims, tau, layers and what VAR actually did (sink counts, selected rows)."""

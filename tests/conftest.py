@@ -53,15 +53,11 @@ def make_task():
     return make
 
 
-#: 4-layer random-init models of every family for mechanism tests (init 0.2: attention far from uniform);
-#: ``(adapter family, size)`` per key
-FOUR_LAYER_KEYS = ("llava", "qwen_vl", "qwen2_5_vl", "internvl")
-
-
 @pytest.fixture(scope="session")
 def four_layer(tmp_path_factory, lazy_adapters):
-    """Factory: ``get = four_layer(seed)``; ``get(key)`` is the loaded 4-layer random model of family ``key``
-    (one of :data:`FOUR_LAYER_KEYS`), built from ``seed`` on first use."""
+    """Factory: ``get = four_layer(seed)``; ``get(key)`` is the loaded 4-layer random-init model (init 0.2, so
+    attention is far from uniform) of ``key`` in llava, qwen_vl, qwen2_5_vl, internvl, built from ``seed`` on first
+    use; for mechanism tests."""
     from adapters.tiny import InternVLSize, LlavaSize, QwenVLSize, build_tiny
     from harness.assets import tokenizer_corpus
 
