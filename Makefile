@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench bench-methods bench-pruning world train clean
+.PHONY: setup browser demo test regress leaderboard lint format bench bench-methods bench-pruning world train clean
 
 setup: $(STAMP)
 
@@ -16,11 +16,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# Debian's Chromium for the leaderboard page's browser test (Playwright drives it; it never downloads a browser)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium (needs root and apt)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 demo: setup          ## evaluate the embedded tiny LLaVA on the embedded POPE set
 	$(PY) run.py
 
-test: setup          ## the test suite (W&B disabled)
+test: setup browser  ## the test suite, then the regression matrix against the committed goldens (W&B disabled)
 	WANDB_MODE=disabled $(PY) -m pytest -q
+	WANDB_MODE=disabled $(PY) -m reports.regress
+
+regress: setup       ## the regression matrix alone (UPDATE=1 rewrites the goldens and prints what moved)
+	WANDB_MODE=disabled $(PY) -m reports.regress $(if $(UPDATE),--update,)
+
+RUNS ?= outputs
+leaderboard: setup   ## Markdown + HTML + plots from every run under RUNS (default outputs/)
+	$(PY) -m reports.leaderboard $(RUNS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -93,7 +93,9 @@ def run_batch(task: Task, model: AdapterCalls, batch: list[Sample], settings: Ru
         else:
             good.append((sample, images))
     if good:
+        t0 = time.perf_counter()
         responses = task.respond(good, model)
+        wall_s = round((time.perf_counter() - t0) / len(good), 5)  # the sample's share of the batch's wall time
         if len(responses) != len(good):
             raise RuntimeError(f"{task.name}.respond returned {len(responses)} responses for {len(good)} samples")
         for (sample, _), resp in zip(good, responses, strict=True):
@@ -104,6 +106,7 @@ def run_batch(task: Task, model: AdapterCalls, batch: list[Sample], settings: Ru
                 "raw_output": resp.raw_output,
                 **resp.fields,
                 **task.score(sample, resp),
+                "wall_s": wall_s,
                 "error": None,
             }
     return [records[s.sample_id] for s in batch]
@@ -171,6 +174,7 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
             "total_s": round(time.perf_counter() - t_start, 3),
         },
         samples_file=store.path.name,
+        sample_set=sample_set(samples, set(store.records)),
     )
     method_report = method.report()
     if method_report is not None:
@@ -188,6 +192,21 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
         if "paired" in results:
             print(paired_summary(results["paired"]))
     return results
+
+
+def sample_set(samples: list[Sample], stored: set[str]) -> dict[str, Any]:
+    """Identity of the evaluated items: count and SHA-256 over sorted ``sample_id, doc_hash, target_hash`` lines.
+
+    Reports pair and aggregate only runs with equal hashes. ``ids`` lists the items too when the samples file also
+    holds records of other items (a rerun with a smaller ``limit`` shares the directory), so that readers of the
+    file can select this run's records.
+    """
+    lines = sorted(f"{s.sample_id}\t{sha256_json(s.doc)}\t{sha256_text(s.target)}" for s in samples)
+    out: dict[str, Any] = {"n": len(samples), "sha256": sha256_text("\n".join(lines))}
+    wanted = {s.sample_id for s in samples}
+    if stored - wanted:
+        out["ids"] = sorted(wanted)
+    return out
 
 
 def from_config(cfg: Any, output_dir: str | Path | None = None) -> tuple[Task, Adapter, Method, RunSettings]:

@@ -27,6 +27,9 @@ class NoLogger:
     def log_results(self, results: dict[str, Any], results_path: Path, samples_path: Path) -> None:
         """Nothing to log."""
 
+    def log_report(self, tables: dict[str, tuple[list[str], list[list[Any]]]], images: dict[str, Path]) -> None:
+        """Nothing to log."""
+
     def finish(self) -> None:
         """Nothing to finish."""
 
@@ -114,6 +117,18 @@ class WandbLogger:
         art.add_file(str(samples_path))
         self.run.log_artifact(art)
         self.run.summary.update({"config_hash": results.get("config_hash"), "n_errors": results["errors"]["count"]})
+
+    def log_report(self, tables: dict[str, tuple[list[str], list[list[Any]]]], images: dict[str, Path]) -> None:
+        """Log a report's tables (``{key: (columns, rows)}``) and images (``{key: png path}``); warn on failure."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=cols, data=rows) for key, (cols, rows) in tables.items()})
+            self.run.log({key: wandb.Image(str(path)) for key, path in images.items()})
+        except Exception as exc:
+            warnings.warn(f"W&B logging failed ({type(exc).__name__}: {exc}); local files are complete", stacklevel=2)
 
     def _samples_table(self, samples_path: Path) -> Any:
         import wandb

@@ -150,7 +150,11 @@ def compare(
 def _metric_table(
     out: Outcomes, est: np.ndarray, diff_se: np.ndarray, diff_draws: np.ndarray, level: float
 ) -> dict[str, dict[str, Any]]:
-    """``{row: {metric: {method, baseline, diff, diff_stderr, ci_low, ci_high}}}`` from ``[3, M]`` estimates."""
+    """``{row: {metric: {method, baseline, diff, diff_stderr, ci_low, ci_high, p_value}}}`` from ``[3, M]`` estimates.
+
+    ``p_value`` is the two-sided bootstrap p-value of "no difference": twice the smaller share of draws on either
+    side of zero, each share ``(count + 1) / (n + 1)`` so that it is never 0 with finitely many draws.
+    """
     alpha = (1 - level) / 2
     table: dict[str, dict[str, Any]] = {}
     for j, (row, key) in enumerate(out.names):
@@ -163,8 +167,18 @@ def _metric_table(
             "diff_stderr": finite_or_none(diff_se[j]),
             "ci_low": finite_or_none(lo),
             "ci_high": finite_or_none(hi),
+            "p_value": _bootstrap_p(draws),
         }
     return table
+
+
+def _bootstrap_p(draws: np.ndarray) -> float | None:
+    """Two-sided bootstrap p-value of a zero difference from the finite draws ``[n]`` (``None`` when < 2)."""
+    n = len(draws)
+    if n < 2:
+        return None
+    below, above = (np.sum(draws <= 0) + 1) / (n + 1), (np.sum(draws >= 0) + 1) / (n + 1)
+    return float(min(1.0, 2 * min(below, above)))
 
 
 def _mcnemar_block(a: Outcomes, b: Outcomes) -> dict[str, Any] | None:

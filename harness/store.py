@@ -99,3 +99,8 @@ def load_records(path: str | Path) -> dict[str, dict[str, Any]]:
         if not rec.get("error"):
             records.setdefault(rec["sample_id"], rec)
     return records
+
+
+def load_errors(path: str | Path) -> dict[str, str]:
+    """The newest recorded error reason per ``sample_id`` of a records file (samples that later succeeded included)."""
+    return {rec["sample_id"]: rec["error"] for _, rec in _read_lines(Path(path), {"torn": 0}) if rec.get("error")}

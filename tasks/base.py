@@ -235,6 +235,18 @@ class Task(abc.ABC):
         )
         return out.rows(res.estimate, res.stderr)
 
+    @property
+    @abc.abstractmethod
+    def headline(self) -> tuple[str, str]:
+        """The ``(results row, "metric,filter")`` a leaderboard shows (direction: ``higher_is_better``)."""
+
     def describe(self) -> dict[str, Any]:
-        """Task metadata for the results file."""
-        return {"name": self.name, "version": self.version, "gen_kwargs": self.gen_kwargs, "n_boot": self.n_boot}
+        """Task metadata for the results file, with the headline metric the reports show."""
+        row, metric = self.headline
+        return {
+            "name": self.name,
+            "version": self.version,
+            "gen_kwargs": self.gen_kwargs,
+            "n_boot": self.n_boot,
+            "headline": {"row": row, "metric": metric},
+        }

@@ -235,6 +235,11 @@ class CausalPairsTask(Task):
             binary_name="correct,none",
         )
 
+    @property
+    def headline(self) -> tuple[str, str]:
+        """Pair accuracy (the sentence affirmed above its reverse)."""
+        return self.name, "acc,none"
+
     def describe(self) -> dict[str, Any]:
         """Task metadata: data settings and the scored answers."""
         return {

@@ -629,6 +629,11 @@ class CHAIRTask(Task):
             binary_name=f"no_hallucination,{FILTER}",
         )
 
+    @property
+    def headline(self) -> tuple[str, str]:
+        """CHAIR_s: the fraction of captions with a hallucinated object (lower is better)."""
+        return SPLIT, f"chair_s,{FILTER}"
+
     def describe(self) -> dict[str, Any]:
         """Task metadata, including the data settings."""
         info = super().describe()

@@ -592,6 +592,11 @@ class MMETask(Task):
             binary_name=f"correct,{self.parser}",
         )
 
+    @property
+    def headline(self) -> tuple[str, str]:
+        """The total score (sum of the evaluated subtasks' acc + acc+, each 0-200) under the headline parser."""
+        return "mme", f"score,{self.parser}"
+
     def describe(self) -> dict[str, Any]:
         """Task metadata, including the data settings and, once loaded, the questions per subtask."""
         info = super().describe()

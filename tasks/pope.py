@@ -454,6 +454,11 @@ class POPETask(Task):
             binary_name=f"correct,{self.parser}",
         )
 
+    @property
+    def headline(self) -> tuple[str, str]:
+        """Accuracy under the headline parser, mean over the splits."""
+        return "pope", f"accuracy,{self.parser}"
+
     def describe(self) -> dict[str, Any]:
         """Task metadata, including the data settings and, once loaded, the number of samples per split."""
         info = super().describe()

@@ -683,6 +683,11 @@ class VCRBenchTask(Task):
             binary_name="correct,none",
         )
 
+    @property
+    def headline(self) -> tuple[str, str]:
+        """Exact-order accuracy."""
+        return SPLIT, "acc,none"
+
     def describe(self) -> dict[str, Any]:
         """Task metadata: data, frame sampling, mode and, once loaded, the samples per number of clips."""
         info = super().describe()

@@ -99,6 +99,7 @@ class Binary(Task):
     name = "binary"
     version = "0"
     higher_is_better: ClassVar[dict[str, bool]] = {"acc": True}
+    headline = ("binary", "acc,none")
 
     def samples(self):
         return []
@@ -150,6 +151,19 @@ def test_paired_ci_matches_scipy_paired_bootstrap():
     assert out["mcnemar"]["p_value_exact"] == pytest.approx(
         sps.binomtest(int((base & ~meth).sum()), int((base ^ meth).sum()), 0.5).pvalue
     )
+
+
+def test_bootstrap_p_value_agrees_with_the_normal_approximation_and_is_one_at_zero():
+    rng = np.random.default_rng(4)
+    base = rng.random(400) < 0.6
+    meth = np.where(rng.random(400) < 0.85, base, ~base) | (rng.random(400) < 0.08)
+    m = compare(Binary(n_boot=4000), records(meth), records(base), seed=2)["metrics"]["binary"]["acc,none"]
+    normal = 2 * sps.norm.sf(abs(m["diff"]) / m["diff_stderr"])
+    assert 0 < m["p_value"] < 1 and m["p_value"] == pytest.approx(normal, abs=0.02)
+    same = compare(Binary(n_boot=200), records(base), records(base))["metrics"]["binary"]["acc,none"]
+    assert same["diff"] == 0 and same["p_value"] == 1.0
+    far = compare(Binary(n_boot=200), records(np.ones(100, bool)), records(np.zeros(100, bool)))
+    assert far["metrics"]["binary"]["acc,none"]["p_value"] == pytest.approx(2 / 201)  # every draw above zero
 
 
 def test_paired_bootstrap_resamples_images_not_questions():

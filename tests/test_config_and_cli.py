@@ -75,9 +75,21 @@ def test_run_py_end_to_end_and_multirun(tmp_path):
     assert (results[0].parent / ".hydra" / "config.yaml").exists()
     assert OmegaConf.create(res["config"]).limit == 2
 
-    m = _run(["-m", "seed=0,1", *common], cwd=tmp_path)
+    m = _run(["-m", "seed=0,1", "method=none,fastv", *common], cwd=tmp_path)
     assert m.returncode == 0, m.stderr[-3000:]
     assert len(list(out.glob("pope/llava/none-*/results.json"))) == 2, "seed=0 resumed in place, seed=1 is new"
+    assert (out / "multirun.yaml").exists()
+
+    # the leaderboard on the multirun: seeds folded into one row per method, fastv paired with none per seed
+    lb = subprocess.run(
+        [sys.executable, "-m", "reports.leaderboard", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert lb.returncode == 0, lb.stderr[-3000:]
+    rows = json.loads((out / "leaderboard" / "leaderboard.json").read_text())["entries"]
+    assert [(r["method"], r["seeds"], r["n_samples"]) for r in rows] == [("none", [0, 1], 6), ("fastv", [0, 1], 6)]
+    assert rows[1]["delta"] is not None and rows[1]["n_paired"] == 6
+    for name in ("leaderboard.md", "leaderboard.html", "plots/delta_pope.png", "plots/cost_llava.png"):
+        assert (out / "leaderboard" / name).stat().st_size > 0, name
 
 
 def test_unknown_option_fails_cleanly_from_cli(tmp_path):
