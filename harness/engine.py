@@ -19,13 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 from adapters.base import Adapter
+from harness.cache import ResponseCache, is_greedy, scope
 from harness.calls import AdapterCalls
 from harness.loggers import NoLogger
 from harness.paired import BASELINE_METHOD, find_baseline, paired_block, paired_summary
 from harness.results import build_results, make_table, sha256_json, sha256_text, write_json
 from harness.store import RecordStore
 from methods.base import Method
-from tasks.base import Sample, SampleError, Task
+from tasks.base import Response, Sample, SampleError, Task
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RunSettings:
     pair_hash: str | None = None  # config hash without the method: finds the method=none run to pair with
     progress: bool = True  # tqdm bar
     report: bool = True  # print the header and the results table at the end
+    cache: ResponseCache | None = None  # responses shared across output directories (greedy runs)
 
 
 def _base_record(sample: Sample, config_hash: str) -> dict[str, Any]:
@@ -93,12 +95,7 @@ def run_batch(task: Task, model: AdapterCalls, batch: list[Sample], settings: Ru
         else:
             good.append((sample, images))
     if good:
-        t0 = time.perf_counter()
-        responses = task.respond(good, model)
-        wall_s = round((time.perf_counter() - t0) / len(good), 5)  # the sample's share of the batch's wall time
-        if len(responses) != len(good):
-            raise RuntimeError(f"{task.name}.respond returned {len(responses)} responses for {len(good)} samples")
-        for (sample, _), resp in zip(good, responses, strict=True):
+        for sample, resp, wall_s in _respond(task, model, good, settings.cache):
             records[sample.sample_id] = {
                 **_base_record(sample, settings.config_hash),
                 "prompt": resp.prompt,
@@ -107,9 +104,42 @@ def run_batch(task: Task, model: AdapterCalls, batch: list[Sample], settings: Ru
                 **resp.fields,
                 **task.score(sample, resp),
                 "wall_s": wall_s,
+                "cached": wall_s is None,
                 "error": None,
             }
     return [records[s.sample_id] for s in batch]
+
+
+def _respond(
+    task: Task, model: AdapterCalls, good: list[tuple[Sample, list[Any]]], cache: ResponseCache | None
+) -> list[tuple[Sample, Response, float | None]]:
+    """Responses of a batch: from the cache where stored, else from ``task.respond``.
+
+    Each comes with its share of the batch's wall time (``None`` for a cached one).
+    """
+    keys = {s.sample_id: cache.key(s.sample_id, sha256_json(s.doc)) for s, _ in good} if cache else {}
+    stored = cache.get_many(list(keys.values())) if cache else {}
+    todo = [(s, im) for s, im in good if keys.get(s.sample_id) not in stored]
+    fresh: dict[str, Response] = {}
+    wall_s = None
+    if todo:
+        t0 = time.perf_counter()
+        responses = task.respond(todo, model)
+        if len(responses) != len(todo):
+            raise RuntimeError(f"{task.name}.respond returned {len(responses)} responses for {len(todo)} samples")
+        wall_s = round((time.perf_counter() - t0) / len(todo), 5)  # the sample's share of the batch's wall time
+        fresh = {s.sample_id: r for (s, _), r in zip(todo, responses, strict=True)}
+        if cache:
+            cache.put_many({keys[sid]: {"prompt": r.prompt, "raw_output": r.raw_output, "fields": r.fields}
+                            for sid, r in fresh.items()})  # fmt: skip
+    out = []
+    for sample, _ in good:
+        if sample.sample_id in fresh:
+            out.append((sample, fresh[sample.sample_id], wall_s))
+        else:
+            hit = stored[keys[sample.sample_id]]
+            out.append((sample, Response(hit["raw_output"], hit["prompt"], hit["fields"]), None))
+    return out
 
 
 def _generate_pending(
@@ -176,6 +206,8 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
         samples_file=store.path.name,
         sample_set=sample_set(samples, set(store.records)),
     )
+    if settings.cache is not None:
+        results["cache"] = settings.cache.describe()
     method_report = method.report()
     if method_report is not None:
         results["method_report"] = method_report
@@ -226,6 +258,12 @@ def from_config(cfg: Any, output_dir: str | Path | None = None) -> tuple[Task, A
         progress=cfg.progress,
     )
     task = instantiate(cfg.task, drop=("name",), strict=cfg.strict, limit=cfg.limit)
+    if cfg.get("cache"):
+        if is_greedy(task.gen_kwargs):
+            parts = (settings.config[k] for k in ("model", "method", "task"))
+            settings.cache = ResponseCache(cfg.cache, scope(*parts))
+        else:
+            print(f"response cache off: {task.name} samples (do_sample=true), answers are not reproducible")
     return task, instantiate(cfg.model), instantiate(cfg.method, drop=("name",)), settings
 
 
