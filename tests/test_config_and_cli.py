@@ -153,7 +153,7 @@ def test_every_task_on_the_shipped_llava_with_paired_statistics(tmp_path):
         assert paired["baseline_dir"] == str(base.parent) and paired["n_paired"] == n["effective"], task
         assert paired["mcnemar"]["outcome"] and 0 <= paired["mcnemar"]["p_value_exact"] <= 1
         some = next(iter(next(iter(paired["metrics"].values())).values()))
-        assert set(some) == {"method", "baseline", "diff", "diff_stderr", "ci_low", "ci_high"}
+        assert set(some) == {"method", "baseline", "diff", "diff_stderr", "ci_low", "ci_high", "p_value"}
     assert "paired vs" in p.stdout
 
     # `python -m harness.paired RUN` recomputes the block from the stored records alone (no model needed)
