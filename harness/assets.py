@@ -139,21 +139,18 @@ def record_pope(
     """
     import tempfile
 
-    from hydra import compose, initialize_config_dir
-
+    from harness.config import compose_config
     from harness.engine import evaluate, from_config
 
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO_ROOT / "conf")):
-        cfg = compose(
-            "config",
-            overrides=[
-                f"model={model}",
-                f"method={method}",
-                f"model.path={model_dir}",
-                f"task.questions='{world_dir}/pope/shapes_pope_{{split}}.json'",
-                f"task.image_root={world_dir}/pope/images",
-            ],
-        )
+    cfg = compose_config(
+        [
+            f"model={model}",
+            f"method={method}",
+            f"model.path={model_dir}",
+            f"task.questions='{world_dir}/pope/shapes_pope_{{split}}.json'",
+            f"task.image_root={world_dir}/pope/images",
+        ]
+    )
     res = evaluate(*from_config(cfg, output_dir=output_root or tempfile.mkdtemp(prefix="record-")))
     (model_dir / "recorded_pope.json").write_text(json.dumps(res["results"], indent=1) + "\n")
     return res

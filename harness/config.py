@@ -83,6 +83,14 @@ def instantiate(node: DictConfig, *, drop: tuple[str, ...] = (), **kwargs: Any) 
     return _hydra_instantiate(fields, _convert_="all", **kwargs)
 
 
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The top-level config ``conf/config.yaml`` composed with Hydra ``overrides``, as ``run.py`` would see it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
 def calibration_target(option: str, path: str | None, out: str | None, filename: str, flag: str) -> tuple[Any, Path]:
     """A calibration CLI's (unloaded) adapter and output file.
 

@@ -90,13 +90,11 @@ def load_matrix(path: Path = MATRIX, only: str | None = None) -> list[Cell]:
 # ------------------------------------------------------------------------------------------------- running
 def run_cell(cell: Cell, root: Path) -> dict[str, Any]:
     """Run one cell in ``root/<task>/<name>`` through the engine; returns its golden document."""
-    from hydra import compose, initialize_config_dir
-
+    from harness.config import compose_config
     from harness.engine import evaluate, from_config
     from methods.base import UnsupportedError
 
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=cell.overrides)
+    cfg = compose_config(cell.overrides)
     out = root / cell.task / cell.name
     task, adapter, method, settings = from_config(cfg, output_dir=out)
     settings.report = False
@@ -132,17 +130,14 @@ def golden_of(run: Run, cell: Cell) -> dict[str, Any]:
 
 def runs_by_cell(cells: list[Cell], runs_dir: Path) -> dict[Cell, dict[str, Any]]:
     """Golden documents of the cells found among existing runs (matched by the result-determining config hash)."""
-    from hydra import compose, initialize_config_dir
-
-    from harness.config import config_hash
+    from harness.config import compose_config, config_hash
 
     found = {}
     by_hash = {run.results["config_hash"]: run for run in scan(runs_dir)}
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        for cell in cells:
-            run = by_hash.get(config_hash(compose("config", overrides=cell.overrides)))
-            if run is not None:
-                found[cell] = golden_of(run, cell)
+    for cell in cells:
+        run = by_hash.get(config_hash(compose_config(cell.overrides)))
+        if run is not None:
+            found[cell] = golden_of(run, cell)
     return found
 
 

@@ -6,18 +6,16 @@ import json
 import os
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from harness.cache import ResponseCache, scope
 from harness.calls import AdapterCalls
-from harness.config import REPO_ROOT
+from harness.config import compose_config
 from harness.engine import evaluate, from_config
 
 
 def run(tmp_path, out, *overrides):
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"cache={tmp_path / 'responses.sqlite'}", "limit=2", "progress=false",
-                                           "task.gen_kwargs.max_new_tokens=6", *overrides])  # fmt: skip
+    common = [f"cache={tmp_path / 'responses.sqlite'}", "limit=2", "progress=false", "task.gen_kwargs.max_new_tokens=6"]
+    cfg = compose_config([*common, *overrides])
     task, adapter, method, settings = from_config(cfg, output_dir=tmp_path / out)
     settings.report = False
     results = evaluate(task, adapter, method, settings)

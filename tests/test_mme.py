@@ -336,13 +336,10 @@ def test_shapes_world_folder_and_parquet_agree():
 
 
 def test_registered_and_config_instantiates():
-    from hydra import compose, initialize_config_dir
-
-    from harness.config import instantiate
+    from harness.config import compose_config, instantiate
 
     assert TASKS.get("mme") is MMETask
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose("config", overrides=["task=mme", "limit=3"])
+    cfg = compose_config(["task=mme", "limit=3"])
     task = instantiate(cfg.task, drop=("name",), strict=False, limit=cfg.limit)
     assert task.gen_kwargs == {"max_new_tokens": 16, "do_sample": False}
     per_subtask = {}
