@@ -85,6 +85,11 @@ class ResponseCache:
         """The full key of one sample's response."""
         return sha256_json([self.scope, sample_id, doc_hash])
 
+    def has_all(self, keys: list[str]) -> bool:
+        """True when every key is stored (not counted as hits or misses)."""
+        with self._connect() as db:
+            return all(db.execute("SELECT 1 FROM responses WHERE key = ?", (k,)).fetchone() for k in keys)
+
     def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
         """Stored responses of the given keys (absent keys are misses); counts hits and misses."""
         found: dict[str, dict[str, Any]] = {}

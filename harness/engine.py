@@ -9,6 +9,7 @@ records and are counted; with ``strict=True`` the first one stops the run with i
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from adapters.base import Adapter
 from harness.cache import ResponseCache, is_greedy, scope
 from harness.calls import AdapterCalls
+from harness.distributed import Ranks, merge_shards, shard_path
 from harness.loggers import NoLogger
 from harness.paired import BASELINE_METHOD, find_baseline, paired_block, paired_summary
 from harness.results import build_results, make_table, sha256_json, sha256_text, write_json
@@ -43,6 +45,7 @@ class RunSettings:
     progress: bool = True  # tqdm bar
     report: bool = True  # print the header and the results table at the end
     cache: ResponseCache | None = None  # responses shared across output directories (greedy runs)
+    ranks: Ranks = field(default_factory=Ranks)  # data-parallel place under torchrun (rank 0 of 1 otherwise)
 
 
 def _base_record(sample: Sample, config_hash: str) -> dict[str, Any]:
@@ -143,16 +146,19 @@ def _respond(
 
 
 def _generate_pending(
-    task: Task, adapter: Adapter, method: Method, pending: list[Sample], store: RecordStore, settings: RunSettings
+    task: Task, adapter: Adapter, method: Method, batches: list[list[Sample]], store: RecordStore, settings: RunSettings
 ) -> tuple[list[dict[str, Any]], float]:
-    """Run every pending sample; returns this invocation's error records and the generation wall time."""
+    """Run every pending batch; returns this invocation's error records and the generation wall time."""
     errors: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    bar = tqdm(total=len(pending), desc=f"{task.name}/{method.name}", unit="sample", disable=not settings.progress)
+    total = sum(len(b) for b in batches)
+    bar = tqdm(total=total, desc=f"{task.name}/{method.name}", unit="sample", disable=not settings.progress)
+    live = _needs_model(batches, settings.cache)
+    if live:
+        adapter.load()
     model = AdapterCalls(adapter, settings.batch_size, method)
-    with torch.inference_mode(), method.bind(adapter):
-        for start in range(0, len(pending), settings.batch_size):
-            batch = pending[start : start + settings.batch_size]
+    with torch.inference_mode(), method.bind(adapter) if live else contextlib.nullcontext():
+        for batch in batches:
             records = run_batch(task, model, batch, settings)
             store.append(records)
             errors += [r for r in records if r["error"]]
@@ -161,22 +167,96 @@ def _generate_pending(
     return errors, time.perf_counter() - t0
 
 
+def _needs_model(batches: list[list[Sample]], cache: ResponseCache | None) -> bool:
+    """False when the cache holds every pending sample's response: the model is then never loaded."""
+    if cache is None:
+        return True
+    return not cache.has_all([cache.key(s.sample_id, sha256_json(s.doc)) for batch in batches for s in batch])
+
+
+def _pending(samples: list[Sample], store: RecordStore | None, ranks: Ranks) -> list[Sample]:
+    """Samples without a successful record, the same list on every rank (rank 0 decides and broadcasts).
+
+    Rank 0 first merges shard files a killed data-parallel run left behind, so their records count as done.
+    """
+    ids = None
+    if store is not None:
+        merge_shards(store, {s.sample_id: s.index for s in samples})
+        ids = [s.sample_id for s in samples if not store.done(s.sample_id)]
+    ids = set(ranks.broadcast(ids))
+    return [s for s in samples if s.sample_id in ids]
+
+
+@dataclass
+class Generated:
+    """What the generation phase of a run produced, over all ranks."""
+
+    errors: list[dict[str, Any]]
+    seconds: float  # wall time of the generation phase (the slowest rank's)
+    report: dict[str, Any] | None  # the method's report (``{"ranks": [...]}`` when the ranks' reports differ)
+    per_rank: list[int]  # samples each rank generated
+
+
+def _run_shards(
+    task: Task,
+    adapter: Adapter,
+    method: Method,
+    pending: list[Sample],
+    store: RecordStore | None,
+    settings: RunSettings,
+) -> Generated | None:
+    """Generate this rank's share of ``pending``; on rank 0, merge every rank's records into ``store``.
+
+    Returns what all ranks generated on rank 0, ``None`` on the others.
+    """
+    ranks = settings.ranks
+    batches = ranks.my_batches(pending, settings.batch_size)
+    errors, seconds = [], 0.0
+    if batches:
+        shard = RecordStore(shard_path(Path(settings.output_dir) / _records_name(task), ranks.rank),
+                            settings.config_hash) if ranks.parallel else store  # fmt: skip
+        errors, seconds = _generate_pending(task, adapter, method, batches, shard, settings)
+    mine = (errors, seconds, sum(len(b) for b in batches))
+    if not ranks.parallel:
+        return Generated(errors, seconds, method.report(), [mine[2]])
+    gathered = ranks.gather(mine)  # also the barrier: every rank has finished generating
+    reports = ranks.gather(method.report())  # file-based reports (EmbedLens) now see every rank's files
+    if not ranks.main:
+        return None
+    merge_shards(store, {s.sample_id: s.index for s in pending})
+    return Generated(
+        errors=[e for errs, _, _ in gathered for e in errs],
+        seconds=max(sec for _, sec, _ in gathered),
+        report=reports[0] if all(r == reports[0] for r in reports) else {"ranks": reports},
+        per_rank=[n for _, _, n in gathered],
+    )
+
+
+def _records_name(task: Task) -> str:
+    return f"samples_{task.name}.jsonl"
+
+
 def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings, logger: Any = None) -> dict[str, Any]:
-    """Evaluate ``method`` on ``adapter`` over ``task``; resumable. Returns the results document."""
+    """Evaluate ``method`` on ``adapter`` over ``task``; resumable, data-parallel under torchrun.
+
+    Returns the results document (an empty dict on ranks other than 0, which only generate).
+    """
     logger = logger or NoLogger()
     t_start = time.perf_counter()
     torch.manual_seed(settings.seed)
     method.check(adapter)  # unsupported combinations fail before any weight is loaded
+    ranks = settings.ranks
+    ranks.init()
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples = task.samples()
     method.output_dir = out
-    store = RecordStore(out / f"samples_{task.name}.jsonl", settings.config_hash)
-    pending = [s for s in samples if not store.done(s.sample_id)]
-    errors, gen_seconds = [], 0.0
-    if pending:
-        adapter.load()
-        errors, gen_seconds = _generate_pending(task, adapter, method, pending, store, settings)
+    store = RecordStore(out / _records_name(task), settings.config_hash) if ranks.main else None
+    pending = _pending(samples, store, ranks)
+    generated = _run_shards(task, adapter, method, pending, store, settings)
+    if generated is None:
+        return {}
+    errors, gen_seconds = generated.errors, generated.seconds
     wanted = {s.sample_id for s in samples}
     ok = sorted((r for sid, r in store.records.items() if sid in wanted), key=lambda r: r["index"])
     results = build_results(
@@ -201,6 +281,7 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
             "generation_s": round(gen_seconds, 3),
             "samples_per_s": round(len(pending) / gen_seconds, 3) if gen_seconds else None,
             "batch_size": settings.batch_size,
+            "samples_per_process": generated.per_rank,
             "total_s": round(time.perf_counter() - t_start, 3),
         },
         samples_file=store.path.name,
@@ -208,9 +289,8 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
     )
     if settings.cache is not None:
         results["cache"] = settings.cache.describe()
-    method_report = method.report()
-    if method_report is not None:
-        results["method_report"] = method_report
+    if generated.report is not None:
+        results["method_report"] = generated.report
     if ok and method.name != BASELINE_METHOD and settings.pair_hash:
         baseline = find_baseline(out, settings.pair_hash)
         if baseline is not None:
@@ -255,8 +335,9 @@ def from_config(cfg: Any, output_dir: str | Path | None = None) -> tuple[Task, A
         strict=cfg.strict,
         seed=cfg.seed,
         config=OmegaConf.to_container(cfg, resolve=True),
-        progress=cfg.progress,
+        ranks=Ranks.from_env(),
     )
+    settings.progress = cfg.progress and settings.ranks.main  # one bar, not one per rank
     task = instantiate(cfg.task, drop=("name",), strict=cfg.strict, limit=cfg.limit)
     if cfg.get("cache"):
         if is_greedy(task.gen_kwargs):
@@ -264,7 +345,9 @@ def from_config(cfg: Any, output_dir: str | Path | None = None) -> tuple[Task, A
             settings.cache = ResponseCache(cfg.cache, scope(*parts))
         else:
             print(f"response cache off: {task.name} samples (do_sample=true), answers are not reproducible")
-    return task, instantiate(cfg.model), instantiate(cfg.method, drop=("name",)), settings
+    adapter = instantiate(cfg.model)
+    adapter.device_name = settings.ranks.device(adapter.device_name)
+    return task, adapter, instantiate(cfg.method, drop=("name",)), settings
 
 
 def _header(results: dict[str, Any], settings: RunSettings) -> str:

@@ -92,10 +92,15 @@ def _read_lines(path: Path, dropped: dict[str, int]) -> list[tuple[str, dict[str
     return out
 
 
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Every record of a records file in file order (errors and duplicates included; a torn last line skipped)."""
+    return [rec for _, rec in _read_lines(Path(path), {"torn": 0})]
+
+
 def load_records(path: str | Path) -> dict[str, dict[str, Any]]:
     """Successful records of a finished (or killed) run, read-only: first copy per ``sample_id``, any config."""
     records: dict[str, dict[str, Any]] = {}
-    for _, rec in _read_lines(Path(path), {"torn": 0}):
+    for rec in read_records(path):
         if not rec.get("error"):
             records.setdefault(rec["sample_id"], rec)
     return records
@@ -103,4 +108,4 @@ def load_records(path: str | Path) -> dict[str, dict[str, Any]]:
 
 def load_errors(path: str | Path) -> dict[str, str]:
     """The newest recorded error reason per ``sample_id`` of a records file (samples that later succeeded included)."""
-    return {rec["sample_id"]: rec["error"] for _, rec in _read_lines(Path(path), {"torn": 0}) if rec.get("error")}
+    return {rec["sample_id"]: rec["error"] for rec in read_records(path) if rec.get("error")}

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from adapters.base import Adapter
 from harness.cache import ResponseCache, scope
 from harness.calls import AdapterCalls
 from harness.config import compose_config
@@ -31,8 +32,10 @@ def test_identical_rerun_in_a_new_directory_reuses_every_answer(tmp_path, monkey
         raise AssertionError("the model was called although every answer is cached")
 
     monkeypatch.setattr(AdapterCalls, "generate", no_model)
+    monkeypatch.setattr(Adapter, "load", no_model)  # nothing to generate: the weights are not even loaded
     second, rec2 = run(tmp_path, "b")
     assert second["cache"]["hits"] == 6 and second["cache"]["misses"] == 0
+    assert second["timings"]["model_load_s"] is None
     assert all(r["cached"] and r["wall_s"] is None for r in rec2)
     for key in ("sample_id", "prompt", "raw_output", "parsed", "correct"):
         assert [r[key] for r in rec1] == [r[key] for r in rec2], key
