@@ -188,17 +188,31 @@ class Adapter(abc.ABC):
             raise ValueError(f"unknown dtype {self.dtype_name!r}; use float32, bfloat16, float16 or auto") from None
 
     def load(self) -> None:
-        """Load weights and processor (idempotent); records ``load_seconds``."""
+        """Load processor and weights (idempotent); records ``load_seconds``."""
         if self.model is not None:
             return
         t0 = time.perf_counter()
-        self.model, self.processor = self._load()
+        self.load_processor()
+        self.model = self._load_model()
         self.model.eval()
         self.load_seconds = time.perf_counter() - t0
 
+    def load_processor(self) -> Any:
+        """Load the processor only (idempotent), never the weights; returns it.
+
+        Enough for :meth:`format_prompt` and :meth:`answer_token_id`, e.g. to format prompts for another engine.
+        """
+        if self.processor is None:
+            self.processor = self._load_processor()
+        return self.processor
+
     @abc.abstractmethod
-    def _load(self) -> tuple[nn.Module, Any]:
-        """Return ``(model, processor)`` loaded with ``from_pretrained``."""
+    def _load_processor(self) -> Any:
+        """Return the processor loaded with ``from_pretrained`` and set up as the family needs (left padding)."""
+
+    @abc.abstractmethod
+    def _load_model(self) -> nn.Module:
+        """Return the model loaded with ``from_pretrained`` on :attr:`device` (called after :meth:`load_processor`)."""
 
     def _require_loaded(self) -> nn.Module:
         if self.model is None:

@@ -65,11 +65,9 @@ class InternVLAdapter(Adapter):
         self.max_tiles = max_tiles
         self.min_tiles = min_tiles
 
-    def _load(self) -> tuple[nn.Module, Any]:
+    def _load_processor(self) -> Any:
+        """The processor with the tiling bounds applied (``crop_to_patches`` iff more than one tile is allowed)."""
         kw: dict[str, Any] = {"revision": self.revision} if self.revision else {}
-        model = InternVLForConditionalGeneration.from_pretrained(
-            self.path, dtype=self.torch_dtype, attn_implementation=self.attn_implementation, use_safetensors=True, **kw
-        ).to(self.device)
         processor = load_processor(self.path, InternVLProcessor, **kw)
         ip = processor.image_processor
         if self.max_tiles is not None:
@@ -80,7 +78,13 @@ class InternVLAdapter(Adapter):
             raise ValueError(f"min_tiles {ip.min_patches} > max_tiles {ip.max_patches}")
         ip.crop_to_patches = ip.max_patches > 1
         processor.tokenizer.padding_side = "left"
-        return model, processor
+        return processor
+
+    def _load_model(self) -> nn.Module:
+        kw: dict[str, Any] = {"revision": self.revision} if self.revision else {}
+        return InternVLForConditionalGeneration.from_pretrained(
+            self.path, dtype=self.torch_dtype, attn_implementation=self.attn_implementation, use_safetensors=True, **kw
+        ).to(self.device)
 
     def image_kwargs(self) -> dict[str, Any]:
         """The tiling settings, passed explicitly (the processor's call defaults would override the loaded ones)."""

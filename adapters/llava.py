@@ -42,18 +42,21 @@ class LlavaAdapter(Adapter):
     templates: ClassVar[dict[str, str]] = {"llava15": "{system}USER: {images}{text} ASSISTANT:"}
     image_placeholder: ClassVar[str] = "<image>\n"
 
-    def _load(self) -> tuple[nn.Module, Any]:
+    def _load_processor(self) -> Any:
         kw: dict[str, Any] = {"revision": self.revision} if self.revision else {}
-        model = LlavaForConditionalGeneration.from_pretrained(
+        processor = AutoProcessor.from_pretrained(self.path, **kw)
+        processor.tokenizer.padding_side = "left"
+        return processor
+
+    def _load_model(self) -> nn.Module:
+        kw: dict[str, Any] = {"revision": self.revision} if self.revision else {}
+        return LlavaForConditionalGeneration.from_pretrained(
             self.path,
             dtype=self.torch_dtype,
             attn_implementation=self.attn_implementation,
             use_safetensors=True,
             **kw,
         ).to(self.device)
-        processor = AutoProcessor.from_pretrained(self.path, **kw)
-        processor.tokenizer.padding_side = "left"
-        return model, processor
 
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         """``pixel_values`` of the images, ``[n_images, 3, H, W]``."""

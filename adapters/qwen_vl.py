@@ -83,7 +83,8 @@ class QwenVLAdapter(Adapter):
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
 
-    def _load(self) -> tuple[nn.Module, Any]:
+    def _load_processor(self) -> Any:
+        """The variant's processor with the pixel bounds applied; resolves ``variant`` from the checkpoint."""
         kw: dict[str, Any] = {"revision": self.revision} if self.revision else {}
         model_type = AutoConfig.from_pretrained(self.path, **kw).model_type
         if model_type not in VARIANTS:
@@ -91,11 +92,7 @@ class QwenVLAdapter(Adapter):
         if self.variant != "auto" and self.variant != model_type:
             raise ValueError(f"model.variant={self.variant} but {self.path} is a {model_type} checkpoint")
         self.variant = model_type
-        model_cls, processor_cls = VARIANTS[model_type]
-        model = model_cls.from_pretrained(
-            self.path, dtype=self.torch_dtype, attn_implementation=self.attn_implementation, use_safetensors=True, **kw
-        ).to(self.device)
-        processor = load_processor(self.path, processor_cls, **kw)
+        processor = load_processor(self.path, VARIANTS[model_type][1], **kw)
         size = dict(processor.image_processor.size)
         if self.min_pixels is not None:
             size["shortest_edge"] = self.min_pixels
@@ -105,7 +102,14 @@ class QwenVLAdapter(Adapter):
             raise ValueError(f"min_pixels {size['shortest_edge']} > max_pixels {size['longest_edge']}")
         processor.image_processor.size = size
         processor.tokenizer.padding_side = "left"
-        return model, processor
+        return processor
+
+    def _load_model(self) -> nn.Module:
+        kw: dict[str, Any] = {"revision": self.revision} if self.revision else {}
+        model_cls = VARIANTS[self.variant][0]
+        return model_cls.from_pretrained(
+            self.path, dtype=self.torch_dtype, attn_implementation=self.attn_implementation, use_safetensors=True, **kw
+        ).to(self.device)
 
     # ------------------------------------------------------------------ vision
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:

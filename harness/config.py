@@ -83,6 +83,15 @@ def instantiate(node: DictConfig, *, drop: tuple[str, ...] = (), **kwargs: Any) 
     return _hydra_instantiate(fields, _convert_="all", **kwargs)
 
 
+#: model-config keys that choose and configure the generation backend, not the adapter (see :func:`build_adapter`)
+BACKEND_KEYS = ("backend", "vllm")
+
+
+def build_adapter(node: DictConfig) -> Any:
+    """The (unloaded) adapter of a ``conf/model`` node; the backend keys stay with the engine."""
+    return instantiate(node, drop=BACKEND_KEYS)
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The top-level config ``conf/config.yaml`` composed with Hydra ``overrides``, as ``run.py`` would see it."""
     from hydra import compose, initialize_config_dir
@@ -100,7 +109,7 @@ def calibration_target(option: str, path: str | None, out: str | None, filename:
     node = OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{option}.yaml")
     if path:
         node.path = path
-    adapter = instantiate(node)
+    adapter = build_adapter(node)
     if out:
         return adapter, Path(out)
     if not Path(adapter.path).is_dir():

@@ -28,7 +28,9 @@ from harness.paired import BASELINE_METHOD, find_baseline, paired_block, paired_
 from harness.results import build_results, make_table, sha256_json, sha256_text, write_json
 from harness.store import RecordStore
 from methods.base import Method
-from tasks.base import Response, Sample, SampleError, Task
+from tasks.base import ModelCalls, Response, Sample, SampleError, Task
+
+BACKENDS = ("hf", "vllm")
 
 
 @dataclass
@@ -46,6 +48,9 @@ class RunSettings:
     report: bool = True  # print the header and the results table at the end
     cache: ResponseCache | None = None  # responses shared across output directories (greedy runs)
     ranks: Ranks = field(default_factory=Ranks)  # data-parallel place under torchrun (rank 0 of 1 otherwise)
+    backend: str = "hf"  # model.backend: hf (transformers) | vllm
+    backend_options: dict[str, Any] = field(default_factory=dict)  # model.vllm: the engine's settings
+    engine: dict[str, Any] | None = None  # what the vLLM engine was started with (set when it starts)
 
 
 def _base_record(sample: Sample, config_hash: str) -> dict[str, Any]:
@@ -87,7 +92,7 @@ def _load_images(sample: Sample, strict: bool) -> tuple[list[Any] | None, str | 
         return None, exc.reason
 
 
-def run_batch(task: Task, model: AdapterCalls, batch: list[Sample], settings: RunSettings) -> list[dict[str, Any]]:
+def run_batch(task: Task, model: ModelCalls, batch: list[Sample], settings: RunSettings) -> list[dict[str, Any]]:
     """Answer one batch through ``task.respond``; returns its records in sample order (errors included)."""
     records: dict[str, dict[str, Any]] = {}
     good: list[tuple[Sample, list[Any]]] = []
@@ -114,7 +119,7 @@ def run_batch(task: Task, model: AdapterCalls, batch: list[Sample], settings: Ru
 
 
 def _respond(
-    task: Task, model: AdapterCalls, good: list[tuple[Sample, list[Any]]], cache: ResponseCache | None
+    task: Task, model: ModelCalls, good: list[tuple[Sample, list[Any]]], cache: ResponseCache | None
 ) -> list[tuple[Sample, Response, float | None]]:
     """Responses of a batch: from the cache where stored, else from ``task.respond``.
 
@@ -154,9 +159,7 @@ def _generate_pending(
     total = sum(len(b) for b in batches)
     bar = tqdm(total=total, desc=f"{task.name}/{method.name}", unit="sample", disable=not settings.progress)
     live = _needs_model(batches, settings.cache)
-    if live:
-        adapter.load()
-    model = AdapterCalls(adapter, settings.batch_size, method)
+    model = _model_calls(adapter, method, settings, load=live)
     with torch.inference_mode(), method.bind(adapter) if live else contextlib.nullcontext():
         for batch in batches:
             records = run_batch(task, model, batch, settings)
@@ -165,6 +168,31 @@ def _generate_pending(
             bar.update(len(batch))
     bar.close()
     return errors, time.perf_counter() - t0
+
+
+def _model_calls(adapter: Adapter, method: Method, settings: RunSettings, load: bool) -> ModelCalls:
+    """What the task calls: the HF adapter (``model.backend=hf``) or a vLLM engine; loaded when ``load``."""
+    if settings.backend == "vllm" and load:
+        from integrations.vllm_backend import VLLMCalls
+
+        calls = VLLMCalls(adapter, method, settings.batch_size, seed=settings.seed, **settings.backend_options)
+        calls.load()
+        settings.engine = calls.describe()
+        return calls
+    if load:
+        adapter.load()
+    return AdapterCalls(adapter, settings.batch_size, method)
+
+
+def check_backend(method: Method, settings: RunSettings) -> None:
+    """Refuse an unknown backend, or a method the backend cannot run, before anything loads."""
+    if settings.backend not in BACKENDS:
+        raise ValueError(f"model.backend={settings.backend!r}: use one of {', '.join(BACKENDS)}")
+    if settings.backend == "vllm":
+        from integrations.vllm_backend import check_method, import_vllm
+
+        check_method(method)
+        import_vllm()  # a machine without vLLM fails here, not half-way into the run
 
 
 def _needs_model(batches: list[list[Sample]], cache: ResponseCache | None) -> bool:
@@ -245,6 +273,7 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
     t_start = time.perf_counter()
     torch.manual_seed(settings.seed)
     method.check(adapter)  # unsupported combinations fail before any weight is loaded
+    check_backend(method, settings)
     ranks = settings.ranks
     ranks.init()
     out = Path(settings.output_dir)
@@ -273,7 +302,11 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
         config=settings.config,
         config_hash=settings.config_hash,
         pair_hash=settings.pair_hash,
-        model=adapter.describe(),
+        model={
+            **adapter.describe(),
+            "backend": settings.backend,
+            **({"engine": settings.engine} if settings.engine else {}),
+        },
         method=method.describe(),
         task=task.describe(),
         timings={
@@ -325,7 +358,7 @@ def from_config(cfg: Any, output_dir: str | Path | None = None) -> tuple[Task, A
     """Task, adapter (not loaded), method and run settings from a composed top-level config."""
     from omegaconf import OmegaConf
 
-    from harness.config import config_hash, instantiate, pair_hash
+    from harness.config import build_adapter, config_hash, instantiate, pair_hash
 
     settings = RunSettings(
         output_dir=Path(output_dir or cfg.output_dir),
@@ -336,6 +369,8 @@ def from_config(cfg: Any, output_dir: str | Path | None = None) -> tuple[Task, A
         seed=cfg.seed,
         config=OmegaConf.to_container(cfg, resolve=True),
         ranks=Ranks.from_env(),
+        backend=cfg.model.get("backend", "hf"),
+        backend_options=OmegaConf.to_container(cfg.model.get("vllm") or {}, resolve=True),
     )
     settings.progress = cfg.progress and settings.ranks.main  # one bar, not one per rank
     task = instantiate(cfg.task, drop=("name",), strict=cfg.strict, limit=cfg.limit)
@@ -345,7 +380,7 @@ def from_config(cfg: Any, output_dir: str | Path | None = None) -> tuple[Task, A
             settings.cache = ResponseCache(cfg.cache, scope(*parts))
         else:
             print(f"response cache off: {task.name} samples (do_sample=true), answers are not reproducible")
-    adapter = instantiate(cfg.model)
+    adapter = build_adapter(cfg.model)
     adapter.device_name = settings.ranks.device(adapter.device_name)
     return task, adapter, instantiate(cfg.method, drop=("name",)), settings
 

@@ -60,10 +60,13 @@ class Method(contextlib.AbstractContextManager):
     Attributes:
         name: Registry name (the config's ``method.name``).
         families: Adapter families the method supports, or ``None`` for all.
+        input_only: True when the method's whole effect is in :meth:`rewrite` (the final generation is an
+            unmodified forward on the rewritten requests), so that final pass may run on another engine (vLLM).
     """
 
     name: ClassVar[str]
     families: ClassVar[tuple[str, ...] | None] = None
+    input_only: ClassVar[bool] = False
 
     def __init__(self, **hparams: Any) -> None:
         self.hparams = hparams

@@ -118,6 +118,8 @@ class CARVE(Method):
     """Contrastive attention (question vs general instruction) → pixel mask → answer on the refined image."""
 
     name: ClassVar[str] = "carve"
+    #: the passes run in rewrite(); the recording hook is passive outside them, so the final pass is a plain forward
+    input_only: ClassVar[bool] = True
 
     def __init__(
         self,

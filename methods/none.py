@@ -15,3 +15,4 @@ class NoMethod(Method):
     """Baseline: no intervention."""
 
     name: ClassVar[str] = "none"
+    input_only: ClassVar[bool] = True  # nothing to install: any engine's plain forward is the baseline

@@ -30,7 +30,7 @@ def _env() -> dict[str, str]:
 
 
 def _cmd(nproc: int, root: Path, *args: str) -> list[str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    launcher = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}"]
     head = launcher if nproc > 1 else [sys.executable]
     return [*head, str(REPO_ROOT / "run.py"), f"output_root={root}", *args]
 

@@ -1,0 +1,1 @@
+"""Bridges to other engines: vLLM as a generation backend, lmms-eval as a front end (optional extras)."""
