@@ -210,9 +210,28 @@ class Adapter(abc.ABC):
     def _load_processor(self) -> Any:
         """Return the processor loaded with ``from_pretrained`` and set up as the family needs (left padding)."""
 
+    @property
+    def hub_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments every ``from_pretrained`` call of this checkpoint takes (the hub revision, if any)."""
+        return {"revision": self.revision} if self.revision else {}
+
     @abc.abstractmethod
+    def _model_class(self) -> type[nn.Module]:
+        """The transformers class of the checkpoint (called after :meth:`load_processor`)."""
+
     def _load_model(self) -> nn.Module:
-        """Return the model loaded with ``from_pretrained`` on :attr:`device` (called after :meth:`load_processor`)."""
+        """The model from ``from_pretrained`` (safetensors only) on :attr:`device`."""
+        return (
+            self._model_class()
+            .from_pretrained(
+                self.path,
+                dtype=self.torch_dtype,
+                attn_implementation=self.attn_implementation,
+                use_safetensors=True,
+                **self.hub_kwargs,
+            )
+            .to(self.device)
+        )
 
     def _require_loaded(self) -> nn.Module:
         if self.model is None:

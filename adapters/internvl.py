@@ -67,8 +67,7 @@ class InternVLAdapter(Adapter):
 
     def _load_processor(self) -> Any:
         """The processor with the tiling bounds applied (``crop_to_patches`` iff more than one tile is allowed)."""
-        kw: dict[str, Any] = {"revision": self.revision} if self.revision else {}
-        processor = load_processor(self.path, InternVLProcessor, **kw)
+        processor = load_processor(self.path, InternVLProcessor, **self.hub_kwargs)
         ip = processor.image_processor
         if self.max_tiles is not None:
             ip.max_patches = self.max_tiles
@@ -80,11 +79,8 @@ class InternVLAdapter(Adapter):
         processor.tokenizer.padding_side = "left"
         return processor
 
-    def _load_model(self) -> nn.Module:
-        kw: dict[str, Any] = {"revision": self.revision} if self.revision else {}
-        return InternVLForConditionalGeneration.from_pretrained(
-            self.path, dtype=self.torch_dtype, attn_implementation=self.attn_implementation, use_safetensors=True, **kw
-        ).to(self.device)
+    def _model_class(self) -> type[nn.Module]:
+        return InternVLForConditionalGeneration
 
     def image_kwargs(self) -> dict[str, Any]:
         """The tiling settings, passed explicitly (the processor's call defaults would override the loaded ones)."""

@@ -43,20 +43,12 @@ class LlavaAdapter(Adapter):
     image_placeholder: ClassVar[str] = "<image>\n"
 
     def _load_processor(self) -> Any:
-        kw: dict[str, Any] = {"revision": self.revision} if self.revision else {}
-        processor = AutoProcessor.from_pretrained(self.path, **kw)
+        processor = AutoProcessor.from_pretrained(self.path, **self.hub_kwargs)
         processor.tokenizer.padding_side = "left"
         return processor
 
-    def _load_model(self) -> nn.Module:
-        kw: dict[str, Any] = {"revision": self.revision} if self.revision else {}
-        return LlavaForConditionalGeneration.from_pretrained(
-            self.path,
-            dtype=self.torch_dtype,
-            attn_implementation=self.attn_implementation,
-            use_safetensors=True,
-            **kw,
-        ).to(self.device)
+    def _model_class(self) -> type[nn.Module]:
+        return LlavaForConditionalGeneration
 
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         """``pixel_values`` of the images, ``[n_images, 3, H, W]``."""

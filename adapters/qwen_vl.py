@@ -85,7 +85,7 @@ class QwenVLAdapter(Adapter):
 
     def _load_processor(self) -> Any:
         """The variant's processor with the pixel bounds applied; resolves ``variant`` from the checkpoint."""
-        kw: dict[str, Any] = {"revision": self.revision} if self.revision else {}
+        kw = self.hub_kwargs
         model_type = AutoConfig.from_pretrained(self.path, **kw).model_type
         if model_type not in VARIANTS:
             raise ValueError(f"{self.path} is a {model_type!r} checkpoint, not Qwen2-VL / Qwen2.5-VL")
@@ -104,12 +104,8 @@ class QwenVLAdapter(Adapter):
         processor.tokenizer.padding_side = "left"
         return processor
 
-    def _load_model(self) -> nn.Module:
-        kw: dict[str, Any] = {"revision": self.revision} if self.revision else {}
-        model_cls = VARIANTS[self.variant][0]
-        return model_cls.from_pretrained(
-            self.path, dtype=self.torch_dtype, attn_implementation=self.attn_implementation, use_safetensors=True, **kw
-        ).to(self.device)
+    def _model_class(self) -> type[nn.Module]:
+        return VARIANTS[self.variant][0]  # the variant the processor load resolved
 
     # ------------------------------------------------------------------ vision
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from harness.loggers import NoLogger
 from harness.paired import BASELINE_METHOD, find_baseline, paired_block, paired_summary
 from harness.results import build_results, make_table, sha256_json, sha256_text, write_json
 from harness.store import RecordStore
-from methods.base import Method
+from methods.base import Method, UnsupportedError
 from tasks.base import ModelCalls, Response, Sample, SampleError, Task
 
 BACKENDS = ("hf", "vllm")
@@ -190,6 +190,12 @@ def check_backend(method: Method, settings: RunSettings) -> None:
         raise ValueError(f"model.backend={settings.backend!r}: use one of {', '.join(BACKENDS)}")
     if settings.backend == "vllm":
         from integrations.vllm_backend import check_method, import_vllm
+
+        if settings.ranks.parallel:
+            raise UnsupportedError(
+                "model.backend=vllm runs one engine per process and places it on the GPUs itself: start one process "
+                "(model.vllm.tensor_parallel_size=N spreads a model over N GPUs), not torchrun / tasks_per_node > 1"
+            )
 
         check_method(method)
         import_vllm()  # a machine without vLLM fails here, not half-way into the run

@@ -444,3 +444,15 @@ def test_a_run_with_backend_vllm_refuses_a_hooking_method_before_anything_loads(
     with pytest.raises(UnsupportedError, match=r"model\.backend=hf"):
         evaluate(task, adapter, method, settings)
     assert adapter.model is None and adapter.processor is None and not sys.modules["vllm"].engines
+
+
+def test_backend_vllm_is_refused_under_data_parallel_ranks(tmp_path, monkeypatch):
+    from harness.distributed import Ranks
+    from harness.engine import check_backend
+
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm(NEWEST))
+    _, _, method, settings = from_config(compose_config(["model.backend=vllm", "limit=1"]), output_dir=tmp_path)
+    check_backend(method, settings)  # one process: fine
+    settings.ranks = Ranks(rank=1, world=2, local_rank=1)
+    with pytest.raises(UnsupportedError, match="tensor_parallel_size"):
+        check_backend(method, settings)
