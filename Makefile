@@ -13,10 +13,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned, so the CPU wheel is used where one is provided (see pyproject.toml)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
-	# the lmms-eval bridge's tests: lmms-eval without its requirements (they pin wandb==0.25 and pull a CUDA torch),
-	# plus the two packages its import path adds (see integrations/lmms_eval_model.py)
-	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3 loguru==0.7.3 pytz
+	$(PY) -m pip install -q -e ".[dev,lmms]"
+	# the lmms-eval bridge's tests: lmms-eval without its requirements (they pin wandb==0.25 and pull a CUDA torch)
+	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
 	touch $(STAMP)
 
 # Debian's Chromium for the leaderboard page's browser test (Playwright drives it; it never downloads a browser)

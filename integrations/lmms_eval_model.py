@@ -54,8 +54,8 @@ one) is removed: the adapter puts its own placeholders before the text. Single p
 Install (lmms-eval's full requirements would replace the pinned CPU torch, pin ``wandb==0.25.0`` against this
 project's ``wandb>=0.31`` and pull datasets/accelerate/...; the bridge's import path needs only loguru and pytz)::
 
-    pip install --no-deps lmms-eval==0.7.3 loguru==0.7.3 pytz
-    pip install -e . --no-deps        # registers the lmms_eval.models entry point
+    pip install -e '.[lmms]'                 # loguru, pytz; registers the lmms_eval.models entry point
+    pip install --no-deps lmms-eval==0.7.3
 
 Exercised here (``tests/test_lmms_eval_bridge.py``): the entry point through ``lmms_eval.models.get_model``,
 ``create_from_arg_string``, and the model API on hand-built ``lmms_eval.api.instance.Instance`` objects over

@@ -1,7 +1,7 @@
 """The lmms-eval bridge (integrations/lmms_eval_model.py) on the shipped tiny LLaVA and POPE samples.
 
 Needs lmms-eval installed without its dependencies and this project installed for its entry point:
-``pip install --no-deps lmms-eval==0.7.3 loguru==0.7.3 pytz && pip install -e . --no-deps``.
+``pip install -e '.[lmms]' && pip install --no-deps lmms-eval==0.7.3``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ try:
 except ImportError as exc:  # a failure, not a skip: `make test` installs it
     raise ImportError(
         "tests/test_lmms_eval_bridge.py needs lmms-eval: "
-        "pip install --no-deps lmms-eval==0.7.3 loguru==0.7.3 pytz && pip install -e . --no-deps"
+        "pip install -e '.[lmms]' && pip install --no-deps lmms-eval==0.7.3"
     ) from exc
 
 from integrations.lmms_eval_model import HarnessLMM, generation_kwargs, hydra_overrides, truncate
