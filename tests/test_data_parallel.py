@@ -63,17 +63,23 @@ def one_process(tmp_path_factory):
 
 
 def test_two_processes_equal_one_process(tmp_path, one_process):
-    _run(2, tmp_path, *ARGS)
-    one, two = _records(one_process), _records(tmp_path)
+    cache = f"cache={tmp_path / 'responses.sqlite'}"  # both ranks write one SQLite file
+    _run(2, tmp_path / "two", *ARGS, cache)
+    one, two = _records(one_process), _records(tmp_path / "two")
     assert len(two) == 9 and len({r["sample_id"] for r in two}) == 9
     assert two == one  # every field of every record, in the same order
     assert len({r["raw_output"] for r in two}) >= 8 and all(len(r["raw_output"].split()) >= 6 for r in two)
-    res1, res2 = _results(one_process), _results(tmp_path)
+    res1, res2 = _results(one_process), _results(tmp_path / "two")
     assert res2["results"] == res1["results"] and res2["sample_set"] == res1["sample_set"]
     # 9 samples in batches of 2 → batches 0, 2, 4 on rank 0 (5 samples) and 1, 3 on rank 1 (4 samples)
     assert res2["timings"]["samples_per_process"] == [5, 4]
     assert res1["timings"]["samples_per_process"] == [9]
-    assert not shard_files(_run_dir(tmp_path) / "samples_chair.jsonl")  # merged, then removed
+    assert not shard_files(_run_dir(tmp_path / "two") / "samples_chair.jsonl")  # merged, then removed
+    # every rank's answers reached the shared cache: a one-process rerun elsewhere generates nothing
+    _run(1, tmp_path / "again", *ARGS, cache)
+    again = _results(tmp_path / "again")
+    assert again["cache"]["hits"] == 9 and again["timings"]["model_load_s"] is None
+    assert _records(tmp_path / "again") == one
 
 
 def test_multi_task_submitit_job_is_data_parallel(tmp_path, one_process):
