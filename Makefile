@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned, so the CPU wheel is used where one is provided (see pyproject.toml)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,lmms]"
+	$(PY) -m pip install -q -e ".[dev,lmms,lmms-run]"
 	# the lmms-eval bridge's tests: lmms-eval without its requirements (they pin wandb==0.25 and pull a CUDA torch)
 	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
 	touch $(STAMP)
