@@ -59,10 +59,9 @@ project's ``wandb>=0.31`` and pull datasets/accelerate/...; the bridge's import 
 
 Exercised here (``tests/test_lmms_eval_bridge.py``): the entry point through ``lmms_eval.models.get_model``,
 ``create_from_arg_string``, and the model API on hand-built ``lmms_eval.api.instance.Instance`` objects over
-POPE samples with the shipped tiny checkpoints. NOT exercised: an end-to-end ``lmms-eval --tasks ...`` run, because
-lmms-eval's task loading needs ``datasets`` (not installed: it would change pinned packages) and downloads from
-the Hugging Face hub, which is impossible offline; lmms-eval's evaluator also needs ``accelerate`` for its default
-``accelerate`` backend.
+POPE samples with the shipped tiny checkpoints; and (``tests/test_lmms_eval_e2e.py``, with the ``lmms-run`` extra)
+the ``lmms-eval`` CLI end to end on lmms-eval's own ``pope`` task over a local ``save_to_disk`` copy of shapes-world
+POPE (``dataset_kwargs: {load_from_disk: true}``). Not exercised: tasks that download from the hub (offline here).
 """
 
 from __future__ import annotations
