@@ -23,6 +23,18 @@ from methods.base import Method
 from tasks.base import Call, Request, Scored
 
 
+def batches_by_images(has_images: Sequence[bool], size: int) -> list[list[int]]:
+    """Row indices in batches: rows with and without images apart, at most ``size`` each, original order kept.
+
+    Every backend (HF, vLLM, the lmms-eval bridge) cuts batches this way, so a method's ``rewrite`` sees the same
+    batches whichever engine generates.
+    """
+    groups: dict[bool, list[int]] = {}
+    for i, flag in enumerate(has_images):
+        groups.setdefault(bool(flag), []).append(i)
+    return [idx[k : k + size] for idx in groups.values() for k in range(0, len(idx), size)]
+
+
 class AdapterCalls:
     """Batched model calls through one loaded adapter.
 
@@ -40,13 +52,6 @@ class AdapterCalls:
         self.method = method
         self._answer_ids: dict[str, int] = {}
 
-    def _chunks(self, requests: Sequence[Request]) -> list[list[int]]:
-        """Indices of ``requests`` in batches: same image presence, at most ``batch_size``, original order kept."""
-        groups: dict[bool, list[int]] = {}
-        for i, req in enumerate(requests):
-            groups.setdefault(bool(req.images), []).append(i)
-        return [idx[k : k + self.batch_size] for idx in groups.values() for k in range(0, len(idx), self.batch_size)]
-
     def _inputs(self, requests: list[Request]) -> tuple[list[Request], list[str], dict[str, torch.Tensor]]:
         """The batch as the model sees it: ``(requests after the method's rewrite, prompts, inputs)``."""
         if self.method is not None:
@@ -60,7 +65,7 @@ class AdapterCalls:
         ``seconds`` is the wall time of the batch the request ran in divided by the batch's size.
         """
         out: list[Call | None] = [None] * len(requests)
-        for idx in self._chunks(requests):
+        for idx in batches_by_images([bool(r.images) for r in requests], self.batch_size):
             batch = [requests[i] for i in idx]
             t0 = time.perf_counter()
             batch, prompts, inputs = self._inputs(batch)
@@ -85,7 +90,7 @@ class AdapterCalls:
         """
         ids = [self.answer_token_id(a) for a in answers]
         out: list[Scored | None] = [None] * len(requests)
-        for idx in self._chunks(requests):
+        for idx in batches_by_images([bool(r.images) for r in requests], self.batch_size):
             _, prompts, inputs = self._inputs([requests[i] for i in idx])
             logp = self.adapter.next_token_logprobs(inputs)[:, ids].detach().cpu()  # [batch, n_answers]
             for row, i in enumerate(idx):

@@ -189,14 +189,6 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def image_batches(has_images: Sequence[bool], size: int) -> list[list[int]]:
-    """Indices in batches of at most ``size``, rows with and without images apart, request order kept."""
-    groups: dict[bool, list[int]] = {}
-    for i, flag in enumerate(has_images):
-        groups.setdefault(bool(flag), []).append(i)
-    return [idx[k : k + size] for idx in groups.values() for k in range(0, len(idx), size)]
-
-
 class HarnessLMM(lmms):
     """A harness adapter under a harness method, as an lmms-eval simple model (see the module docstring).
 
@@ -337,6 +329,8 @@ class HarnessLMM(lmms):
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """``(sum log P(continuation | context), is_greedy)`` per request, in order; see the module docstring."""
+        from harness.calls import batches_by_images
+
         items = []
         for req in requests:
             if len(req.args) == 2:  # lmms-eval's unconditional (mutual-information) requests: text only
@@ -349,7 +343,7 @@ class HarnessLMM(lmms):
             )
             items.append((self._request(context, doc_to_visual, doc_id, task, split), str(continuation)))
         out: list[tuple[float, bool] | None] = [None] * len(items)
-        batches = image_batches([bool(r.images) for r, _ in items], self.batch_size)
+        batches = batches_by_images([bool(r.images) for r, _ in items], self.batch_size)
         bar = tqdm(total=len(batches), disable=self.rank != 0, desc=f"harness/{self.method.name} loglikelihood")
         with self._under_method():
             for idx in batches:

@@ -56,6 +56,7 @@ from typing import Any
 from PIL import Image
 
 from adapters.base import Adapter
+from harness.calls import batches_by_images
 from methods.base import METHODS, Method, UnsupportedError
 from tasks.base import Call, Request, Scored
 
@@ -146,18 +147,6 @@ def vllm_prompts(adapter: Adapter, requests: Sequence[Request]) -> list[dict[str
     """One vLLM text prompt per (rewritten) request, formatted by the adapter's processor."""
     mark = placeholder(adapter)
     return [vllm_prompt(adapter.format_prompt(r.text, n_images=len(r.images)), r.images, mark) for r in requests]
-
-
-def chunks(requests: Sequence[Request], batch_size: int) -> list[list[int]]:
-    """Indices of ``requests`` in batches, cut as :class:`~harness.calls.AdapterCalls` cuts them.
-
-    Same image presence, at most ``batch_size``, order kept: a method's ``rewrite`` sees the same batches on both
-    backends.
-    """
-    groups: dict[bool, list[int]] = {}
-    for i, req in enumerate(requests):
-        groups.setdefault(bool(req.images), []).append(i)
-    return [idx[k : k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -384,7 +373,7 @@ class VLLMCalls:
         """Generate for every request; one :class:`Call` per request, in order (one engine call per batch)."""
         params = self._params(sampling_kwargs(gen_kwargs, self._defaults))
         out: list[Call | None] = [None] * len(requests)
-        for idx in chunks(requests, self.batch_size):
+        for idx in batches_by_images([bool(r.images) for r in requests], self.batch_size):
             t0 = time.perf_counter()
             batch, prompts = self._batch(requests, idx)
             texts = [output_text(o) for o in self._run(prompts, params)]
@@ -404,7 +393,7 @@ class VLLMCalls:
         ids = {a: self.answer_token_id(a) for a in answers}
         params = self._params(answer_sampling_kwargs(list(dict.fromkeys(ids.values())), self._by_id))
         out: list[Scored | None] = [None] * len(requests)
-        for idx in chunks(requests, self.batch_size):
+        for idx in batches_by_images([bool(r.images) for r in requests], self.batch_size):
             _, prompts = self._batch(requests, idx)
             for i, prompt, o in zip(idx, prompts, self._run(prompts, params), strict=True):
                 out[i] = Scored(prompt["prompt"], answer_logprobs_of(o, ids))
