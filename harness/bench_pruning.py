@@ -12,6 +12,10 @@ resident set size sampled every millisecond during the prefill, minus the size j
 **Accuracy.** Shapes-world POPE (all three splits, or ``--pope-limit`` per split) on the shipped tiny LLaVA (64
 visual tokens) under each setting; retained = setting's accuracy / ``none``'s.
 
+**Selection against the world's ground truth.** For FasterVLM's budgets on the shipped LLaVA's POPE images: the
+share of kept tokens whose cell lies on an object (precision) and the share of objects with at least one kept
+token (coverage), beside a random choice of as many tokens (``--coverage-images``, 0 to skip).
+
 Targets (issue 7): FastV R=50 % ≥ 1.4× faster prefill, R=90 % ≥ 2.5×; FasterVLM at 90 % keeps ≥ 90 % of the
 baseline POPE accuracy.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import tempfile
 import threading
@@ -28,13 +33,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
+from adapters.base import box_overlap
 from adapters.llava import LlavaAdapter
 from adapters.tiny import build_tiny_llava
 from harness.assets import tokenizer_corpus
 from harness.bench import MID, TINY, cli
 from harness.results import environment
 from methods.base import METHODS
+from methods.fcct import MIN_OVERLAP
+from methods.pruning import budget
 from tasks.shapes import WorldSpec, generate
 
 SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -158,6 +167,55 @@ def accuracy(args: argparse.Namespace, settings: list[str]) -> dict[str, Any]:
     return out
 
 
+def selection_stats(scores: torch.Tensor, objects: torch.Tensor, k: int, rng: torch.Generator) -> dict[str, float]:
+    """Top-``k`` of ``scores [n]`` against the objects' token masks ``[n_objects, n]``, and ``k`` random tokens.
+
+    Returns precision (kept tokens on any object) and coverage (objects with a kept token) of both choices.
+    """
+    on_object = objects.any(0)  # [n]
+    out = {}
+    for name, idx in (
+        ("top", torch.topk(scores, k).indices),
+        ("random", torch.randperm(len(scores), generator=rng)[:k]),
+    ):
+        out[f"precision_{name}"] = on_object[idx].float().mean().item()
+        out[f"coverage_{name}"] = objects[:, idx].any(1).float().mean().item()
+    return out
+
+
+def coverage(args: argparse.Namespace) -> dict[str, Any]:
+    """FasterVLM's kept tokens on the shipped LLaVA's POPE images against the scenes' objects (see module doc)."""
+    from harness.config import REPO_ROOT
+
+    world = REPO_ROOT / "assets" / "shapes-world"
+    scenes = {s["index"]: s for s in json.loads((world / "metadata.json").read_text())["scenes"]}
+    adapter = LlavaAdapter(name="llava", path=str(REPO_ROOT / "assets" / "shapes-llava"), device=args.device)
+    adapter.load()
+    files = sorted((world / "pope" / "images").glob("shapes_*.png"))[: args.coverage_images]
+    ratios = sorted({kw["ratio"] for name, kw in SETTINGS.values() if name == "fastervlm"})
+    rng = torch.Generator().manual_seed(0)
+    rows: dict[float, list[dict[str, float]]] = {r: [] for r in ratios}
+    for path in files:
+        with torch.inference_mode():
+            inputs = adapter.build_inputs(
+                [adapter.format_prompt("Describe the image.")], [[Image.open(path).convert("RGB")]]
+            )
+            scores = adapter.vision_cls_attention(inputs)[0].float()  # [n]
+        cells = adapter.token_cells(inputs)[0][0]  # [n, 4]
+        boxes = [(cx - r, cy - r, cx + r, cy + r) for o in scenes[int(path.stem.split("_")[1])]["objects"]
+                 for (cx, cy), r in [(o["center"], o["radius"])]]  # fmt: skip
+        objects = torch.stack([box_overlap(cells, torch.tensor(b, dtype=torch.float64)) >= MIN_OVERLAP for b in boxes])
+        for r in ratios:
+            rows[r].append(
+                {
+                    "kept": budget(len(scores), r, None),
+                    **selection_stats(scores, objects, budget(len(scores), r, None), rng),
+                }
+            )
+    mean = lambda rs: {k: statistics.mean(x[k] for x in rs) for k in rs[0]}  # noqa: E731
+    return {f"fastervlm R={round(r * 100)}%": {"images": len(files), **mean(rs)} for r, rs in rows.items()}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Speed and accuracy tables, printed side by side."""
     import methods  # noqa: F401  (registers methods)
@@ -166,6 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = {"speed": speed(args, settings), "environment": environment()}
     if not args.skip_accuracy:
         report["accuracy"] = accuracy(args, settings)
+    if args.coverage_images:
+        report["coverage"] = coverage(args)
     _print(report)
     return report
 
@@ -183,6 +243,16 @@ def _print(r: dict[str, Any]) -> None:
         mem = f"{v['memory_ratio']:.2f}" if v["memory_ratio"] is not None else "n/a"
         pope = f"{a['accuracy']:.3f} | {a['retained']:.3f}" if a else "– | –"
         print(f"| {s} | {v['prefill_s']:.3f} | {v['speedup']:.2f}× | {v['peak_mb']:.1f} | {mem} | {pope} |")
+    if "coverage" in r:
+        print(
+            "\n| FasterVLM selection (shipped LLaVA) | kept of 64 | on-object: top | random | objects covered: top "
+            "| random |\n|---|---|---|---|---|---|"
+        )
+        for s, v in r["coverage"].items():
+            print(
+                f"| {s} | {v['kept']} | {v['precision_top']:.3f} | {v['precision_random']:.3f} | "
+                f"{v['coverage_top']:.3f} | {v['coverage_random']:.3f} |"
+            )
 
 
 def main() -> None:
@@ -192,6 +262,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16, help="LM layers of the speed model (FastV K=2)")
     ap.add_argument("--pope-limit", type=int, default=None, help="POPE questions per split (default: all)")
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--coverage-images", type=int, default=120, help="POPE images for the selection check (0: skip)")
     cli(ap, run)
 
 

@@ -43,3 +43,33 @@ def test_bench_methods_smoke():
     shipped = run_methods(argparse.Namespace(**{**vars(args), "shipped": True, "methods": ["carve"]}))
     assert shipped["samples"] == 2 and shipped["model"]["name"] == "shipped shapes-llava"
     assert shipped["methods"]["carve"]["ratio"] > 1  # two extra passes cannot be free
+
+
+def test_selection_stats_against_planted_objects():
+    import torch
+
+    from harness.bench_pruning import selection_stats
+
+    objects = torch.zeros(2, 10, dtype=torch.bool)
+    objects[0, [0, 1, 2]] = True  # a large object
+    objects[1, 7] = True  # a small one
+    gen = torch.Generator().manual_seed(0)
+    on_large = torch.tensor([5.0, 4, 3] + [0] * 7)  # scores concentrate on the large object
+    s = selection_stats(on_large, objects, 2, gen)
+    assert s["precision_top"] == 1.0 and s["coverage_top"] == 0.5  # precise, yet one object of two missed
+    spread = torch.zeros(10)
+    spread[[0, 7]] = 1.0
+    s = selection_stats(spread, objects, 2, gen)
+    assert s["precision_top"] == 1.0 and s["coverage_top"] == 1.0
+    assert 0.0 <= s["precision_random"] <= 1.0 and 0.0 <= s["coverage_random"] <= 1.0
+
+
+def test_fastervlm_selection_coverage_on_the_shipped_llava():
+    import argparse
+
+    from harness.bench_pruning import coverage
+
+    r = coverage(argparse.Namespace(device="cpu", coverage_images=3))
+    assert list(r) == ["fastervlm R=50%", "fastervlm R=75%", "fastervlm R=90%"]
+    assert [v["kept"] for v in r.values()] == [32, 16, 6] and all(v["images"] == 3 for v in r.values())
+    assert all(0.0 <= v[k] <= 1.0 for v in r.values() for k in ("precision_top", "coverage_top"))
