@@ -9,12 +9,15 @@ vision tower included) on the same batch under every setting, interleaved ``--re
 compared with ``none``'s. Peak memory: on CUDA ``max_memory_allocated`` during the prefill; on CPU the peak
 resident set size sampled every millisecond during the prefill, minus the size just before it.
 
-**Accuracy.** Shapes-world POPE (all three splits, or ``--pope-limit`` per split) on the shipped tiny LLaVA (64
-visual tokens) under each setting; retained = setting's accuracy / ``none``'s.
+**Accuracy.** Shapes-world POPE (all three splits, or ``--pope-limit`` per split) on the shipped tiny LLaVAs
+(``--accuracy-models``: ``llava``, 64 visual tokens, and ``llava_144``, the same recipe at 96 px, 144 tokens) under
+each setting; retained = setting's accuracy / ``none``'s. Two diagnostics fill FasterVLM's 90 % budget with other
+scores: ``object oracle`` (every ground-truth object's best-covered token first: what a perfect [CLS] could keep)
+and ``random`` (chance, the floor the [CLS] ranking has to beat).
 
-**Selection against the world's ground truth.** For FasterVLM's budgets on the shipped LLaVA's POPE images: the
-share of kept tokens whose cell lies on an object (precision) and the share of objects with at least one kept
-token (coverage), beside a random choice of as many tokens (``--coverage-images``, 0 to skip).
+**Selection against the world's ground truth.** For FasterVLM's budgets on the POPE images: the share of kept
+tokens whose cell lies on an object (precision) and the share of objects with at least one kept token (coverage),
+beside a random choice of as many tokens (``--coverage-images``, 0 to skip).
 
 Targets (issue 7): FastV R=50 % ≥ 1.4× faster prefill, R=90 % ≥ 2.5×; FasterVLM at 90 % keeps ≥ 90 % of the
 baseline POPE accuracy.
@@ -23,12 +26,15 @@ baseline POPE accuracy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import json
 import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +61,13 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "fastervlm R=75%": ("fastervlm", {"ratio": 0.75}),
     "fastervlm R=90%": ("fastervlm", {"ratio": 0.9}),
 }
+#: Accuracy-only diagnostics: FasterVLM's 90 % budget filled by other scores (:func:`replaced_scores` kind): the
+#: ground-truth objects (an upper bound for [CLS]-style selection) and chance (the floor [CLS] has to beat).
+ORACLE: dict[str, tuple[str, dict[str, Any], str]] = {
+    "object oracle R=90%": ("fastervlm", {"ratio": 0.9}, "objects"),
+    "random R=90%": ("fastervlm", {"ratio": 0.9}, "random"),
+}
+ORACLE_SETTINGS = list(ORACLE)
 
 
 class PeakRSS:
@@ -139,31 +152,121 @@ def speed(args: argparse.Namespace, settings: list[str]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def accuracy(args: argparse.Namespace, settings: list[str]) -> dict[str, Any]:
-    """Shapes-world POPE accuracy of each setting on the shipped LLaVA, and the share of ``none``'s kept."""
+def _shipped(model: str, device: str) -> LlavaAdapter:
+    """A loaded shipped tiny LLaVA (``conf/model`` option ``model``)."""
+    from harness.assets import SHIPPED
+
+    if model not in SHIPPED or SHIPPED[model].family != "llava":
+        raise ValueError(f"--accuracy-models takes shipped LLaVA options, got {model!r}")
+    adapter = LlavaAdapter(name=model, path=str(SHIPPED[model].path), device=device)
+    adapter.load()
+    return adapter
+
+
+def _pope_scenes() -> tuple[Path, dict[int, dict[str, Any]]]:
     from harness.config import REPO_ROOT
+
+    world = REPO_ROOT / "assets" / "shapes-world"
+    return world, {s["index"]: s for s in json.loads((world / "metadata.json").read_text())["scenes"]}
+
+
+def object_overlaps(adapter: LlavaAdapter, inputs: dict[str, torch.Tensor], scene: dict[str, Any]) -> torch.Tensor:
+    """``[n_objects, n_tokens]``: share of each visual token's cell covered by each object's box (one image)."""
+    cells = adapter.token_cells(inputs)[0][0]  # [n, 4]
+    boxes = [(cx - r, cy - r, cx + r, cy + r) for o in scene["objects"] for (cx, cy), r in [(o["center"], o["radius"])]]
+    return torch.stack([box_overlap(cells, torch.tensor(b, dtype=torch.float64)) for b in boxes])
+
+
+def object_oracle_scores(overlaps: torch.Tensor) -> torch.Tensor:
+    """Scores whose top-k is the object-aware choice (ground truth, not a pruning method).
+
+    Every object's best-covered token comes first, then each one's second best, and so on (round robin over the
+    objects in scene order); tokens on no object score 0.
+
+    Args:
+        overlaps: ``[n_objects, n]`` cell coverage by each object.
+
+    Returns:
+        ``[n]`` scores, higher = kept earlier.
+    """
+    n_obj, n = overlaps.shape
+    order = overlaps.argsort(dim=1, descending=True, stable=True)  # [n_objects, n]
+    scores = torch.zeros(n, dtype=torch.float64)
+    rank = 0
+    for t in range(n):
+        for j in range(n_obj):
+            i = order[j, t]
+            if scores[i] == 0 and overlaps[j, i] > 0:
+                scores[i] = 2 * n * n_obj - rank
+                rank += 1
+    return scores
+
+
+@contextlib.contextmanager
+def replaced_scores(adapter: LlavaAdapter, world: Path, scenes: dict[int, dict[str, Any]], kind: str) -> Iterator[None]:
+    """Within the block, FasterVLM's [CLS] scores of each POPE image are replaced (images recognised by pixels).
+
+    Args:
+        adapter: A loaded LLaVA adapter.
+        world: Shapes-world export.
+        scenes: Its scenes by index (object boxes).
+        kind: ``"objects"``: :func:`object_oracle_scores`, a bound on what any [CLS]-style score could select;
+            ``"random"``: uniform scores drawn once per image (seeded by the scene index), the chance baseline.
+    """
+    table: dict[bytes, torch.Tensor] = {}
+    key = lambda pv: hashlib.sha1(pv.float().cpu().numpy().tobytes()).digest()  # noqa: E731
+    for path in sorted((world / "pope" / "images").glob("shapes_*.png")):
+        index = int(path.stem.split("_")[1])
+        inputs = adapter.build_inputs([adapter.format_prompt("x")], [[Image.open(path).convert("RGB")]])
+        overlaps = object_overlaps(adapter, inputs, scenes[index])  # [objects, n]
+        if kind == "objects":
+            scores = object_oracle_scores(overlaps).float()
+        else:
+            scores = torch.rand(overlaps.shape[1], generator=torch.Generator().manual_seed(index))
+        table[key(inputs["pixel_values"][0])] = scores
+    adapter.vision_cls_attention = lambda inputs: [table[key(pv)] for pv in inputs["pixel_values"]]
+    try:
+        yield
+    finally:
+        del adapter.vision_cls_attention  # back to the class's method
+
+
+def accuracy(args: argparse.Namespace, settings: list[str]) -> dict[str, Any]:
+    """Shapes-world POPE accuracy of each setting on each shipped LLaVA, and the share of ``none``'s kept."""
     from harness.engine import RunSettings, evaluate
     from tasks.pope import POPETask
 
-    data = REPO_ROOT / "assets" / "shapes-world" / "pope"
-    adapter = LlavaAdapter(name="llava", path=str(REPO_ROOT / "assets" / "shapes-llava"), device=args.device)
+    world, scenes = _pope_scenes()
+    data = world / "pope"
     out: dict[str, Any] = {}
-    for s in settings:
-        name, kw = SETTINGS[s]
-        task = POPETask(questions=str(data / "shapes_pope_{split}.json"), image_root=str(data / "images"),
-                        limit=args.pope_limit, n_boot=200)  # fmt: skip
-        run_dir = Path(tempfile.mkdtemp(prefix="bench-pope-"))
-        res = evaluate(
-            task,
-            adapter,
-            METHODS.get(name)(**kw),
-            RunSettings(output_dir=run_dir, config_hash=s, batch_size=16, progress=False, report=False),
-        )
-        out[s] = {"accuracy": res["results"]["pope"]["accuracy,pope_official"],
-                  "n": res["n-samples"]["pope"]["effective"]}  # fmt: skip
-    base = out["none"]["accuracy"]
-    for v in out.values():
-        v["retained"] = v["accuracy"] / base if base else None
+    for model in args.accuracy_models:
+        adapter = _shipped(model, args.device)
+        rows: dict[str, Any] = {}
+        for s in settings + ORACLE_SETTINGS:
+            name, kw = (SETTINGS | ORACLE)[s][:2]
+            task = POPETask(questions=str(data / "shapes_pope_{split}.json"), image_root=str(data / "images"),
+                            limit=args.pope_limit, n_boot=200)  # fmt: skip
+            oracle = replaced_scores(adapter, world, scenes, ORACLE[s][2]) if s in ORACLE else contextlib.nullcontext()
+            with oracle:
+                res = evaluate(
+                    task,
+                    adapter,
+                    METHODS.get(name)(**kw),
+                    RunSettings(
+                        Path(tempfile.mkdtemp(prefix="bench-pope-")),
+                        config_hash=s,
+                        batch_size=16,
+                        progress=False,
+                        report=False,
+                    ),
+                )
+            rows[s] = {"accuracy": res["results"]["pope"]["accuracy,pope_official"],
+                       "n": res["n-samples"]["pope"]["effective"]}  # fmt: skip
+        base = rows["none"]["accuracy"]
+        for v in rows.values():
+            v["retained"] = v["accuracy"] / base if base else None
+        out[model] = {"visual_tokens": adapter.model.config.vision_config.image_size ** 2
+                      // adapter.model.config.vision_config.patch_size ** 2, "settings": rows}  # fmt: skip
     return out
 
 
@@ -184,36 +287,28 @@ def selection_stats(scores: torch.Tensor, objects: torch.Tensor, k: int, rng: to
 
 
 def coverage(args: argparse.Namespace) -> dict[str, Any]:
-    """FasterVLM's kept tokens on the shipped LLaVA's POPE images against the scenes' objects (see module doc)."""
-    from harness.config import REPO_ROOT
-
-    world = REPO_ROOT / "assets" / "shapes-world"
-    scenes = {s["index"]: s for s in json.loads((world / "metadata.json").read_text())["scenes"]}
-    adapter = LlavaAdapter(name="llava", path=str(REPO_ROOT / "assets" / "shapes-llava"), device=args.device)
-    adapter.load()
+    """FasterVLM's kept tokens on each shipped LLaVA's POPE images against the scenes' objects (module doc)."""
+    world, scenes = _pope_scenes()
     files = sorted((world / "pope" / "images").glob("shapes_*.png"))[: args.coverage_images]
     ratios = sorted({kw["ratio"] for name, kw in SETTINGS.values() if name == "fastervlm"})
-    rng = torch.Generator().manual_seed(0)
-    rows: dict[float, list[dict[str, float]]] = {r: [] for r in ratios}
-    for path in files:
-        with torch.inference_mode():
-            inputs = adapter.build_inputs(
-                [adapter.format_prompt("Describe the image.")], [[Image.open(path).convert("RGB")]]
-            )
-            scores = adapter.vision_cls_attention(inputs)[0].float()  # [n]
-        cells = adapter.token_cells(inputs)[0][0]  # [n, 4]
-        boxes = [(cx - r, cy - r, cx + r, cy + r) for o in scenes[int(path.stem.split("_")[1])]["objects"]
-                 for (cx, cy), r in [(o["center"], o["radius"])]]  # fmt: skip
-        objects = torch.stack([box_overlap(cells, torch.tensor(b, dtype=torch.float64)) >= MIN_OVERLAP for b in boxes])
-        for r in ratios:
-            rows[r].append(
-                {
-                    "kept": budget(len(scores), r, None),
-                    **selection_stats(scores, objects, budget(len(scores), r, None), rng),
-                }
-            )
-    mean = lambda rs: {k: statistics.mean(x[k] for x in rs) for k in rs[0]}  # noqa: E731
-    return {f"fastervlm R={round(r * 100)}%": {"images": len(files), **mean(rs)} for r, rs in rows.items()}
+    out: dict[str, Any] = {}
+    for model in args.accuracy_models:
+        adapter = _shipped(model, args.device)
+        rng = torch.Generator().manual_seed(0)
+        rows: dict[float, list[dict[str, float]]] = {r: [] for r in ratios}
+        for path in files:
+            with torch.inference_mode():
+                inputs = adapter.build_inputs(
+                    [adapter.format_prompt("Describe the image.")], [[Image.open(path).convert("RGB")]]
+                )
+                scores = adapter.vision_cls_attention(inputs)[0].float()  # [n]
+            objects = object_overlaps(adapter, inputs, scenes[int(path.stem.split("_")[1])]) >= MIN_OVERLAP
+            for r in ratios:
+                k = budget(len(scores), r, None)
+                rows[r].append({"kept": k, "tokens": len(scores), **selection_stats(scores, objects, k, rng)})
+        mean = lambda rs: {k: statistics.mean(x[k] for x in rs) for k in rs[0]}  # noqa: E731
+        out[model] = {f"fastervlm R={round(r * 100)}%": {"images": len(files), **mean(rs)} for r, rs in rows.items()}
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -232,23 +327,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _print(r: dict[str, Any]) -> None:
     m = r["speed"]["model"]
+    acc = r.get("accuracy", {})
     print(f"\nprefill: LLaVA random-init {m['params'] / 1e6:.1f} M params, {m['lm_layers']} LM layers, "
           f"{m['visual_tokens']} visual tokens ({m['prompt_tokens']} prompt tokens), batch {m['batch_size']}, "
-          f"{m['device']} {m['dtype']}; POPE: shipped tiny LLaVA (64 visual tokens)")  # fmt: skip
-    acc = r.get("accuracy", {})
-    print("| setting | prefill s | speed-up | peak MB | memory ratio | POPE acc | retained |")
-    print("|---|---|---|---|---|---|---|")
-    for s, v in r["speed"]["settings"].items():
-        a = acc.get(s, {})
-        mem = f"{v['memory_ratio']:.2f}" if v["memory_ratio"] is not None else "n/a"
-        pope = f"{a['accuracy']:.3f} | {a['retained']:.3f}" if a else "– | –"
-        print(f"| {s} | {v['prefill_s']:.3f} | {v['speedup']:.2f}× | {v['peak_mb']:.1f} | {mem} | {pope} |")
-    if "coverage" in r:
+          f"{m['device']} {m['dtype']}; POPE: shipped tiny LLaVAs "
+          + ", ".join(f"{k} ({v['visual_tokens']} visual tokens)" for k, v in acc.items()))  # fmt: skip
+    head = "".join(f" POPE acc {k} | retained |" for k in acc)
+    print(f"| setting | prefill s | speed-up | peak MB | memory ratio |{head}")
+    print("|---|---|---|---|---|" + "---|---|" * len(acc))
+    for s in list(r["speed"]["settings"]) + (ORACLE_SETTINGS if acc else []):
+        v = r["speed"]["settings"].get(s)
+        cols = "– | – | – | –"
+        if v:
+            mem = f"{v['memory_ratio']:.2f}" if v["memory_ratio"] is not None else "n/a"
+            cols = f"{v['prefill_s']:.3f} | {v['speedup']:.2f}× | {v['peak_mb']:.1f} | {mem}"
+        pope = "".join(
+            f" {a['settings'][s]['accuracy']:.3f} | {a['settings'][s]['retained']:.3f} |" for a in acc.values()
+        )
+        print(f"| {s} | {cols} |{pope}")
+    for model, cov in r.get("coverage", {}).items():
+        n = next(iter(cov.values()))["tokens"]
         print(
-            "\n| FasterVLM selection (shipped LLaVA) | kept of 64 | on-object: top | random | objects covered: top "
+            f"\n| FasterVLM selection ({model}) | kept of {n} | on-object: top | random | objects covered: top "
             "| random |\n|---|---|---|---|---|---|"
         )
-        for s, v in r["coverage"].items():
+        for s, v in cov.items():
             print(
                 f"| {s} | {v['kept']} | {v['precision_top']:.3f} | {v['precision_random']:.3f} | "
                 f"{v['coverage_top']:.3f} | {v['coverage_random']:.3f} |"
@@ -263,6 +366,12 @@ def main() -> None:
     ap.add_argument("--pope-limit", type=int, default=None, help="POPE questions per split (default: all)")
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--coverage-images", type=int, default=120, help="POPE images for the selection check (0: skip)")
+    ap.add_argument(
+        "--accuracy-models",
+        type=lambda s: s.split(","),
+        default=["llava", "llava_144"],
+        help="shipped LLaVA options for POPE accuracy and the selection check (comma-separated)",
+    )
     cli(ap, run)
 
 

@@ -68,19 +68,26 @@ from harness.train_data import (
 from methods.base import METHODS
 from tasks.shapes import Scene, WorldSpec, article, make_scene
 
-#: family → builder of a random-init (model, processor) from a tokenizer corpus and a seed. All three read 64×64
-#: scenes; LLaVA sees 64 visual tokens (8-px patches), Qwen2-VL and InternVL 16 (8-px patches merged 2×2).
+#: family → builder of a random-init (model, processor) from a tokenizer corpus, a seed and the vision input side
+#: (``None``: 64 px). All three read the world's 64×64 scenes; at 64 px LLaVA sees 64 visual tokens (8-px patches),
+#: Qwen2-VL and InternVL 16 (8-px patches merged 2×2). A larger side makes the processor upsample the scenes and
+#: the tower cut them into more patches (LLaVA at 96 px: 144 tokens), the regime token pruning is designed for.
 TINY_BUILDERS: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
-    "llava": lambda corpus, seed: make_tiny_llava(
-        corpus, LlavaSize(text_kv_heads=4, feature_layer=-1, init_range=0.1), seed=seed, vocab_size=800
+    "llava": lambda corpus, seed, side: make_tiny_llava(
+        corpus,
+        LlavaSize(text_kv_heads=4, feature_layer=-1, init_range=0.1, image_size=side or 64),
+        seed=seed,
+        vocab_size=800,
     ),
-    "qwen_vl": lambda corpus, seed: make_tiny_qwen_vl(
+    "qwen_vl": lambda corpus, seed, side: make_tiny_qwen_vl(
         corpus, QwenVLSize(text_kv_heads=4, init_range=0.1), seed=seed, vocab_size=800
     ),
-    "internvl": lambda corpus, seed: make_tiny_internvl(
+    "internvl": lambda corpus, seed, side: make_tiny_internvl(
         corpus, InternVLSize(text_kv_heads=4, init_range=0.1, layer_scale=1.0), seed=seed, vocab_size=800
     ),
 }
+#: Families whose builder honours :attr:`TrainConfig.image_size`.
+SIZED_FAMILIES = ("llava",)
 
 
 @dataclass
@@ -95,6 +102,7 @@ class TrainConfig:
     exclude: str | None = None  # metadata.json of an export whose image digests training must avoid
     tower_from: str | None = None  # safetensors of a pretrained vision tower: skip stage A and load it
     threads: int = 2
+    image_size: int | None = None  # vision input side in px (LLaVA only; None = 64 → 64 visual tokens)
     # A. tower pretraining
     tower_steps: int = 3000
     tower_batch: int = 64
@@ -346,7 +354,9 @@ def train(cfg: TrainConfig, corpus: list[str], batch_hook: Callable[[dict], dict
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     spec = WorldSpec(pair_prob=cfg.pair_prob)
-    model, processor = TINY_BUILDERS[cfg.family](corpus, cfg.seed)
+    if cfg.image_size is not None and cfg.family not in SIZED_FAMILIES:
+        raise ValueError(f"image_size is only supported for {SIZED_FAMILIES}, not {cfg.family!r}")
+    model, processor = TINY_BUILDERS[cfg.family](corpus, cfg.seed, cfg.image_size)
     adapter = ADAPTERS.get(cfg.family)(name=f"shapes-{cfg.family}", path=cfg.out, device="cpu")
     adapter.model, adapter.processor = model, processor  # in-memory model; the saved one loads via from_pretrained
     processor.tokenizer.padding_side = "left"

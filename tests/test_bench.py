@@ -69,7 +69,47 @@ def test_fastervlm_selection_coverage_on_the_shipped_llava():
 
     from harness.bench_pruning import coverage
 
-    r = coverage(argparse.Namespace(device="cpu", coverage_images=3))
+    r = coverage(argparse.Namespace(device="cpu", coverage_images=3, accuracy_models=["llava"]))["llava"]
     assert list(r) == ["fastervlm R=50%", "fastervlm R=75%", "fastervlm R=90%"]
     assert [v["kept"] for v in r.values()] == [32, 16, 6] and all(v["images"] == 3 for v in r.values())
     assert all(0.0 <= v[k] <= 1.0 for v in r.values() for k in ("precision_top", "coverage_top"))
+
+
+def test_object_oracle_scores_take_every_object_before_any_second_token():
+    import torch
+
+    from harness.bench_pruning import object_oracle_scores
+
+    overlaps = torch.zeros(3, 12, dtype=torch.float64)
+    overlaps[0, [0, 1, 2, 3]] = torch.tensor([1.0, 0.9, 0.8, 0.7], dtype=torch.float64)  # a large object
+    overlaps[1, [3, 4]] = torch.tensor([0.2, 0.6], dtype=torch.float64)  # shares token 3 with the large one
+    overlaps[2, 9] = 0.3  # a small one
+    s = object_oracle_scores(overlaps)
+    top3 = set(torch.topk(s, 3).indices.tolist())
+    assert top3 == {0, 4, 9}, "each object's best-covered token first"
+    assert torch.topk(s, 5).indices.tolist()[3:] == [1, 3], "then the second-best tokens, in object order"
+    assert (s[[5, 6, 7, 8, 10, 11]] == 0).all() and (s[[0, 1, 2, 3, 4, 9]] > 0).all()
+
+
+def test_object_oracle_feeds_fastervlm_the_objects_and_restores_the_adapter():
+    import torch
+    from PIL import Image
+
+    from harness.bench_pruning import _pope_scenes, _shipped, object_oracle_scores, object_overlaps, replaced_scores
+    from methods.fastervlm import FasterVLM
+
+    world, scenes = _pope_scenes()
+    adapter = _shipped("llava", "cpu")
+    path = sorted((world / "pope" / "images").glob("shapes_*.png"))[0]
+    inputs = adapter.build_inputs([adapter.format_prompt("Is there a star?")], [[Image.open(path).convert("RGB")]])
+    overlaps = object_overlaps(adapter, inputs, scenes[int(path.stem.split("_")[1])])  # [objects, 64]
+    cls = adapter.vision_cls_attention(inputs)
+    method = FasterVLM(ratio=0.9)
+    with replaced_scores(adapter, world, scenes, "objects"), method.bind(adapter):
+        keep = method._select(inputs)  # [1, prompt]
+    kept = keep[0][adapter.image_token_mask(inputs)[0]]  # [64] over the visual tokens
+    assert int(kept.sum()) == 6
+    assert kept[overlaps.argmax(1)].all(), "every object's best-covered token is kept"
+    assert set(kept.nonzero().flatten().tolist()) == set(torch.topk(object_oracle_scores(overlaps), 6).indices.tolist())
+    assert not set(torch.topk(cls[0], 6).indices.tolist()) >= set(overlaps.argmax(1).tolist()), "[CLS] alone differs"
+    assert all(map(torch.equal, adapter.vision_cls_attention(inputs), cls)), "the [CLS] scores are back after the block"

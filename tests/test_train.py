@@ -110,6 +110,23 @@ def test_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path, family):
     assert json.loads((out / "train_config.json").read_text())["steps"] == 12
 
 
+def test_image_size_gives_a_finer_token_grid_and_is_refused_where_unsupported(tmp_path):
+    cfg = TrainConfig(
+        out=str(tmp_path / "ckpt"), image_size=96, tower_steps=2, tower_batch=4, proj_init=False, steps=2, batch=4,
+        warmup=1, eval_every=100, probe_images=4,
+    )  # fmt: skip
+    out = train(cfg, tokenizer_corpus(n_scenes=40))
+    adapter = ADAPTERS.get("llava")(name="trained", path=str(out), device="cpu")
+    adapter.load()
+    inputs = adapter.build_inputs(
+        [adapter.format_prompt("Is there a star?")], [[Image.fromarray(make_scene(0, "eval", 0, WorldSpec()).image)]]
+    )
+    assert inputs["pixel_values"].shape[-2:] == (96, 96), "the 64-px scene is upsampled by the processor"
+    assert int(adapter.image_token_mask(inputs).sum()) == 144, "96 px in 8-px patches: 12 x 12 visual tokens"
+    with pytest.raises(ValueError, match="image_size is only supported"):
+        train(TrainConfig(out=str(tmp_path / "q"), family="qwen_vl", image_size=96), tokenizer_corpus(n_scenes=5))
+
+
 def test_qwen_examples_keep_token_type_ids_aligned(tmp_path):
     from adapters.qwen_vl import QwenVLAdapter
     from adapters.tiny import build_tiny
