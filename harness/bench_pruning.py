@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import statistics
 import tempfile
 import threading
@@ -44,7 +45,7 @@ from PIL import Image
 from adapters.base import box_overlap
 from adapters.llava import LlavaAdapter
 from adapters.tiny import build_tiny_llava
-from harness.assets import tokenizer_corpus
+from harness.assets import WORLD_DIR, tokenizer_corpus
 from harness.bench import MID, TINY, cli
 from harness.results import environment
 from methods.base import METHODS
@@ -164,10 +165,8 @@ def _shipped(model: str, device: str) -> LlavaAdapter:
 
 
 def _pope_scenes() -> tuple[Path, dict[int, dict[str, Any]]]:
-    from harness.config import REPO_ROOT
-
-    world = REPO_ROOT / "assets" / "shapes-world"
-    return world, {s["index"]: s for s in json.loads((world / "metadata.json").read_text())["scenes"]}
+    """The shipped shapes-world export and its scenes (objects with centres and radii) by index."""
+    return WORLD_DIR, {s["index"]: s for s in json.loads((WORLD_DIR / "metadata.json").read_text())["scenes"]}
 
 
 def object_overlaps(adapter: LlavaAdapter, inputs: dict[str, torch.Tensor], scene: dict[str, Any]) -> torch.Tensor:
@@ -265,8 +264,7 @@ def accuracy(args: argparse.Namespace, settings: list[str]) -> dict[str, Any]:
         base = rows["none"]["accuracy"]
         for v in rows.values():
             v["retained"] = v["accuracy"] / base if base else None
-        out[model] = {"visual_tokens": adapter.model.config.vision_config.image_size ** 2
-                      // adapter.model.config.vision_config.patch_size ** 2, "settings": rows}  # fmt: skip
+        out[model] = {"visual_tokens": math.prod(adapter.grid_shape()), "settings": rows}
     return out
 
 
