@@ -54,7 +54,7 @@ SHIPPED = {
     "internvl": Shipped("internvl", REPO_ROOT / "assets" / "shapes-internvl", {"tower_steps": 6000}),
     # 96-px input, 144 visual tokens (the world's 64-px scenes upsampled by the processor): the token-pruning
     # benchmark's second accuracy model, where keeping 10 % leaves 14 tokens (64 tokens leave 6). Same recipe;
-    # it grounds less well (POPE random 0.717 vs 0.890).
+    # it grounds less well (POPE random 0.730 vs 0.888).
     "llava_144": Shipped("llava", REPO_ROOT / "assets" / "shapes-llava-144", {"image_size": 96}),
     "llava_cca": Shipped(
         "llava", REPO_ROOT / "assets" / "shapes-llava-cca", {"method": "cca", "tower_from": _LLAVA_TOWER}, "cca"
@@ -65,7 +65,12 @@ SHIPPED = {
 }
 MODEL_DIRS = {name: ship.path for name, ship in SHIPPED.items()}
 MODEL_DIR = MODEL_DIRS["llava"]
-N_EVAL = 300  # eval-split scenes exported (POPE keeps those with >= 3 objects)
+N_EVAL = 300  # eval-split scenes exported (CHAIR, MME, VQA-Causal)
+#: POPE's own pool of 3-object scenes (see tasks.shapes_export.export_all for why 3): 200 images, 1,200 questions
+#: per split. Until 2026-11-22 POPE read the 160 eval scenes with >= 3 objects, where the random and adversarial
+#: splits differed too little to show the prior (partner share of negatives 0.34 vs 0.49; shipped LLaVA's
+#: adversarial gap 2.9 points); on this pool 0.31 vs 0.53 (gap 3.8 points).
+N_POPE = 200
 #: Co-occurrence strength of the EXPORTED eval scenes. Training scenes use the world default (0.65, i.e.
 #: P(partner | shape) ≈ 0.8); the eval scenes break pairs more often (0.3, i.e. P ≈ 0.52, still the top
 #: co-occurrence), so POPE's adversarial split, which ranks negatives by co-occurrence within the evaluated
@@ -100,7 +105,7 @@ def build_world(out: Path = WORLD_DIR) -> Path:
     """Export the eval split in every benchmark's format (see :mod:`tasks.shapes_export`)."""
     from tasks.shapes_export import export_all
 
-    export_all(out, seed=0, n_eval=N_EVAL, spec=WorldSpec(pair_prob=EVAL_PAIR_PROB), overwrite=True)
+    export_all(out, seed=0, n_eval=N_EVAL, spec=WorldSpec(pair_prob=EVAL_PAIR_PROB), n_pope=N_POPE, overwrite=True)
     return out
 
 

@@ -52,6 +52,7 @@ from methods.base import METHODS
 from methods.fcct import MIN_OVERLAP
 from methods.pruning import budget
 from tasks.shapes import WorldSpec, generate
+from tasks.shapes_export import pope_scenes
 
 SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("none", {}),
@@ -166,7 +167,8 @@ def _shipped(model: str, device: str) -> LlavaAdapter:
 
 def _pope_scenes() -> tuple[Path, dict[int, dict[str, Any]]]:
     """The shipped shapes-world export and its scenes (objects with centres and radii) by index."""
-    return WORLD_DIR, {s["index"]: s for s in json.loads((WORLD_DIR / "metadata.json").read_text())["scenes"]}
+    metadata = json.loads((WORLD_DIR / "metadata.json").read_text())
+    return WORLD_DIR, {s["index"]: s for s in pope_scenes(metadata)}
 
 
 def object_overlaps(adapter: LlavaAdapter, inputs: dict[str, torch.Tensor], scene: dict[str, Any]) -> torch.Tensor:

@@ -122,6 +122,7 @@ class TrainConfig:
     k_turns: int = 4
     grounding_steps: int = 1000  # curriculum: existence questions only until this step, then the full mix
     caption_prob: float = 0.1
+    partner_negative_weight: float = 1.0  # see harness.train_data.Mix (1: "No" questions uniform over absent shapes)
     qa_weights: dict[str, float] = field(
         default_factory=lambda: {"existence": 0.85, "count": 0.05, "colour": 0.05, "position": 0.05}
     )
@@ -318,8 +319,9 @@ def train_vlm(
     exclude = {d for split in digests.values() for d in split}
     stream = SceneStream(spec, cfg.world_seed, exclude)
     rng = random.Random(cfg.seed)
-    full = Mix(k_turns=cfg.k_turns, caption_prob=cfg.caption_prob, qa_weights=cfg.qa_weights)
-    grounding = Mix(k_turns=cfg.k_turns, caption_prob=0.0, qa_weights={"existence": 1.0})
+    negatives = {"partner_negative_weight": cfg.partner_negative_weight, "pairs": spec.pairs}
+    full = Mix(k_turns=cfg.k_turns, caption_prob=cfg.caption_prob, qa_weights=cfg.qa_weights, **negatives)
+    grounding = Mix(k_turns=cfg.k_turns, caption_prob=0.0, qa_weights={"existence": 1.0}, **negatives)
     method = METHODS.get(cfg.method)(**cfg.method_args).bind(adapter) if cfg.method else contextlib.nullcontext()
     t0 = time.perf_counter()
     with method:

@@ -47,6 +47,27 @@ class Mix:
         default_factory=lambda: {"existence": 0.7, "count": 0.1, "colour": 0.1, "position": 0.1}
     )
     suffixes: tuple[str, ...] = (SHORT_ANSWER, SHORT_ANSWER, YES_NO)
+    # Relative chance that a "No" existence question names an absent partner of a present shape (weight 1 for
+    # every other absent shape): 1 = uniform over absent shapes; below 1, like instruction data whose negative
+    # questions rarely name the co-occurring absent object, less of the co-occurrence prior is trained away.
+    partner_negative_weight: float = 1.0
+    pairs: tuple[tuple[str, str], ...] = WorldSpec().pairs
+
+
+def existence_qa(scene: Scene, rng: random.Random, mix: Mix) -> tuple[str, str] | None:
+    """An existence question; "No" questions weight absent partners by ``mix.partner_negative_weight``."""
+    if mix.partner_negative_weight == 1.0:
+        return shapes.qa_existence(scene, rng)  # the uniform draw, bit-identical to earlier recipes
+    if rng.random() < 0.5:
+        return shapes.qa_existence(scene, rng, answer=shapes.YES)
+    present = set(scene.shapes)
+    partners = {b if a in present else a for a, b in mix.pairs if (a in present) != (b in present)}
+    absent = [s for s in shapes.SHAPES if s not in present]
+    if not absent:
+        return None
+    weights = [mix.partner_negative_weight if s in partners else 1.0 for s in absent]
+    shape = rng.choices(absent, weights)[0]
+    return f"Is there {shapes.article(shape)} {shape} in the image?", shapes.NO
 
 
 class SceneStream:
@@ -75,7 +96,8 @@ def conversation(scene: Scene, rng: random.Random, mix: Mix) -> list[tuple[str, 
     kinds, weights = zip(*mix.qa_weights.items(), strict=True)
     turns: list[tuple[str, str]] = []
     while len(turns) < mix.k_turns:
-        pair = qa(rng.choices(kinds, weights)[0])(scene, rng)
+        kind = rng.choices(kinds, weights)[0]
+        pair = existence_qa(scene, rng, mix) if kind == "existence" else qa(kind)(scene, rng)
         if pair is not None:
             turns.append((pair[0] + rng.choice(mix.suffixes), pair[1]))
     return turns

@@ -11,10 +11,8 @@ import sys
 
 import pytest
 
-from harness.assets import EVAL_PAIR_PROB, MODEL_DIR, MODEL_DIRS, N_EVAL, SHIPPED, WORLD_DIR
+from harness.assets import MODEL_DIR, MODEL_DIRS, SHIPPED, WORLD_DIR, build_world
 from harness.config import REPO_ROOT
-from tasks.shapes import WorldSpec
-from tasks.shapes_export import export_all
 
 
 def _digests(root):
@@ -26,7 +24,7 @@ def _digests(root):
 
 
 def test_shipped_world_export_is_reproducible(tmp_path):
-    export_all(tmp_path / "w", seed=0, n_eval=N_EVAL, spec=WorldSpec(pair_prob=EVAL_PAIR_PROB))
+    build_world(tmp_path / "w")
     assert _digests(tmp_path / "w") == _digests(WORLD_DIR)
 
 
@@ -79,12 +77,12 @@ def _fpr(split):
 
 
 def test_shipped_checkpoint_is_grounded_and_shows_the_induced_gap():
-    # Targets: random-split accuracy >= 0.85 (met: 0.890) and an adversarial gap of >= 3 points (the shipped
-    # checkpoint has 2.9, so this guards >= 2.5 points: a retrain that loses the prior fails here).
+    # Issue targets: random-split accuracy >= 0.85 and adversarial accuracy >= 3 points lower, from false positives.
+    # A retrain that loses the prior fails here (README: run-to-run variation of the gap).
     rec = json.loads((MODEL_DIR / "recorded_pope.json").read_text())
     rnd, adv = rec["pope_random"], rec["pope_adversarial"]
     assert rnd["accuracy,pope_official"] >= 0.85, "grounded: random-split accuracy >= 0.85"
-    assert rnd["accuracy,pope_official"] - adv["accuracy,pope_official"] >= 0.025, "induced hallucination gap"
+    assert rnd["accuracy,pope_official"] - adv["accuracy,pope_official"] >= 0.03, "induced hallucination gap"
     assert _fpr(adv) > _fpr(rnd) + 0.04, "the gap comes from false positives on co-occurring objects"
 
 
@@ -97,8 +95,8 @@ def test_other_shipped_families_are_grounded(family):
 
 @pytest.mark.parametrize("family", ["llava_cca", "llava_mma"])
 def test_method_trained_llavas_answer_from_the_image(family):
-    # The LLaVA recipe run with CCA / MMA inside grounds markedly worse at this size (random accuracy 0.645 / 0.704
-    # against 0.890 causal; README, "Methods"): this guards only that a retrain stays clearly above chance (0.5)
+    # The LLaVA recipe run with CCA / MMA inside grounds markedly worse at this size (random accuracy 0.637 / 0.702
+    # against 0.888 causal; README, "Methods"): this guards only that a retrain stays clearly above chance (0.5)
     # and keeps recall and specificity both non-trivial (not a constant answer).
     rec = json.loads((MODEL_DIRS[family] / "recorded_pope.json").read_text())["pope_random"]
     assert rec["accuracy,pope_official"] >= 0.60
@@ -107,7 +105,7 @@ def test_method_trained_llavas_answer_from_the_image(family):
 
 def test_many_token_llava_answers_from_the_image():
     # llava_144 (96 px, 144 visual tokens) is the pruning benchmark's second accuracy model; the shipped recipe
-    # grounds it only to POPE random 0.717 (README, "Pruning"). Guard: a retrain stays clearly above chance with
+    # grounds it only to POPE random 0.730 (README, "Pruning"). Guard: a retrain stays clearly above chance with
     # both recall and specificity non-trivial, and keeps the 144-token grid.
     rec = json.loads((MODEL_DIRS["llava_144"] / "recorded_pope.json").read_text())["pope_random"]
     assert rec["accuracy,pope_official"] >= 0.65

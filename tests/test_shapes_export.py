@@ -18,10 +18,12 @@ from tasks.shapes import COLOURS, SHAPES, WorldSpec, _mask, generate, image_dige
 from tasks.shapes_export import (
     MME_SUBTASKS,
     MME_SUFFIX,
+    POPE_OBJECTS,
     export_all,
     export_vcr,
     main,
     make_vcr_sample,
+    pope_scenes,
     read_png,
 )
 
@@ -88,6 +90,41 @@ def test_pope_adversarial_negatives_are_top_cooccurring(export, scenes):
                 partners += n == spec.partner(p)
             excluded.add(n)
     assert partners == eligible > 0
+
+
+def _partner_share(out: Path, split: str, present: dict[str, list[str]], spec: WorldSpec) -> float:
+    """Share of a split's negatives that are the absent partner of a shape in the image."""
+    lines = (out / "pope" / f"shapes_pope_{split}.json").read_text().splitlines()
+    negatives = [json.loads(line) for line in lines if json.loads(line)["label"] == "no"]
+    hits = [any(spec.partner(s) == q["text"].split()[3] for s in present[q["image"]]) for q in negatives]
+    return sum(hits) / len(hits)
+
+
+def test_pope_pool_of_three_object_scenes(tmp_path):
+    spec = WorldSpec(pair_prob=0.3)
+    meta = export_all(tmp_path, seed=0, n_eval=30, spec=spec, n_vcr=1, n_pope=150)
+    pool = generate(150, 0, WorldSpec(pair_prob=0.3, min_objects=3, max_objects=3), split="pope")
+    assert {len(s.objects) for s in pool} == {POPE_OBJECTS}
+    assert meta["digests"]["pope"] == [s.digest for s in pool] == [sc["digest"] for sc in pope_scenes(meta)]
+    assert not set(meta["digests"]["pope"]) & set(meta["digests"]["eval"])
+    assert meta["pope"]["split"] == "pope" and meta["pope"]["spec"]["max_objects"] == POPE_OBJECTS
+    pope = tmp_path / "pope"
+    task = POPETask(questions=str(pope / "shapes_pope_{split}.json"), image_root=str(pope / "images"))
+    for s in task.samples():
+        scene = pool[int(s.image_id.split("_")[1])]
+        assert pil_digest(s.images()[0]) == scene.digest
+        assert (s.text.split("\n")[0].split()[3] in scene.shapes) == (s.target == "yes")
+    # CHAIR and MME still read the eval scenes
+    assert len(list((tmp_path / "chair" / "images").glob("*.png"))) == 30
+    # What the pool is for: adversarial negatives are absent partners far more often than random ones.
+    present = {f"shapes_{i:05d}.png": s.shapes for i, s in enumerate(pool)}
+    rnd, adv = (_partner_share(tmp_path, split, present, spec) for split in ("random", "adversarial"))
+    assert adv - rnd > 0.15, (rnd, adv)
+
+
+def test_pope_reads_the_eval_scenes_without_a_pool(export):
+    _, meta = export
+    assert pope_scenes(meta) == meta["scenes"] and "pope" not in meta["digests"]
 
 
 # ----------------------------------------------------------------------------------------------- CHAIR

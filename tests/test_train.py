@@ -14,9 +14,9 @@ from PIL import Image
 from adapters.base import ADAPTERS
 from harness.assets import tokenizer_corpus
 from harness.train import TrainConfig, _first_linear, train
-from harness.train_data import Mix, collate, conversation, encode, segments
+from harness.train_data import Mix, collate, conversation, encode, existence_qa, segments
 from methods.base import METHODS, Method
-from tasks.shapes import WorldSpec, make_scene
+from tasks.shapes import SHAPES, WorldSpec, make_scene, qa_existence
 
 
 def test_segments_and_labels_match_evaluation_prompts(llava):
@@ -63,6 +63,30 @@ class _CountForwards(Method):
             _CALLS["n"] += 1
 
         self.add_hook(self.adapter.site("lm.layers.0").register_forward_pre_hook(hook))
+
+
+def _no_questions(scene, weight, n=3000):
+    rng, mix = random.Random(0), Mix(partner_negative_weight=weight)
+    asked = [existence_qa(scene, rng, mix) for _ in range(n)]
+    return [q.split()[3] for q, a in asked if a == "No"]
+
+
+def test_partner_negative_weight_changes_only_which_absent_shape_is_asked():
+    spec = WorldSpec()
+    scene = next(s for i in range(200) if len(set((s := make_scene(0, "train", i, spec)).shapes)) == 2
+                 and spec.partner(s.shapes[0]) != s.shapes[1])  # fmt: skip  # two singles: two absent partners
+    partners = {spec.partner(x) for x in scene.shapes}
+    absent = [x for x in SHAPES if x not in scene.shapes]
+    # weight 1 is the uniform draw, call for call (earlier recipes reproduce bit for bit)
+    r1, r2 = random.Random(5), random.Random(5)
+    assert [existence_qa(scene, r1, Mix()) for _ in range(50)] == [qa_existence(scene, r2) for _ in range(50)]
+    uniform, rare, never = (_no_questions(scene, w) for w in (1.0, 0.25, 0.0))
+    share = lambda asked: sum(x in partners for x in asked) / len(asked)  # noqa: E731
+    assert set(uniform) == set(absent) and abs(share(uniform) - len(partners) / len(absent)) < 0.04
+    # weight w: partners' share = 2w / (2w + 4) for 2 absent partners among 6 absent shapes
+    assert abs(share(rare) - 0.5 / 4.5) < 0.03
+    assert share(never) == 0 and set(never) == set(absent) - partners
+    assert all(x not in scene.shapes for x in never + rare)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen_vl", "internvl"])
