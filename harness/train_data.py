@@ -67,7 +67,7 @@ def existence_qa(scene: Scene, rng: random.Random, mix: Mix) -> tuple[str, str] 
         return None
     weights = [mix.partner_negative_weight if s in partners else 1.0 for s in absent]
     shape = rng.choices(absent, weights)[0]
-    return f"Is there {shapes.article(shape)} {shape} in the image?", shapes.NO
+    return shapes.existence_question(shape), shapes.NO
 
 
 class SceneStream:

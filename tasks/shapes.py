@@ -353,8 +353,12 @@ def qa_existence(scene: Scene, rng: random.Random | None, answer: str | None = N
     candidates = present if pol == YES else [s for s in SHAPES if s not in present]
     if not candidates:
         return None
-    shape = _choice(rng, candidates)
-    return f"Is there {article(shape)} {shape} in the image?", pol
+    return existence_question(_choice(rng, candidates)), pol
+
+
+def existence_question(shape: str) -> str:
+    """``"Is there a/an {shape} in the image?"`` (POPE's wording)."""
+    return f"Is there {article(shape)} {shape} in the image?"
 
 
 def count_question(n: int) -> str:

@@ -95,7 +95,7 @@ def test_pope_adversarial_negatives_are_top_cooccurring(export, scenes):
 def _partner_share(out: Path, split: str, present: dict[str, list[str]], spec: WorldSpec) -> float:
     """Share of a split's negatives that are the absent partner of a shape in the image."""
     lines = (out / "pope" / f"shapes_pope_{split}.json").read_text().splitlines()
-    negatives = [json.loads(line) for line in lines if json.loads(line)["label"] == "no"]
+    negatives = [q for q in map(json.loads, lines) if q["label"] == "no"]
     hits = [any(spec.partner(s) == q["text"].split()[3] for s in present[q["image"]]) for q in negatives]
     return sum(hits) / len(hits)
 
