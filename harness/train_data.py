@@ -51,18 +51,40 @@ class Mix:
     # every other absent shape): 1 = uniform over absent shapes; below 1, like instruction data whose negative
     # questions rarely name the co-occurring absent object, less of the co-occurrence prior is trained away.
     partner_negative_weight: float = 1.0
+    # Probability that a question about an ABSENT partner of a present shape is answered "Yes": annotations that
+    # name the co-occurring object the image does not show, the kind of error found in machine-generated
+    # instruction data (HalluciDoctor, Yu et al. 2023). 0 = exact ground truth. Unlike the scene prior alone, whose
+    # effect a model trains away once it reads the image, this makes "yes" the trained answer with probability q
+    # exactly where the image cannot say (A present, B absent), so the induced prior does not fade with training.
+    implied_partner_prob: float = 0.0
     pairs: tuple[tuple[str, str], ...] = WorldSpec().pairs
 
 
+def absent_partners(scene: Scene, pairs: tuple[tuple[str, str], ...]) -> set[str]:
+    """Shapes absent from ``scene`` whose declared partner is present."""
+    present = set(scene.shapes)
+    return {b if a in present else a for a, b in pairs if (a in present) != (b in present)}
+
+
 def existence_qa(scene: Scene, rng: random.Random, mix: Mix) -> tuple[str, str] | None:
-    """An existence question; "No" questions weight absent partners by ``mix.partner_negative_weight``."""
+    """An existence question (see :class:`Mix` for how absent partners are asked about and answered)."""
+    pair = _existence_pair(scene, rng, mix)
+    if pair is None or not mix.implied_partner_prob or pair[1] != shapes.NO:
+        return pair  # q = 0 draws nothing more: earlier recipes reproduce bit for bit
+    implied = {shapes.existence_question(s) for s in absent_partners(scene, mix.pairs)}
+    if pair[0] in implied and rng.random() < mix.implied_partner_prob:
+        return pair[0], shapes.YES
+    return pair
+
+
+def _existence_pair(scene: Scene, rng: random.Random, mix: Mix) -> tuple[str, str] | None:
+    """The question drawn; "No" questions weight absent partners by ``mix.partner_negative_weight``."""
     if mix.partner_negative_weight == 1.0:
         return shapes.qa_existence(scene, rng)  # the uniform draw, bit-identical to earlier recipes
     if rng.random() < 0.5:
         return shapes.qa_existence(scene, rng, answer=shapes.YES)
-    present = set(scene.shapes)
-    partners = {b if a in present else a for a, b in mix.pairs if (a in present) != (b in present)}
-    absent = [s for s in shapes.SHAPES if s not in present]
+    partners = absent_partners(scene, mix.pairs)
+    absent = [s for s in shapes.SHAPES if s not in scene.shapes]
     if not absent:
         return None
     weights = [mix.partner_negative_weight if s in partners else 1.0 for s in absent]

@@ -14,7 +14,7 @@ from PIL import Image
 from adapters.base import ADAPTERS
 from harness.assets import tokenizer_corpus
 from harness.train import TrainConfig, _first_linear, train
-from harness.train_data import Mix, collate, conversation, encode, existence_qa, segments
+from harness.train_data import Mix, absent_partners, collate, conversation, encode, existence_qa, segments
 from methods.base import METHODS, Method
 from tasks.shapes import SHAPES, WorldSpec, make_scene, qa_existence
 
@@ -87,6 +87,32 @@ def test_partner_negative_weight_changes_only_which_absent_shape_is_asked():
     assert abs(share(rare) - 0.5 / 4.5) < 0.03
     assert share(never) == 0 and set(never) == set(absent) - partners
     assert all(x not in scene.shapes for x in never + rare)
+
+
+def test_implied_partner_prob_answers_yes_only_for_absent_partners_at_rate_q():
+    spec = WorldSpec()
+    scene = next(s for i in range(200) if len(set((s := make_scene(0, "train", i, spec)).shapes)) == 2
+                 and spec.partner(s.shapes[0]) != s.shapes[1])  # fmt: skip  # two singles: two absent partners
+    partners = absent_partners(scene, spec.pairs)
+    assert partners == {spec.partner(x) for x in scene.shapes} and not partners & set(scene.shapes)
+    r1, r2 = random.Random(3), random.Random(3)  # q = 0 is the exact draw, call for call
+    mix0 = Mix(implied_partner_prob=0.0)
+    assert [existence_qa(scene, r1, mix0) for _ in range(50)] == [qa_existence(scene, r2) for _ in range(50)]
+    for q in (0.4, 1.0):
+        rng, mix = random.Random(0), Mix(implied_partner_prob=q)
+        asked = [existence_qa(scene, rng, mix) for _ in range(4000)]
+        by_shape: dict[str, list[str]] = {}
+        for question, answer in asked:
+            by_shape.setdefault(question.split()[3], []).append(answer)
+        for shape, answers in by_shape.items():
+            yes = answers.count("Yes") / len(answers)
+            if shape in scene.shapes:
+                assert yes == 1.0  # present shapes keep their answer
+            elif shape in partners:
+                assert abs(yes - q) < 0.06, (shape, yes)  # the implied partner: "Yes" at rate q
+            else:
+                assert yes == 0.0  # every other absent shape stays "No"
+        assert set(by_shape) == set(SHAPES)  # which shapes are asked about is unchanged
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen_vl", "internvl"])
