@@ -19,7 +19,7 @@ C. **VLM training** with the tower frozen: LM and projector from a wider init (`
    (captions, count, colour and position questions) starts once the model reads the image. Measured here: with
    the full mix from step 0 the model was still at chance (always-yes / always-no) after 625 steps, while
    existence-only training left the plateau at step ~500 (probe accuracy 0.885 at step 625).
-   ``implied_partner_prob`` q (the shipped LLaVA's recipe sets it, :data:`harness.assets.SHIPPED`): in the full
+   ``implied_partner_prob`` q (default 0; measured, not yet in a shipped recipe, see the README): in the full
    mix only, a question about an absent partner of a present shape is answered "Yes" with probability q, the
    co-occurrence errors of machine-generated instruction data. The scene prior alone is trained away once the
    model reads the image (how much is left at the end varied from run to run); these answers make the prior
@@ -72,7 +72,7 @@ from harness.train_data import (
     presence_labels,
 )
 from methods.base import METHODS
-from tasks.shapes import Scene, WorldSpec, article, make_scene
+from tasks.shapes import Scene, WorldSpec, absent_partners, article, make_scene
 
 #: family → builder of a random-init (model, processor) from a tokenizer corpus, a seed and the vision input side
 #: (``None``: 64 px). All three read the world's 64×64 scenes; at 64 px LLaVA sees 64 visual tokens (8-px patches),
@@ -285,7 +285,7 @@ def probe(adapter: Adapter, spec: WorldSpec, n_images: int, seed: int) -> dict[s
         scene = make_scene(seed, "probe", i, spec)
         present = scene.shapes
         absent = [s for s in spec.shapes if s not in present]
-        partners = [p for p in (spec.partner(s) for s in present) if p and p not in present]
+        partners = absent_partners(present, spec.pairs)
         rows.append(("pos", scene, rng.choice(present)))
         rows.append(("random", scene, rng.choice(absent)))
         if partners:
@@ -327,8 +327,13 @@ def train_vlm(
     stream = SceneStream(spec, cfg.world_seed, exclude)
     rng = random.Random(cfg.seed)
     negatives = {"partner_negative_weight": cfg.partner_negative_weight, "pairs": spec.pairs}
-    implied = {"implied_partner_prob": cfg.implied_partner_prob}  # instruction mix only: grounding data stays exact
-    full = Mix(k_turns=cfg.k_turns, caption_prob=cfg.caption_prob, qa_weights=cfg.qa_weights, **negatives, **implied)
+    full = Mix(
+        k_turns=cfg.k_turns,
+        caption_prob=cfg.caption_prob,
+        qa_weights=cfg.qa_weights,
+        implied_partner_prob=cfg.implied_partner_prob,  # instruction mix only: the grounding data stay exact
+        **negatives,
+    )
     grounding = Mix(k_turns=cfg.k_turns, caption_prob=0.0, qa_weights={"existence": 1.0}, **negatives)
     method = METHODS.get(cfg.method)(**cfg.method_args).bind(adapter) if cfg.method else contextlib.nullcontext()
     t0 = time.perf_counter()

@@ -60,18 +60,12 @@ class Mix:
     pairs: tuple[tuple[str, str], ...] = WorldSpec().pairs
 
 
-def absent_partners(scene: Scene, pairs: tuple[tuple[str, str], ...]) -> set[str]:
-    """Shapes absent from ``scene`` whose declared partner is present."""
-    present = set(scene.shapes)
-    return {b if a in present else a for a, b in pairs if (a in present) != (b in present)}
-
-
 def existence_qa(scene: Scene, rng: random.Random, mix: Mix) -> tuple[str, str] | None:
     """An existence question (see :class:`Mix` for how absent partners are asked about and answered)."""
     pair = _existence_pair(scene, rng, mix)
     if pair is None or not mix.implied_partner_prob or pair[1] != shapes.NO:
         return pair  # q = 0 draws nothing more: earlier recipes reproduce bit for bit
-    implied = {shapes.existence_question(s) for s in absent_partners(scene, mix.pairs)}
+    implied = {shapes.existence_question(s) for s in shapes.absent_partners(scene.shapes, mix.pairs)}
     if pair[0] in implied and rng.random() < mix.implied_partner_prob:
         return pair[0], shapes.YES
     return pair
@@ -83,7 +77,7 @@ def _existence_pair(scene: Scene, rng: random.Random, mix: Mix) -> tuple[str, st
         return shapes.qa_existence(scene, rng)  # the uniform draw, bit-identical to earlier recipes
     if rng.random() < 0.5:
         return shapes.qa_existence(scene, rng, answer=shapes.YES)
-    partners = absent_partners(scene, mix.pairs)
+    partners = shapes.absent_partners(scene.shapes, mix.pairs)
     absent = [s for s in shapes.SHAPES if s not in scene.shapes]
     if not absent:
         return None

@@ -95,6 +95,12 @@ class WorldSpec:
         return None
 
 
+def absent_partners(present: list[str], pairs: tuple[tuple[str, str], ...]) -> list[str]:
+    """Declared partners of the ``present`` shapes that are themselves absent, in the order of ``present``."""
+    partner = {a: b for a, b in pairs} | {b: a for a, b in pairs}
+    return [partner[s] for s in present if s in partner and partner[s] not in present]
+
+
 def image_digest(image: np.ndarray) -> str:
     """SHA-256 (first 16 hex) of an image's bytes."""
     return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]

@@ -14,9 +14,9 @@ from PIL import Image
 from adapters.base import ADAPTERS
 from harness.assets import tokenizer_corpus
 from harness.train import TrainConfig, _first_linear, train
-from harness.train_data import Mix, absent_partners, collate, conversation, encode, existence_qa, segments
+from harness.train_data import Mix, collate, conversation, encode, existence_qa, segments
 from methods.base import METHODS, Method
-from tasks.shapes import SHAPES, WorldSpec, make_scene, qa_existence
+from tasks.shapes import SHAPES, WorldSpec, absent_partners, make_scene, qa_existence
 
 
 def test_segments_and_labels_match_evaluation_prompts(llava):
@@ -93,7 +93,7 @@ def test_implied_partner_prob_answers_yes_only_for_absent_partners_at_rate_q():
     spec = WorldSpec()
     scene = next(s for i in range(200) if len(set((s := make_scene(0, "train", i, spec)).shapes)) == 2
                  and spec.partner(s.shapes[0]) != s.shapes[1])  # fmt: skip  # two singles: two absent partners
-    partners = absent_partners(scene, spec.pairs)
+    partners = set(absent_partners(scene.shapes, spec.pairs))
     assert partners == {spec.partner(x) for x in scene.shapes} and not partners & set(scene.shapes)
     r1, r2 = random.Random(3), random.Random(3)  # q = 0 is the exact draw, call for call
     mix0 = Mix(implied_partner_prob=0.0)
