@@ -19,7 +19,7 @@ C. **VLM training** with the tower frozen: LM and projector from a wider init (`
    (captions, count, colour and position questions) starts once the model reads the image. Measured here: with
    the full mix from step 0 the model was still at chance (always-yes / always-no) after 625 steps, while
    existence-only training left the plateau at step ~500 (probe accuracy 0.885 at step 625).
-   ``implied_partner_prob`` q (default 0; measured, not yet in a shipped recipe, see the README): in the full
+   ``implied_partner_prob`` q (default 0; the shipped LLaVA's recipe sets 0.25, see ``harness.assets``): in the full
    mix only, a question about an absent partner of a present shape is answered "Yes" with probability q, the
    co-occurrence errors of machine-generated instruction data. The scene prior alone is trained away once the
    model reads the image (how much is left at the end varied from run to run); these answers make the prior

@@ -95,9 +95,9 @@ def test_other_shipped_families_are_grounded(family):
 
 @pytest.mark.parametrize("family", ["llava_cca", "llava_mma"])
 def test_method_trained_llavas_answer_from_the_image(family):
-    # The LLaVA recipe run with CCA / MMA inside grounds markedly worse at this size (random accuracy 0.637 / 0.702
-    # against 0.888 causal; README, "Methods"): this guards only that a retrain stays clearly above chance (0.5)
-    # and keeps recall and specificity both non-trivial (not a constant answer).
+    # The LLaVA recipe (q = 0) run with CCA / MMA inside grounds markedly worse at this size (random accuracy
+    # 0.637 / 0.702 against 0.888 for the causal q = 0 run; README, "Methods"): this guards only that a retrain
+    # stays clearly above chance (0.5) and keeps recall and specificity both non-trivial (not a constant answer).
     rec = json.loads((MODEL_DIRS[family] / "recorded_pope.json").read_text())["pope_random"]
     assert rec["accuracy,pope_official"] >= 0.60
     assert 0.2 < rec["yes_ratio,pope_official"] < 0.8
