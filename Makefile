@@ -60,7 +60,7 @@ world: setup         ## re-export the shapes world (POPE, CHAIR, MME, VCR format
 	$(PY) -m harness.assets figure
 
 MODEL ?= llava
-train: setup         ## retrain a shipped tiny checkpoint (MODEL=llava|qwen_vl|internvl|llava_cca|llava_mma|llava_144), record POPE
+train: setup         ## retrain a shipped tiny checkpoint (MODEL=llava|qwen_vl|internvl|llava_cca|llava_mma|llava_144), record POPE, re-run its calibrations
 	$(PY) -m harness.assets train --model $(MODEL)
 
 clean:

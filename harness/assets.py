@@ -1,8 +1,9 @@
 """The embedded default shipped in ``assets/``: the shapes-world exports and the trained tiny checkpoints.
 
     python -m harness.assets world                     # re-export assets/shapes-world (deterministic, seconds)
-    python -m harness.assets train [--model llava]     # train a shipped checkpoint on the world's train split
+    python -m harness.assets train [--model llava]     # train a shipped checkpoint, record it, re-run its calibrations
     python -m harness.assets record [--model llava]    # evaluate it on the shipped POPE set; write recorded_pope.json
+    python -m harness.assets calibrate [--model llava] # re-run the calibrations committed beside it
 
 Shipped checkpoints (:data:`SHIPPED`, keyed by their ``conf/model`` option): ``llava`` (the default of
 ``python run.py``), ``qwen_vl`` (a tiny Qwen2-VL), ``internvl``, and ``llava_cca`` / ``llava_mma`` (LLaVA trained
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,14 +37,27 @@ class Shipped:
         path: Checkpoint directory.
         recipe: :class:`harness.train.TrainConfig` overrides.
         method: The method it is trained AND evaluated with (``none`` for causally trained checkpoints).
+        calibrations: Calibration CLIs (module + extra arguments, each run with ``--model <option>``) whose files
+            are committed beside the checkpoint; training deletes the directory, so ``train`` re-runs them.
     """
 
     family: str
     path: Path
     recipe: dict = field(default_factory=dict)
     method: str = "none"
+    calibrations: tuple[tuple[str, ...], ...] = ()
 
 
+#: Calibration CLI → the file it writes beside the checkpoint.
+CALIBRATION_FILES = {
+    "methods.var_calibrate": "var_sinks.json",
+    "methods.fcct": "iri_fcct.json",
+    "methods.debias_calibrate": "attn_debias.json",
+    "methods.embedlens_calibrate": "embedlens_markers.json",
+}
+_VAR_FCCT = (("methods.var_calibrate",), ("methods.fcct",))
+_FASTV = ("methods.debias_calibrate", "--pruner", "fastv")
+_FASTERVLM = ("methods.debias_calibrate", "--pruner", "fastervlm")
 _LLAVA_TOWER = str(REPO_ROOT / "assets" / "shapes-llava" / "vision_tower.safetensors")
 #: conf/model option → shipped checkpoint. The CCA / MMA LLaVAs reuse the baseline LLaVA's stage-A vision tower
 #: (stage A trains the tower alone, so the method cannot change it) and train stages B–C inside the method.
@@ -49,22 +65,40 @@ SHIPPED = {
     # Annotations naming an absent co-occurring partner (q = 0.25, full mix only; see harness.train_data.Mix):
     # without them the POPE adversarial gap did not reproduce (1.6 points in one `make train` run; 2.8–3.8 in
     # other seeds); with them 3.1–4.7 in 3 of 3 runs (README, "Run-to-run variation").
-    "llava": Shipped("llava", REPO_ROOT / "assets" / "shapes-llava", {"implied_partner_prob": 0.25}),
-    "qwen_vl": Shipped("qwen_vl", REPO_ROOT / "assets" / "shapes-qwen2vl"),
+    "llava": Shipped(
+        "llava",
+        REPO_ROOT / "assets" / "shapes-llava",
+        {"implied_partner_prob": 0.25},
+        calibrations=(*_VAR_FCCT, _FASTV, _FASTERVLM, ("methods.embedlens_calibrate",)),
+    ),
+    "qwen_vl": Shipped("qwen_vl", REPO_ROOT / "assets" / "shapes-qwen2vl", calibrations=(*_VAR_FCCT, _FASTV)),
     # InternViT learned presence slowly from scratch: after 3,000 stage-A steps its shape-set exact match was 0.19
     # (Qwen's tower: 0.81) and POPE random accuracy 0.70; it gets twice the steps (and residual scale 1 at init,
     # see harness.train.TINY_BUILDERS).
-    "internvl": Shipped("internvl", REPO_ROOT / "assets" / "shapes-internvl", {"tower_steps": 6000}),
+    "internvl": Shipped(
+        "internvl",
+        REPO_ROOT / "assets" / "shapes-internvl",
+        {"tower_steps": 6000},
+        calibrations=(*_VAR_FCCT, _FASTV, _FASTERVLM),
+    ),
     # 96-px input, 144 visual tokens (the world's 64-px scenes upsampled by the processor): the token-pruning
     # benchmark's second accuracy model, where keeping 10 % leaves 14 tokens (64 tokens leave 6). Same recipe as
     # the 64-token LLaVA before its implied-partner annotations (q = 0, as trained); it grounds less well (POPE
     # random 0.730 vs 0.888 for the q = 0 64-token run).
     "llava_144": Shipped("llava", REPO_ROOT / "assets" / "shapes-llava-144", {"image_size": 96}),
     "llava_cca": Shipped(
-        "llava", REPO_ROOT / "assets" / "shapes-llava-cca", {"method": "cca", "tower_from": _LLAVA_TOWER}, "cca"
+        "llava",
+        REPO_ROOT / "assets" / "shapes-llava-cca",
+        {"method": "cca", "tower_from": _LLAVA_TOWER},
+        "cca",
+        _VAR_FCCT,
     ),
     "llava_mma": Shipped(
-        "llava", REPO_ROOT / "assets" / "shapes-llava-mma", {"method": "mma", "tower_from": _LLAVA_TOWER}, "mma"
+        "llava",
+        REPO_ROOT / "assets" / "shapes-llava-mma",
+        {"method": "mma", "tower_from": _LLAVA_TOWER},
+        "mma",
+        _VAR_FCCT,
     ),
 }
 MODEL_DIRS = {name: ship.path for name, ship in SHIPPED.items()}
@@ -169,10 +203,16 @@ def record_pope(
     return res
 
 
+def calibrate(model: str) -> None:
+    """Re-run a shipped checkpoint's calibrations (:attr:`Shipped.calibrations`), each as its own CLI."""
+    for module, *extra in SHIPPED[model].calibrations:
+        subprocess.run([sys.executable, "-m", module, "--model", model, *extra], check=True, cwd=REPO_ROOT)
+
+
 def main() -> None:
     """CLI entry point."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["world", "train", "record", "figure"])
+    ap.add_argument("what", choices=["world", "train", "record", "calibrate", "figure"])
     ap.add_argument("--model", choices=sorted(SHIPPED), default="llava", help="shipped checkpoint (conf/model option)")
     args = ap.parse_args()
     ship = SHIPPED[args.model]
@@ -186,6 +226,9 @@ def main() -> None:
         exclude = str(WORLD_DIR / "metadata.json")
         train(TrainConfig(out=str(ship.path), family=ship.family, exclude=exclude, **ship.recipe), tokenizer_corpus())
         record_pope(ship.path, model=args.model, method=ship.method)
+        calibrate(args.model)
+    elif args.what == "calibrate":
+        calibrate(args.model)
     else:
         record_pope(ship.path, model=args.model, method=ship.method)
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from harness.assets import MODEL_DIR, MODEL_DIRS, SHIPPED, WORLD_DIR, build_world
+from harness.assets import CALIBRATION_FILES, MODEL_DIR, MODEL_DIRS, SHIPPED, WORLD_DIR, build_world
 from harness.config import REPO_ROOT
 
 
@@ -112,3 +112,17 @@ def test_many_token_llava_answers_from_the_image():
     assert 0.2 < rec["yes_ratio,pope_official"] < 0.8
     vision = json.loads((MODEL_DIRS["llava_144"] / "config.json").read_text())["vision_config"]
     assert (vision["image_size"] // vision["patch_size"]) ** 2 == 144
+
+
+@pytest.mark.parametrize("model", sorted(SHIPPED))
+def test_train_reruns_every_calibration_committed_beside_a_checkpoint(model):
+    # Training deletes the checkpoint directory; `harness.assets train` must re-run exactly the calibrations whose
+    # files are committed there (and the debiasing fits of the same pruners), or a retrained checkpoint ships stale
+    # or missing calibrations.
+    ship = SHIPPED[model]
+    expected = {CALIBRATION_FILES[module] for module, *_ in ship.calibrations}
+    assert {f for f in CALIBRATION_FILES.values() if (ship.path / f).exists()} == expected
+    pruners = {extra[extra.index("--pruner") + 1] for module, *extra in ship.calibrations if "--pruner" in extra}
+    if pruners:
+        fits = json.loads((ship.path / "attn_debias.json").read_text())
+        assert {key.split("/")[0] for key in fits} == pruners
