@@ -78,18 +78,22 @@ from tasks.shapes import Scene, WorldSpec, absent_partners, article, make_scene
 #: (``None``: 64 px). All three read the world's 64×64 scenes; at 64 px LLaVA sees 64 visual tokens (8-px patches),
 #: Qwen2-VL and InternVL 16 (8-px patches merged 2×2). A larger side makes the processor upsample the scenes and
 #: the tower cut them into more patches (LLaVA at 96 px: 144 tokens), the regime token pruning is designed for.
+#: ``size`` overrides fields of the family's size dataclass (e.g. ``{"text_layers": 4}``).
 TINY_BUILDERS: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
-    "llava": lambda corpus, seed, side: make_tiny_llava(
+    "llava": lambda corpus, seed, side, size: make_tiny_llava(
         corpus,
-        LlavaSize(text_kv_heads=4, feature_layer=-1, init_range=0.1, image_size=side or 64),
+        replace(LlavaSize(text_kv_heads=4, feature_layer=-1, init_range=0.1, image_size=side or 64), **size),
         seed=seed,
         vocab_size=800,
     ),
-    "qwen_vl": lambda corpus, seed, side: make_tiny_qwen_vl(
-        corpus, QwenVLSize(text_kv_heads=4, init_range=0.1), seed=seed, vocab_size=800
+    "qwen_vl": lambda corpus, seed, side, size: make_tiny_qwen_vl(
+        corpus, replace(QwenVLSize(text_kv_heads=4, init_range=0.1), **size), seed=seed, vocab_size=800
     ),
-    "internvl": lambda corpus, seed, side: make_tiny_internvl(
-        corpus, InternVLSize(text_kv_heads=4, init_range=0.1, layer_scale=1.0), seed=seed, vocab_size=800
+    "internvl": lambda corpus, seed, side, size: make_tiny_internvl(
+        corpus,
+        replace(InternVLSize(text_kv_heads=4, init_range=0.1, layer_scale=1.0), **size),
+        seed=seed,
+        vocab_size=800,
     ),
 }
 #: Families whose builder honours :attr:`TrainConfig.image_size`.
@@ -109,6 +113,7 @@ class TrainConfig:
     tower_from: str | None = None  # safetensors of a pretrained vision tower: skip stage A and load it
     threads: int = 2
     image_size: int | None = None  # vision input side in px (LLaVA only; None = 64 → 64 visual tokens)
+    size: dict = field(default_factory=dict)  # overrides of the family's tiny size dataclass, e.g. {"text_layers": 4}
     # A. tower pretraining
     tower_steps: int = 3000
     tower_batch: int = 64
@@ -371,7 +376,7 @@ def train(cfg: TrainConfig, corpus: list[str], batch_hook: Callable[[dict], dict
     spec = WorldSpec(pair_prob=cfg.pair_prob)
     if cfg.image_size is not None and cfg.family not in SIZED_FAMILIES:
         raise ValueError(f"image_size is only supported for {SIZED_FAMILIES}, not {cfg.family!r}")
-    model, processor = TINY_BUILDERS[cfg.family](corpus, cfg.seed, cfg.image_size)
+    model, processor = TINY_BUILDERS[cfg.family](corpus, cfg.seed, cfg.image_size, cfg.size)
     adapter = ADAPTERS.get(cfg.family)(name=f"shapes-{cfg.family}", path=cfg.out, device="cpu")
     adapter.model, adapter.processor = model, processor  # in-memory model; the saved one loads via from_pretrained
     processor.tokenizer.padding_side = "left"
@@ -407,7 +412,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in TrainConfig.__dataclass_fields__.values():
-        if f.name in ("method_args", "qa_weights"):
+        if f.name in ("method_args", "qa_weights", "size"):
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=json.loads, default=f.default_factory())
             continue
         kind = {"int": int, "float": float, "bool": lambda s: s.lower() in ("1", "true", "yes")}.get(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -34,11 +35,13 @@ def test_a_planted_change_in_a_method_fails(monkeypatch, capsys):
         original(self, *args, **{**kwargs, "ratio": 0.9})
 
     monkeypatch.setattr(FastV, "__init__", prune_more)
-    # the yes/no answers of the 2-layer model survive it; the recorded answer log-probabilities do not
-    assert main(["--only", "causal_pairs/llava+fastv+"]) == 1  # the FastV + debias cell: 6 pairs
+    # On the shipped LLaVA the yes/no answers and the VQA-Causal answer log-probabilities survive it (FastV's K=1
+    # is the last layer of a 2-layer LM, which barely reads the visual tokens: the log-probabilities move ~1e-6);
+    # the CHAIR captions, generated over many steps, do not.
+    assert main(["--only", "chair/llava+fastv+"]) == 1  # the FastV + debias cell: 6 captions
     out = capsys.readouterr().out
     assert "regression FAILED: 1 cells, 1 changed" in out
-    assert "logprob  0 /reverse/No" in out
+    assert re.search(r"chair/llava\+fastv\+method\.debias=true +answer", out)
 
 
 def test_update_writes_goldens_and_a_moved_metric_fails(tmp_path, capsys):

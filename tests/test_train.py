@@ -163,9 +163,11 @@ def test_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path, family):
 def test_image_size_gives_a_finer_token_grid_and_is_refused_where_unsupported(tmp_path):
     cfg = TrainConfig(
         out=str(tmp_path / "ckpt"), image_size=96, tower_steps=2, tower_batch=4, proj_init=False, steps=2, batch=4,
-        warmup=1, eval_every=100, probe_images=4,
+        warmup=1, eval_every=100, probe_images=4, size={"text_layers": 3, "vision_layers": 3},
     )  # fmt: skip
     out = train(cfg, tokenizer_corpus(n_scenes=40))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["text_config"]["num_hidden_layers"], config["vision_config"]["num_hidden_layers"]) == (3, 3)
     adapter = ADAPTERS.get("llava")(name="trained", path=str(out), device="cpu")
     adapter.load()
     inputs = adapter.build_inputs(
