@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -36,8 +37,17 @@ def test_offline_run_writes_a_run_directory(llava, pope_dir, tmp_path, monkeypat
     assert len(runs) == 1, "the W&B run lives inside the run directory"
     history = list(runs[0].glob("run-*.wandb"))
     assert history, "history file written"
-    blob = history[0].read_bytes()
-    assert b"llava" in blob and b"pope_random/accuracy,pope_official" in blob, "config and metrics recorded"
+    # wandb's writer is its own service process: once `finish()` returns, the file can still be a bare header for a
+    # moment (seen once in CI: 9 bytes). Wait for it rather than read a half-written file; a run that never records
+    # the config and metrics still fails after the deadline.
+    deadline = time.monotonic() + 30
+    while True:
+        blob = history[0].read_bytes()
+        recorded = b"llava" in blob and b"pope_random/accuracy,pope_official" in blob
+        if recorded or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert recorded, "config and metrics recorded"
     assert (out / "results.json").exists() and res["results"]
     assert run_dir.startswith(str(runs[0]))
     tables = list((runs[0] / "files" / "media" / "table").rglob("*.json"))
