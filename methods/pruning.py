@@ -95,6 +95,7 @@ def select_top(scores: torch.Tensor, groups: list[torch.Tensor], k_of: Any, debi
     """
     keep = torch.zeros_like(scores, dtype=torch.bool)
     for idx in groups:
+        idx = idx.to(scores.device)  # [m]: an index built on the host must not index a device tensor
         k = k_of(len(idx))
         if debias is not None:
             k = debias.budget(k, content[idx] if content is not None else None)

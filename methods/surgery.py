@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.hf_compat import layer_cache
+
 #: ``fn(inputs) -> keep [batch, prompt_len] bool``: decided from the prompt tensors before the model call
 InputSelect = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 #: ``fn(batch) -> keep [batch, prompt_len] bool``: decided in prefill when the layer is reached
@@ -220,7 +222,7 @@ class Surgery:
         layout = self.layouts[layer] if layer < len(self.layouts) else None
         if layout is None:
             return kwargs
-        cache = kwargs.get("past_key_values")
+        cache = layer_cache(kwargs)
         if cache is None:
             raise RuntimeError("a pruned prompt can only be continued with the KV cache of its prefill")
         kv_len = cache.get_seq_length(layer) + q_len
