@@ -1,22 +1,55 @@
-# Every target sets itself up: the virtualenv is (re)built only when pyproject.toml changes.
+# Every target sets itself up: the virtualenv is (re)built only when the lock or pyproject.toml changes.
+#
+# The dev/CI environment is a LOCK: requirements/lock.txt (every package of the dev, lmms and lmms-run extras,
+# transitive ones included, at one version with its hashes) and requirements/lmms-eval.txt (lmms-eval alone, see
+# requirements/lmms-eval.in). Tool: uv (`uv pip compile` / `uv pip sync`). Chosen over pip-tools because one tool
+# gives (a) a hashed requirements.txt that plain pip can also install, (b) `pip sync` semantics (the venv is made
+# EQUAL to the lock, extraneous packages removed), (c) `--resolution lowest-direct`, which builds the low end of the
+# range for `make test-latest` from pyproject.toml itself, and (d) resolution in seconds; over `uv lock` because
+# that wants a uv project layout (uv.lock, its own venv handling) while this repo stays a plain pip-installable
+# package. The lock is for the CPU dev/CI machine (Python 3.11, Linux x86_64, torch's CPU build from $(WHEELS), see
+# requirements/torch-cpu.txt); on a GPU machine install the ranges instead: pip install -e '.[dev]'.
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
+UV      = $(VENV)/bin/uv
 STAMP   = $(VENV)/.installed
+WHEELS ?= /opt/wheels
+LOCKS   = requirements/lock.txt requirements/lmms-eval.txt
+EXTRAS  = --extra dev --extra lmms --extra lmms-run
+# how every resolution is made: for CPython 3.11 (CI's), torch's CPU build from $(WHEELS)
+RESOLVE = --python-version 3.11 --find-links $(WHEELS) --constraint requirements/torch-cpu.txt
 
-.PHONY: setup browser demo test regress leaderboard lint format bench bench-methods bench-pruning world train clean
+.PHONY: setup lock test-latest browser demo test regress leaderboard lint format bench bench-methods bench-pruning \
+	world train clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCKS) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned, so the CPU wheel is used where one is provided (see pyproject.toml)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,lmms,lmms-run]"
-	# the lmms-eval bridge's tests: lmms-eval without its requirements (they pin wandb==0.25 and pull a CUDA torch)
-	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
+	# uv at the lock's version, hash-checked (pip installs the lock's uv entry), then uv makes the venv equal the lock
+	awk '/^uv==/,/# via/' requirements/lock.txt > $(VENV)/uv-requirement.txt
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(VENV)/uv-requirement.txt
+	$(UV) pip sync -q --python $(PY) --require-hashes --find-links $(WHEELS) $(LOCKS)
+	# the harness itself, editable; its build backend (setuptools) is the lock's
+	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
+	$(PY) -m harness.lock check-env $(LOCKS)
 	touch $(STAMP)
+
+# Re-resolve the lock from pyproject.toml. Versions already locked are kept where the ranges still allow them;
+# UPGRADE=1 moves every package to the newest release the ranges allow.
+lock: setup
+	$(UV) pip compile -q pyproject.toml $(EXTRAS) $(RESOLVE) --generate-hashes $(if $(UPGRADE),--upgrade,) \
+		--custom-compile-command "make lock" -o requirements/lock.txt
+	$(UV) pip compile -q requirements/lmms-eval.in --no-deps $(RESOLVE) --generate-hashes $(if $(UPGRADE),--upgrade,) \
+		--custom-compile-command "make lock" -o requirements/lmms-eval.txt
+
+# The range check: throwaway venvs (under RANGE_DIR) resolved from pyproject.toml at the newest and at the lowest
+# versions its ranges allow, each running the fast cross-version subset (.ci/test-range says what it covers).
+RANGE_DIR ?= /tmp/lvlm-harness-range
+test-latest: setup
+	UV=$(UV) WHEELS=$(WHEELS) PYTHON=$(PYTHON) .ci/test-range highest $(RANGE_DIR)/highest
+	UV=$(UV) WHEELS=$(WHEELS) PYTHON=$(PYTHON) .ci/test-range lowest-direct $(RANGE_DIR)/lowest-direct
 
 # Debian's Chromium for the leaderboard page's browser test (Playwright drives it; it never downloads a browser)
 browser:
@@ -28,6 +61,7 @@ demo: setup          ## evaluate the embedded tiny LLaVA on the embedded POPE se
 	$(PY) run.py
 
 test: setup browser  ## the test suite, then the regression matrix against the committed goldens (W&B disabled)
+	$(PY) -m harness.lock check-env $(LOCKS)
 	WANDB_MODE=disabled $(PY) -m pytest -q
 	WANDB_MODE=disabled $(PY) -m reports.regress
 

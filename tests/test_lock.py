@@ -1,0 +1,88 @@
+"""The committed lock agrees with pyproject.toml (else: `make lock`), and the checks behind that claim can fail."""
+
+from __future__ import annotations
+
+import re
+
+from packaging.requirements import Requirement
+
+from harness.lock import (
+    LMMS_LOCK,
+    LOCK,
+    LOCKED_EXTRAS,
+    PROJECT,
+    REPO_ROOT,
+    Pin,
+    check_env,
+    check_pyproject,
+    pyproject_requirements,
+    read_lock,
+)
+
+
+def test_the_lock_fits_pyproject():
+    assert check_pyproject(pyproject_requirements(), read_lock(LOCK)) == []
+
+
+def test_lmms_eval_lock_is_its_input_alone():
+    wanted = [Requirement(line) for line in (REPO_ROOT / "requirements" / "lmms-eval.in").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]  # fmt: skip
+    pins = read_lock(LMMS_LOCK)
+    assert sorted(pins) == sorted(r.name for r in wanted)
+    assert all(r.specifier.contains(pins[r.name].version) for r in wanted)
+
+
+def test_every_pin_is_hashed_and_torch_is_the_cpu_build():
+    text = LOCK.read_text() + LMMS_LOCK.read_text()
+    blocks = re.split(r"\n(?=[A-Za-z0-9])", text)
+    pinned = [b for b in blocks if "==" in b.split("\n")[0] and not b.startswith("#")]
+    assert len(pinned) == len(read_lock(LOCK)) + len(read_lock(LMMS_LOCK)) > 100
+    assert all("--hash=sha256:" in b for b in pinned)
+    constraint = (REPO_ROOT / "requirements" / "torch-cpu.txt").read_text().splitlines()[-1]
+    assert constraint == f"torch=={read_lock(LOCK)['torch'].version}" == "torch==2.13.0+cpu"
+
+
+def test_the_makefile_locks_the_extras_the_check_reads():
+    line = next(x for x in (REPO_ROOT / "Makefile").read_text().splitlines() if x.startswith("EXTRAS"))
+    assert tuple(re.findall(r"--extra (\S+)", line)) == LOCKED_EXTRAS
+
+
+def test_a_range_the_lock_does_not_satisfy_an_added_and_a_dropped_requirement_are_reported():
+    pins = {
+        "torch": Pin("2.13.0+cpu", [f"{PROJECT} (pyproject.toml)", "-c requirements/torch-cpu.txt"]),
+        "transformers": Pin("5.25.0", [f"{PROJECT} (pyproject.toml)"]),
+        "tokenizers": Pin("0.23.3", ["transformers"]),  # transitive: never "no longer asked for"
+        "dropped": Pin("1.0", [f"{PROJECT} (pyproject.toml)"]),
+    }
+    ok = [Requirement("torch==2.13.0"), Requirement("transformers>=5.17,<6"), Requirement("dropped")]
+    assert check_pyproject(ok, pins) == []
+    problems = check_pyproject([Requirement("torch==2.13.0"), Requirement("transformers>=5.17,<5.25"),
+                                Requirement("added>=1")], pins)  # fmt: skip
+    assert problems == [
+        "transformers<5.25,>=5.17: the lock has transformers==5.25.0",
+        "added>=1 is not in the lock",
+        "dropped==1.0 is locked for pyproject, which no longer asks for it",
+    ]
+
+
+def test_read_lock_takes_versions_and_multi_line_annotations(tmp_path):
+    lock = tmp_path / "lock.txt"
+    lock.write_text(
+        "# header\nfoo==1.2 \\\n    --hash=sha256:00\n    # via\n    #   bar\n    #   lvlm-hallucination-harness "
+        "(pyproject.toml)\nbar-baz==3.0.post1 \\\n    --hash=sha256:11\n    # via foo\n"
+    )
+    assert read_lock(lock) == {
+        "foo": Pin("1.2", ["bar", "lvlm-hallucination-harness (pyproject.toml)"]),
+        "bar-baz": Pin("3.0.post1", ["foo"]),
+    }
+
+
+def test_check_env_reports_missing_moved_and_extra_packages_but_not_pip_or_the_harness():
+    pins = {"a": Pin("1.0"), "b": Pin("2.0"), "c": Pin("2.13.0+cpu")}
+    assert check_env(pins, {"a": "1.0", "b": "2.0", "c": "2.13.0+cpu", "pip": "25.0", PROJECT: "0.1.0"}) == []
+    assert check_env(pins, {"a": "1.1", "c": "2.13.0", "x": "0.1"}) == [
+        "a is installed at 1.1, locked at 1.0",
+        "b==2.0 is locked but not installed",
+        "c is installed at 2.13.0, locked at 2.13.0+cpu",
+        "x==0.1 is installed but not locked",
+    ]
