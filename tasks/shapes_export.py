@@ -3,7 +3,9 @@
     python -m tasks.shapes_export --out DIR --seed 0 --n-eval 300 --n-vcr 30
 
 The same loaders and scorers as the real benchmarks read these files; only the pictures are synthetic. Every
-file is a pure function of the arguments (re-running gives identical bytes). :func:`export_all` writes::
+file is a pure function of the arguments (re-running gives identical bytes), with one exception: the bytes of
+the VCR mp4 videos depend on the OpenCV/FFmpeg build's encoder, so ``metadata.json`` records, per video, the
+SHA-256 of the frames handed to the encoder (``vcr.encoded_frames``, :func:`frames_digest`). :func:`export_all` writes::
 
     DIR/
       metadata.json                 seed, split, spec, world statistics, per-scene ground truth and digests, counts
@@ -86,6 +88,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import hashlib
 import json
 import random
 import shutil
@@ -143,7 +147,10 @@ N_REFERENCE_CAPTIONS = 5
 VCR_STEP_WEIGHTS = {3: 126, 4: 105, 5: 80, 6: 30, 7: 24}
 #: World parameters of VCR samples: 128 px frames (legible "Clip k" label), 3–7 small objects.
 VCR_SPEC = WorldSpec(image_size=128, min_objects=3, max_objects=7, radius=(0.08, 0.13))
-CLIP_FONT = cv2.FONT_HERSHEY_SIMPLEX
+#: "Clip 1" ... "Clip 9" stacked top to bottom, each a 24×48 grey patch: white ``FONT_HERSHEY_SIMPLEX`` text
+#: (scale 0.5, thickness 1, ``LINE_AA``) at (3, 13) on an opaque black box, exactly as ``cv2.putText`` and
+#: ``cv2.rectangle`` of opencv-python-headless 5.1 drew them (the shipped videos' labels; 4.10 draws them otherwise).
+CLIP_LABELS = Path(__file__).parent / "data" / "clip_labels.png"
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -460,20 +467,55 @@ def make_vcr_sample(seed: int, index: int, spec: WorldSpec = VCR_SPEC, split: st
 
 
 def label_frame(image: np.ndarray, clip: int) -> np.ndarray:
-    """Copy of an RGB frame with ``"Clip k"`` in white on a black box at the top left."""
+    """Copy of an RGB frame with ``"Clip k"`` (k = 1..9) in white on a black box at the top left (48×24 pixels).
+
+    The label is pasted from :data:`CLIP_LABELS`, not drawn with ``cv2.putText``: OpenCV's text rendering changed
+    between releases (4.10 draws other glyphs and a wider box than 5.1), and the frames handed to the video
+    encoder must not depend on the OpenCV build.
+    """
     out = image.copy()
-    text = f"Clip {clip}"
-    (tw, th), base = cv2.getTextSize(text, CLIP_FONT, 0.5, 1)
-    cv2.rectangle(out, (0, 0), (tw + 6, th + base + 6), (0, 0, 0), -1)
-    cv2.putText(out, text, (3, th + 3), CLIP_FONT, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+    patch = _clip_labels()[clip - 1]
+    out[: patch.shape[0], : patch.shape[1]] = patch[..., None]
     return out
 
 
-def write_vcr_video(path: Path, sample: VCRSample, frames_per_clip: int = 4, fps: float = 2.0) -> int:
-    """Write the sample's shuffled clips as one ``mp4v`` video; returns the number of frames written.
+@functools.cache
+def _clip_labels() -> np.ndarray:
+    sheet = cv2.imread(str(CLIP_LABELS), cv2.IMREAD_GRAYSCALE)  # PNG is lossless: the same pixels on every build
+    if sheet is None:
+        raise FileNotFoundError(f"cannot read {CLIP_LABELS}")
+    return sheet.reshape(9, -1, sheet.shape[1])
+
+
+def encoder_frames(sample: VCRSample, frames_per_clip: int = 4) -> list[np.ndarray]:
+    """The BGR frames :func:`write_vcr_video` hands to the encoder, in order.
 
     Each clip is ``frames_per_clip`` copies of its step image; the first ``ceil(frames_per_clip / 2)`` carry
     the ``"Clip k"`` label.
+    """
+    frames = []
+    for k, frame in enumerate(sample.clip_frames(), start=1):
+        labelled = label_frame(frame, k)
+        frames += [cv2.cvtColor(labelled if f < (frames_per_clip + 1) // 2 else frame, cv2.COLOR_RGB2BGR)
+                   for f in range(frames_per_clip)]  # fmt: skip
+    return frames
+
+
+def frames_digest(frames: Sequence[np.ndarray]) -> str:
+    """SHA-256 of a frame sequence's pixels (shape-prefixed): what a video encodes, whatever its encoder's bytes."""
+    h = hashlib.sha256()
+    for frame in frames:
+        h.update(f"{frame.shape}{frame.dtype}".encode())
+        h.update(np.ascontiguousarray(frame).tobytes())
+    return h.hexdigest()
+
+
+def write_vcr_video(path: Path, sample: VCRSample, frames_per_clip: int = 4, fps: float = 2.0) -> str:
+    """Write the sample's shuffled clips (:func:`encoder_frames`) as one ``mp4v`` video.
+
+    Returns:
+        :func:`frames_digest` of the frames handed to the encoder. The file's bytes (and, mp4v being lossy, its
+        decoded pixels) depend on the OpenCV/FFmpeg build; this digest does not.
 
     Raises:
         RuntimeError: When OpenCV cannot open a video writer.
@@ -483,16 +525,13 @@ def write_vcr_video(path: Path, sample: VCRSample, frames_per_clip: int = 4, fps
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (size, size))
     if not writer.isOpened():
         raise RuntimeError(f"cv2.VideoWriter cannot write {path} with codec mp4v")
-    n = 0
+    frames = encoder_frames(sample, frames_per_clip)
     try:
-        for k, frame in enumerate(sample.clip_frames(), start=1):
-            labelled = label_frame(frame, k)
-            for f in range(frames_per_clip):
-                writer.write(cv2.cvtColor(labelled if f < (frames_per_clip + 1) // 2 else frame, cv2.COLOR_RGB2BGR))
-                n += 1
+        for frame in frames:
+            writer.write(frame)
     finally:
         writer.release()
-    return n
+    return frames_digest(frames)
 
 
 def export_vcr(
@@ -514,16 +553,18 @@ def export_vcr(
         fps: Video frame rate.
 
     Returns:
-        Counts (samples, per step count, frames) and the step-image digests.
+        Counts (samples, per step count, frames), the step-image digests and, per video file, the
+        :func:`frames_digest` of the frames handed to its encoder.
     """
     out = Path(out_dir)
-    records, procedures, digests = [], {}, []
+    records, procedures, digests, encoded = [], {}, [], {}
     per_steps: dict[int, int] = {}
     n_frames = 0
     for index in range(n_samples):
         s = make_vcr_sample(seed, index, spec)
         video_file = f"video_{s.qid}.mp4"
-        n_frames += write_vcr_video(out / "videos" / video_file, s, frames_per_clip, fps)
+        encoded[video_file] = write_vcr_video(out / "videos" / video_file, s, frames_per_clip, fps)
+        n_frames += len(s.clip_steps) * frames_per_clip
         for k, frame in enumerate(s.clip_frames(), start=1):
             write_png(out / "frames" / s.qid / f"clip_{k}.png", frame)
         records.append({"qid": s.qid, "goal": s.goal, "video_file": video_file, "ground_truth": list(s.ground_truth)})
@@ -539,7 +580,7 @@ def export_vcr(
     _write_json(out / "data.json", records, indent=4)
     _write_json(out / "procedures.json", procedures, indent=1)
     return {"samples": n_samples, "per_step_count": dict(sorted(per_steps.items())), "frames": n_frames,
-            "digests": digests}  # fmt: skip
+            "digests": digests, "encoded_frames": encoded}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- all
@@ -667,7 +708,7 @@ def export_all(
         "causal": export_causal(scenes, out / "causal"),
     }
     vcr = export_vcr(n_vcr, out / "vcr", seed=seed, spec=vcr_spec)
-    vcr_digests = vcr.pop("digests")
+    vcr_digests, vcr_encoded = vcr.pop("digests"), vcr.pop("encoded_frames")
     counts["vcr"] = vcr
     metadata = {
         "world": "shapes",
@@ -679,7 +720,7 @@ def export_all(
         "counts": counts,
         "digests": {EVAL_SPLIT: [s.digest for s in scenes], VCR_SPLIT: vcr_digests},
         "scenes": _scenes_json(scenes),
-        "vcr": {"split": VCR_SPLIT, "spec": asdict(vcr_spec), "n_samples": n_vcr},
+        "vcr": {"split": VCR_SPLIT, "spec": asdict(vcr_spec), "n_samples": n_vcr, "encoded_frames": vcr_encoded},
         "pope": {"split": EVAL_SPLIT if n_pope is None else POPE_SPLIT, "spec": asdict(pope_spec)},
     }
     if n_pope is not None:
