@@ -9,9 +9,10 @@ through exactly the same ``from_pretrained`` path as a hub checkpoint.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -34,6 +35,9 @@ LLAVA_CHAT_TEMPLATE = (
     "{% elif m['role'] == 'assistant' %}ASSISTANT: {{ m['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+
+#: ``build(model_cls, config) -> model``: how a maker instantiates its model class
+Builder = Callable[[type, Any], Any]
 
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 
@@ -134,10 +138,20 @@ def build_tiny_llava(
     return build_tiny("llava", out_dir, corpus, size, seed=seed, vocab_size=vocab_size)
 
 
+def _instantiate(model_cls: type, config: Any) -> Any:
+    """The default ``build``: the model class on its config, on the CPU in float32."""
+    return model_cls(config)
+
+
 def make_tiny_llava(
-    corpus: Iterable[str], size: LlavaSize = LlavaSize(), *, seed: int = 0, vocab_size: int = 600
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A random-init tiny LLaVA and its processor, in memory (see :func:`build_tiny_llava`)."""
+    corpus: Iterable[str], size: LlavaSize = LlavaSize(), *, seed: int = 0, vocab_size: int = 600,
+    build: Builder = _instantiate,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:  # fmt: skip
+    """A random-init tiny LLaVA and its processor, in memory (see :func:`build_tiny_llava`).
+
+    ``build(model_cls, config)`` instantiates the model (default: on the CPU in float32); a benchmark passes one
+    that edits the config (real intermediate and vocabulary sizes) and builds on the GPU in bfloat16.
+    """
     tok = train_tokenizer(corpus, vocab_size=vocab_size, model_specials={"image_token": "<image>"})
     vision = CLIPVisionConfig(
         hidden_size=size.vision_hidden,
@@ -159,7 +173,7 @@ def make_tiny_llava(
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg)
+    model = build(LlavaForConditionalGeneration, cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
@@ -247,7 +261,8 @@ def _set_generation_ids(model, tok: PreTrainedTokenizerFast) -> None:
     model.generation_config.bos_token_id = tok.bos_token_id
 
 
-def make_tiny_qwen_vl(corpus: Iterable[str], size: QwenVLSize = QwenVLSize(), *, seed: int = 0, vocab_size: int = 600):
+def make_tiny_qwen_vl(corpus: Iterable[str], size: QwenVLSize = QwenVLSize(), *, seed: int = 0, vocab_size: int = 600,
+                      build: Builder = _instantiate):  # fmt: skip
     """A random-init tiny Qwen2-VL (or Qwen2.5-VL, by ``size.variant``) and its image-only processor."""
     from transformers import (
         Qwen2_5_VLConfig,
@@ -284,11 +299,12 @@ def make_tiny_qwen_vl(corpus: Iterable[str], size: QwenVLSize = QwenVLSize(), *,
         vision = common | dict(hidden_size=size.vision_hidden, intermediate_size=4 * size.vision_hidden,
                                out_hidden_size=size.text_hidden, window_size=2 * size.patch_size * size.merge_size,
                                fullatt_block_indexes=[size.vision_layers - 1])  # fmt: skip
-        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        model = build(Qwen2_5_VLForConditionalGeneration, cfg)
         proc_cls = Qwen2_5_VLImageOnlyProcessor
     else:
         vision = common | dict(embed_dim=size.vision_hidden, hidden_size=size.text_hidden, mlp_ratio=4)
-        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
+        model = build(Qwen2VLForConditionalGeneration, Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
         proc_cls = Qwen2VLImageOnlyProcessor
     _set_generation_ids(model, tok)
     image_processor = Qwen2VLImageProcessorPil(
@@ -302,8 +318,9 @@ def make_tiny_qwen_vl(corpus: Iterable[str], size: QwenVLSize = QwenVLSize(), *,
 
 
 def make_tiny_internvl(
-    corpus: Iterable[str], size: InternVLSize = InternVLSize(), *, seed: int = 0, vocab_size: int = 600
-):
+    corpus: Iterable[str], size: InternVLSize = InternVLSize(), *, seed: int = 0, vocab_size: int = 600,
+    build: Builder = _instantiate,
+):  # fmt: skip
     """A random-init tiny ``InternVLForConditionalGeneration`` and its image-only processor (tiling on)."""
     from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
 
@@ -331,7 +348,7 @@ def make_tiny_internvl(
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(cfg)
+    model = build(InternVLForConditionalGeneration, cfg)
     _set_generation_ids(model, tok)
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": size.image_size, "width": size.image_size},

@@ -189,7 +189,9 @@ class VAR(Method):
     def _prepare(self, batch: Batch) -> None:
         pos = torch.arange(batch.prompt_len, device=batch.visual.device)
         last_visual = torch.where(batch.visual, pos, -1).amax(-1)  # [batch]; -1 without an image
-        batch.state[self.name] = {"sinks": {}, "last_visual": last_visual}
+        # the first editable row, read once per batch (one host sync) instead of in every layer at every step
+        first = int(last_visual.min()) + 1  # a row without image: -1 + 1 = 0
+        batch.state[self.name] = {"sinks": {}, "last_visual": last_visual, "first_row": first}
 
     def _find_sinks(self, hidden: torch.Tensor, step: Step) -> None:
         if step.offset != 0:  # cached decoding step: generated tokens are never sinks
@@ -205,8 +207,7 @@ class VAR(Method):
 
     def _first_row(self, step: Step) -> int:
         """Rows up to the last visual token of every sample are never edited (fused SDPA runs them)."""
-        first = int(step.batch.state[self.name]["last_visual"].min()) + 1  # a row without image: -1 + 1 = 0
-        return max(0, first - step.offset)
+        return max(0, step.batch.state[self.name]["first_row"] - step.offset)
 
     def _redistribute(self, probs: torch.Tensor, step: Step) -> torch.Tensor:
         batch, state = step.batch, step.batch.state[self.name]

@@ -1,0 +1,445 @@
+"""Scale benchmark: every method at the real dimensions of each family's 7B-class checkpoint, side by side.
+
+    python -m harness.bench_scale --family llava --size 7b --device cuda --json llava7b.json
+    python -m harness.bench_scale --family qwen_vl --size tiny --device cpu        # smoke test (< 3 min, 2 cores)
+
+The model is random-init (weights do not change the work) with the real shapes of the checkpoint people run:
+
+| family | checkpoint | vision tower | LM (layers × width, heads / KV, MLP, vocabulary) | visual tokens |
+|---|---|---|---|---|
+| ``llava`` | LLaVA-1.5-7B | CLIP ViT-L/14-336, 24 × 1024 | Llama 32 × 4096, 32 / 32, 11008, 32064 | 576 |
+| ``qwen_vl`` | Qwen2-VL-7B | ViT 32 × 1280, 2×2 merge | Qwen2 28 × 3584, 28 / 4, 18944, 152064 | 576 (672 px) |
+| ``internvl`` | InternVL3-8B-hf | InternViT 24 × 1024, 448 px | Qwen2 28 × 3584, 28 / 4, 18944, 151674 | 256 (1 tile) |
+
+Built on the device in ``--dtype`` (bfloat16 on CUDA), with the project's tokenizer (the LM's extra vocabulary
+rows cost what they cost in the real model). ``--size tiny`` uses the test suite's tiny shapes with a 6-layer LM.
+
+In one run, interleaved, each figure the median of ``--repeats`` (≥ 5) runs:
+
+1. **overhead** ``overhead.<batch>.ratio``: wall time of the harness (``harness.engine.evaluate``: image loading,
+   prompt template, batching, generation, parsing, per-sample JSONL, metrics, results file) over a bare loop of
+   ``processor`` + ``model.generate`` + ``batch_decode`` on the same POPE-style samples, at batch 1 and 16 (wall
+   time: the harness's own host work is what is being measured).
+2. **throughput** ``throughput.<batch>.samples_per_s`` of the harness at each ``--batch-sizes``.
+3. **methods** ``methods.<name>.ratio``: generation time of a batch of 16 requests, 16 new tokens, under each
+   method over ``none`` (CUDA events), and the CPU-countable proxy of GPU cost (:mod:`harness.opcount`): ATen ops
+   and host syncs per cached decoding step (``ops_per_step``, ``syncs_per_step``; ``none``'s beside them) and per
+   prefill. CARVE's two recording passes are given the same 16 tokens (a random model never stops early).
+4. **pruning** ``pruning.<setting>.speedup`` and ``peak_memory_ratio``: prefill (vision tower + LM, last-token
+   logits) of a batch of 8 under FastV and FasterVLM at R = 50/75/90 % over ``none``; peak memory above the weights
+   (``max_memory_allocated`` on CUDA, resident set size on the CPU).
+
+Targets on one H200 (issue 25): VAR ≤ 1.15×, IRI ≤ 1.05×, CCA and MMA ≤ 1.05×, CARVE ≤ 3×; harness overhead
+≤ 1.05× at batch 1 and 16; batch 16 ≥ 10× batch 1 throughput; FastV prefill ≥ 1.4× at R=50 % and ≥ 2.5× at
+R=90 %; FasterVLM ≥ 1.5× at R=75 % and ≥ 2.5× at R=90 % with peak memory ≤ 1.1× none's. Proxy targets (CPU,
+tests): no host sync per decoding step beyond none's for VAR, IRI, CCA, MMA, FastV, FasterVLM; ops per decoding
+step ≤ 2× none's (VAR ≤ 3×).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from adapters.base import ADAPTERS, Adapter
+from adapters.tiny import TINY, InternVLSize, LlavaSize, QwenVLSize, TinySize
+from harness.assets import tokenizer_corpus
+from harness.bench import _task, time_harness, time_plain
+from harness.bench_methods import _synthetic_fcct
+from harness.bench_pruning import PeakRSS
+from harness.calls import AdapterCalls
+from harness.opcount import count_steps
+from harness.results import environment
+from methods.base import METHODS, UnsupportedError
+from tasks.base import Request
+from tasks.shapes import WorldSpec, generate
+from tasks.shapes_export import export_pope
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """A family's shapes at one size: tower and LM, plus what the tiny size classes leave at their defaults."""
+
+    size: TinySize
+    image: int  # side of the square test images, pixels
+    text_intermediate: int | None = None  # LM MLP width (None: the tiny default 4 × hidden)
+    vocab: int | None = None  # LM vocabulary rows (None: the tokenizer's)
+
+
+QWEN_7B_LM = dict(text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, max_positions=32768)
+SCALES: dict[str, dict[str, Scale]] = {
+    "llava": {
+        "7b": Scale(LlavaSize(image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
+                              text_hidden=4096, text_layers=32, text_heads=32, text_kv_heads=32, max_positions=4096),
+                    image=336, text_intermediate=11008, vocab=32064),
+        "tiny": Scale(LlavaSize(text_layers=6), image=64),
+    },
+    "qwen_vl": {
+        "7b": Scale(QwenVLSize(image_pixels=672 * 672, patch_size=14, merge_size=2, vision_hidden=1280,
+                               vision_layers=32, vision_heads=16, **QWEN_7B_LM),
+                    image=672, text_intermediate=18944, vocab=152064),
+        "tiny": Scale(QwenVLSize(text_layers=6), image=64),
+    },
+    "internvl": {
+        "7b": Scale(InternVLSize(image_size=448, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
+                                 max_tiles=1, **QWEN_7B_LM),
+                    image=448, text_intermediate=18944, vocab=151674),
+        "tiny": Scale(InternVLSize(text_layers=6, max_tiles=1), image=64),
+    },
+}  # fmt: skip
+
+#: method settings timed against none: (registered method, hyperparameters). Random weights have no massive
+#: activations, so VAR gets explicit sink dims and a tau at which sinks exist; IRI a synthetic FCCT file.
+METHOD_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "none": ("none", {}),
+    "var": ("var", {"sink_dims": [0, 1], "tau": 3.0}),
+    "cca": ("cca", {}),
+    "mma": ("mma", {}),
+    "iri": ("iri", {}),
+    "carve": ("carve", {}),
+    "fastv": ("fastv", {"ratio": 0.5}),
+    "fastervlm": ("fastervlm", {"ratio": 0.9}),
+}
+PRUNING_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "none": ("none", {}),
+    **{f"fastv R={r}%": ("fastv", {"ratio": r / 100}) for r in (50, 75, 90)},
+    **{f"fastervlm R={r}%": ("fastervlm", {"ratio": r / 100}) for r in (50, 75, 90)},
+}
+QUESTIONS = ("Is there a red circle in the image?", "Is there a star?", "What is in the picture? Be brief.")
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def _instantiate(scale: Scale, device: torch.device, dtype: torch.dtype) -> Callable[[type, Any], Any]:
+    """A ``build`` for :mod:`adapters.tiny`'s makers: real MLP width and vocabulary, built on the device."""
+
+    def build(model_cls: type, config: Any) -> Any:
+        text = config.text_config
+        if scale.text_intermediate:
+            text.intermediate_size = scale.text_intermediate
+        if scale.vocab:
+            text.vocab_size = scale.vocab
+        with torch.device(device):
+            return model_cls._from_config(config, dtype=dtype)
+
+    return build
+
+
+def build_adapter(family: str, size: str, device: str, dtype: str, work: Path, lm_layers: int | None = None,
+                  vision_layers: int | None = None) -> Adapter:  # fmt: skip
+    """A loaded adapter on a random-init model of ``family`` at ``size`` (the depths overridable for smoke tests)."""
+    scale = SCALES[family][size]
+    depth = {"text_layers": lm_layers, "vision_layers": vision_layers}
+    if any(depth.values()):
+        sizes = dataclasses.replace(scale.size, **{k: v for k, v in depth.items() if v})
+        scale = dataclasses.replace(scale, size=sizes)
+    adapter = ADAPTERS.get(family)(name=f"{family}-{size}", path=str(work), device=device, dtype=dtype)
+    make = TINY[family][1]
+    torch_dtype = adapter.torch_dtype
+    model, processor = make(
+        tokenizer_corpus(), scale.size, seed=0, build=_instantiate(scale, adapter.device, torch_dtype)
+    )
+    processor.save_pretrained(work)
+    model.config.save_pretrained(work)
+    adapter.load_processor()
+    adapter.model = model.eval()
+    return adapter
+
+
+# ---------------------------------------------------------------------------------------------- timing
+@contextlib.contextmanager
+def _clock(device: torch.device) -> Iterator[list[float]]:
+    """Seconds of the block: CUDA events on a GPU (recorded on the current stream), else the wall clock."""
+    out: list[float] = []
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield out
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) / 1000)
+    else:
+        t0 = time.perf_counter()
+        yield out
+        out.append(time.perf_counter() - t0)
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def _requests(adapter: Adapter, n: int, side: int) -> list[Request]:
+    scenes = generate(n, 5, WorldSpec(image_size=side, min_objects=3))
+    return [Request(QUESTIONS[i % 3] + " Answer yes or no.", [Image.fromarray(s.image)]) for i, s in enumerate(scenes)]
+
+
+def _method(name: str, extra: dict[str, dict[str, Any]], table: dict) -> Any:
+    registered, kw = table[name]
+    return METHODS.get(registered)(**(kw | extra.get(name, {})))
+
+
+def _supported(adapter: Adapter, name: str, extra: dict, table: dict) -> str | None:
+    """``None`` when the setting runs on this adapter, else why not."""
+    try:
+        _method(name, extra, table).check(adapter)
+    except UnsupportedError as exc:
+        return str(exc)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- 1, 2: engine
+def engine_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Harness vs bare HF loop at ``--overhead-batches``; harness throughput at ``--batch-sizes``."""
+    batches = sorted(set(args.overhead_batches) | set(args.batch_sizes))
+    n_of = {bs: max(args.min_samples, bs) for bs in batches}
+    scenes = generate(4 * max(8, -(-max(n_of.values()) // 6)), 3, WorldSpec(image_size=scale.image, min_objects=3))
+    export_pope(scenes, work / "data", seed=3)
+    tasks = {bs: _task(work / "data", n_of[bs], args.max_new_tokens) for bs in batches}
+    for bs in batches:  # warm-up: allocator, kernels, file cache
+        time_harness(adapter, tasks[bs], bs, work)
+        if bs in args.overhead_batches:
+            time_plain(adapter, tasks[bs], bs)
+    harness: dict[int, list[float]] = {bs: [] for bs in batches}
+    plain: dict[int, list[float]] = {bs: [] for bs in args.overhead_batches}
+    for _ in range(args.repeats):
+        for bs in batches:
+            if bs in plain:
+                plain[bs].append(time_plain(adapter, tasks[bs], bs))
+            harness[bs].append(time_harness(adapter, tasks[bs], bs, work))
+    n = {bs: len(tasks[bs].samples()) for bs in batches}
+    overhead = {bs: {"ratio": _median(harness[bs]) / _median(plain[bs]), "samples": n[bs],
+                     "harness_s": harness[bs], "plain_s": plain[bs]} for bs in plain}  # fmt: skip
+    throughput = {bs: {"samples_per_s": n[bs] / _median(harness[bs]), "samples": n[bs]} for bs in batches}
+    base = throughput[min(batches)]["samples_per_s"]
+    for t in throughput.values():
+        t["speedup"] = t["samples_per_s"] / base
+    return {"overhead": overhead, "throughput": throughput}
+
+
+# ---------------------------------------------------------------------------------------------- 3: methods
+def _generate(adapter: Adapter, method: Any, batch: list[Request], gen: dict[str, Any]) -> float:
+    with torch.inference_mode(), method.bind(adapter):
+        calls = AdapterCalls(adapter, len(batch), method)
+        with _clock(adapter.device) as seconds:
+            calls.generate(batch, **gen)
+    return seconds[0]
+
+
+def _counts(adapter: Adapter, method: Any, batch: list[Request], gen: dict[str, Any]) -> dict[str, float]:
+    with torch.inference_mode(), method.bind(adapter):
+        calls = AdapterCalls(adapter, len(batch), method)
+        with count_steps(adapter.model) as c:
+            calls.generate(batch, **gen)
+    return {"ops_per_step": c.decode_median("ops"), "syncs_per_step": c.decode_median("syncs"),
+            "prefill_ops": c.prefill_total("ops"), "prefill_syncs": c.prefill_total("syncs"),
+            "calls": len(c.steps)}  # fmt: skip
+
+
+def methods_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Every method's generation time over none's, and its ops and syncs per decoding step."""
+    import methods  # noqa: F401  (registers methods)
+
+    layers = adapter.num_layers("lm")
+    extra = {"iri": {"fcct_file": _synthetic_fcct(work / "fcct.json", layers)},
+             "carve": {"max_new_tokens": args.max_new_tokens}}  # fmt: skip
+    batch = _requests(adapter, args.methods_batch, scale.image)
+    gen = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens, "do_sample": False}
+    names = [n for n in ["none", *args.methods] if n in METHOD_SETTINGS]
+    unsupported = {n: why for n in names if (why := _supported(adapter, n, extra, METHOD_SETTINGS))}
+    names = [n for n in names if n not in unsupported]
+    for name in names:  # warm-up
+        _generate(adapter, _method(name, extra, METHOD_SETTINGS), batch, gen)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(args.repeats):
+        for name in names:
+            times[name].append(_generate(adapter, _method(name, extra, METHOD_SETTINGS), batch, gen))
+    count_gen = gen | {"max_new_tokens": args.count_tokens, "min_new_tokens": args.count_tokens}
+    counts = {n: _counts(adapter, _method(n, extra, METHOD_SETTINGS), batch[: args.count_batch], count_gen)
+              for n in names}  # fmt: skip
+    base, none = _median(times["none"]), counts["none"]
+    out: dict[str, Any] = {}
+    for n in names:
+        c = counts[n]
+        out[n] = {"ratio": _median(times[n]) / base, "seconds": times[n], **c,
+                  "ops_ratio": c["ops_per_step"] / none["ops_per_step"],
+                  "extra_syncs_per_step": c["syncs_per_step"] - none["syncs_per_step"]}  # fmt: skip
+    for n, why in unsupported.items():
+        out[n] = {"unsupported": why}
+    return {
+        "methods": out,
+        "methods_setup": {
+            "batch": len(batch),
+            "new_tokens": args.max_new_tokens,
+            "count_batch": args.count_batch,
+            "count_tokens": args.count_tokens,
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------- 4: pruning
+def _prefill(adapter: Adapter, method: Any, inputs: dict[str, torch.Tensor]) -> tuple[float, int]:
+    cuda = adapter.device.type == "cuda"
+    with torch.inference_mode(), method.bind(adapter):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        with PeakRSS() as rss, _clock(adapter.device) as seconds:
+            adapter.forward(inputs, logits_to_keep=1)
+        memory = torch.cuda.max_memory_allocated() - base if cuda else rss.extra
+    return seconds[0], memory
+
+
+def pruning_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Prefill time and peak memory of every pruning setting over none's, interleaved."""
+    import methods  # noqa: F401  (registers methods)
+
+    requests = _requests(adapter, args.prefill_batch, scale.image)
+    prompts = [adapter.format_prompt(r.text) for r in requests]
+    inputs = adapter.build_inputs(prompts, [r.images for r in requests])
+    names = list(PRUNING_SETTINGS)
+    unsupported = {n: why for n in names if (why := _supported(adapter, n, {}, PRUNING_SETTINGS))}
+    names = [n for n in names if n not in unsupported]
+    for name in names:  # warm-up
+        _prefill(adapter, _method(name, {}, PRUNING_SETTINGS), inputs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    memory: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(args.repeats):
+        for name in names:
+            t, m = _prefill(adapter, _method(name, {}, PRUNING_SETTINGS), inputs)
+            times[name].append(t)
+            memory[name].append(m)
+    base_t, base_m = _median(times["none"]), _median(memory["none"])
+    out: dict[str, Any] = {n: {"speedup": base_t / _median(times[n]), "seconds": times[n],
+                               "peak_memory_mb": _median(memory[n]) / 2**20,
+                               "peak_memory_ratio": _median(memory[n]) / base_m if base_m > 0 else None}
+                           for n in names}  # fmt: skip
+    for n, why in unsupported.items():
+        out[n] = {"unsupported": why}
+    return {
+        "pruning": out,
+        "pruning_setup": {"batch": len(requests), "prompt_tokens": int(inputs["input_ids"].shape[1])},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- driver
+PARTS = {"engine": engine_part, "methods": methods_part, "pruning": pruning_part}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the model, run the parts asked for, print and return the figures."""
+    if args.repeats < 5:
+        raise SystemExit(f"--repeats must be >= 5 (medians of fewer moved by 20 % between runs), got {args.repeats}")
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    t0 = time.perf_counter()
+    adapter = build_adapter(args.family, args.size, args.device, args.dtype, work, args.lm_layers, args.vision_layers)
+    scale = SCALES[args.family][args.size]
+    probe = adapter.build_inputs(
+        [adapter.format_prompt(QUESTIONS[0])], [[_requests(adapter, 1, scale.image)[0].images[0]]]
+    )
+    report: dict[str, Any] = {
+        "model": {"family": args.family, "size": args.size, "lm_layers": adapter.num_layers("lm"),
+                  "params": sum(p.numel() for p in adapter.model.parameters()),
+                  "visual_tokens": int(adapter.image_token_mask(probe).sum()),
+                  "prompt_tokens": int(probe["input_ids"].shape[1]),
+                  "device": str(adapter.device), "dtype": args.dtype,
+                  "gpu": torch.cuda.get_device_name() if adapter.device.type == "cuda" else None},
+        "repeats": args.repeats,
+        "build_s": time.perf_counter() - t0,
+    }  # fmt: skip
+    for part in args.parts:
+        t = time.perf_counter()
+        report |= PARTS[part](adapter, scale, args, work)
+        report[f"{part}_s"] = time.perf_counter() - t
+    report["environment"] = environment()
+    print_report(report)
+    return report
+
+
+def print_report(r: dict[str, Any]) -> None:
+    """Markdown tables of the figures."""
+    m = r["model"]
+    print(f"\n{m['family']} {m['size']}: {m['params'] / 1e9:.2f} B params, {m['lm_layers']} LM layers, "
+          f"{m['visual_tokens']} visual / {m['prompt_tokens']} prompt tokens, {m['device']} {m['dtype']} "
+          f"{m['gpu'] or ''}, median of {r['repeats']}")  # fmt: skip
+    if "overhead" in r:
+        print(
+            "| batch | harness / plain HF | harness samples/s | speed-up over batch "
+            f"{min(r['throughput'])} |\n|---|---|---|---|"
+        )
+        for bs, t in r["throughput"].items():
+            o = r["overhead"].get(bs, {}).get("ratio")
+            print(f"| {bs} | {'' if o is None else f'{o:.3f}'} | {t['samples_per_s']:.2f} | {t['speedup']:.2f}x |")
+    if "methods" in r:
+        print(
+            "| method | time / none | ops per decoding step (/ none) | syncs per step (none's) | prefill ops, syncs |"
+        )
+        print("|---|---|---|---|---|")
+        none = r["methods"]["none"]
+        for n, t in r["methods"].items():
+            if "unsupported" in t:
+                print(f"| {n} | unsupported | | | |")
+                continue
+            print(f"| {n} | {t['ratio']:.3f} | {t['ops_per_step']:.0f} ({t['ops_ratio']:.2f}x) | "
+                  f"{t['syncs_per_step']:.0f} ({none['syncs_per_step']:.0f}) | {t['prefill_ops']}, "
+                  f"{t['prefill_syncs']} |")  # fmt: skip
+    if "pruning" in r:
+        print("| setting | prefill speed-up | peak memory / none |\n|---|---|---|")
+        for n, t in r["pruning"].items():
+            if "unsupported" in t:
+                print(f"| {n} | unsupported | |")
+                continue
+            ratio = t["peak_memory_ratio"]
+            print(f"| {n} | {t['speedup']:.2f}x | {'' if ratio is None else f'{ratio:.2f}x'} |")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--family", choices=sorted(SCALES), default="llava")
+    ap.add_argument("--size", choices=["7b", "tiny"], default="7b")
+    ap.add_argument("--device", default="auto", help="cuda | cpu | auto")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--lm-layers", type=int, default=None, help="override the LM depth (smoke tests)")
+    ap.add_argument("--vision-layers", type=int, default=None, help="override the tower depth (smoke tests)")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--overhead-batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--min-samples", type=int, default=8, help="samples per engine run (at least the batch size)")
+    ap.add_argument("--methods", nargs="+", default=[n for n in METHOD_SETTINGS if n != "none"])
+    ap.add_argument("--methods-batch", type=int, default=16)
+    ap.add_argument("--count-batch", type=int, default=4, help="requests in the op-counting run")
+    ap.add_argument("--count-tokens", type=int, default=4, help="new tokens in the op-counting run")
+    ap.add_argument("--prefill-batch", type=int, default=8)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """CLI entry point."""
+    import adapters  # noqa: F401  (registers adapters)
+
+    args = parser().parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    report = run(args)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+if __name__ == "__main__":
+    main()
