@@ -98,4 +98,4 @@ train: setup         ## retrain a shipped tiny checkpoint (MODEL=llava|qwen_vl|i
 	$(PY) -m harness.assets train --model $(MODEL)
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) $(RANGE_DIR) outputs multirun .pytest_cache
