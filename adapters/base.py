@@ -585,7 +585,7 @@ class Adapter(abc.ABC):
                 f = by_tile[(image, tile)]
                 cw, ch = (f.box[2] - f.box[0]) / f.cols, (f.box[3] - f.box[1]) / f.rows
                 cells.append((f.box[0] + c * cw, f.box[1] + r * ch, f.box[0] + (c + 1) * cw, f.box[1] + (r + 1) * ch))
-            as_tensor = lambda rows: torch.tensor(rows, dtype=torch.float64).reshape(-1, 4)  # noqa: E731
+            as_tensor = lambda rows: torch.tensor(rows, dtype=torch.float64, device="cpu").reshape(-1, 4)  # noqa: E731
             out.append((as_tensor(cells), as_tensor(images)))
         return out
 

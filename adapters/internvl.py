@@ -158,7 +158,8 @@ class InternVLAdapter(Adapter):
         """(image, tile, row, col) per visual token; (row, col) on the tile's pixel-shuffled grid."""
         per_tile = self.tokens_per_tile
         side = math.isqrt(per_tile)
-        cell = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
+        ar = torch.arange(side, device="cpu")  # host-side geometry
+        cell = torch.stack(torch.meshgrid(ar, ar, indexing="ij"), -1).reshape(-1, 2)
         maps = []
         for spans in self.image_spans(inputs):
             parts = []
@@ -166,9 +167,9 @@ class InternVLAdapter(Adapter):
                 n_tiles, rest = divmod(end - start, per_tile)
                 if rest:
                     raise ValueError(f"image span of {end - start} tokens is not a multiple of {per_tile} per tile")
-                tile = torch.arange(n_tiles).repeat_interleave(per_tile)[:, None]
+                tile = torch.arange(n_tiles, device="cpu").repeat_interleave(per_tile)[:, None]
                 parts.append(torch.cat([torch.full_like(tile, image), tile, cell.repeat(n_tiles, 1)], 1))
-            maps.append(torch.cat(parts) if parts else torch.zeros(0, 4, dtype=torch.long))
+            maps.append(torch.cat(parts) if parts else torch.zeros(0, 4, dtype=torch.long, device="cpu"))
         return maps
 
     def describe(self) -> dict[str, Any]:

@@ -110,15 +110,16 @@ class LlavaAdapter(Adapter):
     def visual_token_map(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """(image, 0, row, col) per visual token; the [CLS] token of the ``full`` strategy gets row = col = -1."""
         rows, cols = self.grid_shape()
-        cell = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+        ar = torch.arange(rows, device="cpu"), torch.arange(cols, device="cpu")  # host-side geometry
+        cell = torch.stack(torch.meshgrid(*ar, indexing="ij"), -1).reshape(-1, 2)
         if self._require_loaded().config.vision_feature_select_strategy == "full":
-            cell = torch.cat([torch.full((1, 2), -1), cell])  # [1 + rows*cols, 2]
+            cell = torch.cat([torch.full((1, 2), -1, device="cpu"), cell])  # [1 + rows*cols, 2]
         per_image = cell.shape[0]
         maps = []
         for n in self.image_token_mask(inputs).sum(-1).tolist():
             if n % per_image:
                 raise ValueError(f"{n} visual tokens is not a multiple of {per_image} per image")
-            image = torch.arange(n // per_image).repeat_interleave(per_image)[:, None]  # [n, 1]
+            image = torch.arange(n // per_image, device="cpu").repeat_interleave(per_image)[:, None]  # [n, 1]
             maps.append(torch.cat([image, torch.zeros_like(image), cell.repeat(n // per_image, 1)], 1))  # [n, 4]
         return maps
 

@@ -169,9 +169,9 @@ class QwenVLAdapter(Adapter):
                 rows, cols = next(grids)
                 if end - start != rows * cols:
                     raise ValueError(f"image span of {end - start} tokens does not match its {rows}x{cols} grid")
-                r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+                r, c = torch.meshgrid(torch.arange(rows, device="cpu"), torch.arange(cols, device="cpu"), indexing="ij")
                 rows_.append(torch.stack([torch.full_like(r, image), torch.zeros_like(r), r, c], -1).reshape(-1, 4))
-            maps.append(torch.cat(rows_) if rows_ else torch.zeros(0, 4, dtype=torch.long))
+            maps.append(torch.cat(rows_) if rows_ else torch.zeros(0, 4, dtype=torch.long, device="cpu"))
         return maps
 
     def position_ids(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -9,12 +9,14 @@ Each cell composes the same Hydra config ``run.py model=<m> method=<x> model.dev
 process per cell would spend most of its time importing). A cell is ``ok`` (with its accuracy and per-sample
 errors), ``unsupported`` (the method refused the family before the model loaded, with its message) or ``FAILED``
 (anything else: the exception and where it was raised). Device bugs (a host tensor indexing a device tensor, say)
-show up only on the device they concern: run it on every kind of device the harness claims.
+show up only on the device they concern: run it on every kind of device the harness claims, and on the CPU with
+``--strict-devices`` (:mod:`harness.devicecheck`), which makes a tensor created without ``device=`` fail here too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -47,6 +49,7 @@ def cell(model: str, method: str, args: argparse.Namespace, out: Path) -> dict[s
     """Run one combination; never raises."""
     from hydra import compose, initialize_config_dir
 
+    from harness.devicecheck import strict_devices
     from harness.engine import evaluate, from_config
     from methods.base import UnsupportedError
 
@@ -60,18 +63,26 @@ def cell(model: str, method: str, args: argparse.Namespace, out: Path) -> dict[s
             cfg = compose("config", overrides=overrides)
         task, adapter, meth, settings = from_config(cfg)
         settings.report = False
-        results = evaluate(task, adapter, meth, settings)
+        with strict_devices() if args.strict_devices else contextlib.nullcontext():
+            results = evaluate(task, adapter, meth, settings)
     except UnsupportedError as exc:
         return {"status": "unsupported", "why": str(exc).splitlines()[0]}
     except Exception as exc:  # the matrix reports every failure instead of stopping at the first
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        return {"status": "FAILED", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
-                "where": f"{Path(where.filename).name}:{where.lineno}"}  # fmt: skip
+        return {"status": "FAILED", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
+                "where": _where(exc)}  # fmt: skip
     n = next(iter(results["n-samples"].values()))
     metric = next(iter(results["results"].values()))
     acc = next((v for k, v in metric.items() if k.startswith("acc")), None)
     return {"status": "ok", "seconds": round(time.perf_counter() - t0, 1), "samples": n["effective"],
             "errors": n["errors"], "acc": acc}  # fmt: skip
+
+
+def _where(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame in this repository (else the innermost one)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if f.filename.startswith(str(REPO_ROOT)) and "site-packages" not in f.filename]
+    f = (ours or frames)[-1]
+    return f"{Path(f.filename).relative_to(REPO_ROOT) if ours else Path(f.filename).name}:{f.lineno}"
 
 
 def _detail(r: dict[str, Any]) -> str:
@@ -92,6 +103,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--task", default="pope")
     ap.add_argument("--limit", type=int, default=6, help="samples per split")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument(
+        "--strict-devices",
+        action="store_true",
+        help="default device 'meta' inside model calls: host tensors made without device= fail here too",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     out = Path(tempfile.mkdtemp(prefix="device-matrix-"))

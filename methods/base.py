@@ -37,7 +37,7 @@ class DeviceTally:
     """
 
     def __init__(self, n: int) -> None:
-        self.sums = torch.zeros(n, dtype=torch.float64)
+        self.sums = torch.zeros(n, dtype=torch.float64, device="cpu")  # moved to the values' device on first add
 
     def add(self, at: int, *values: torch.Tensor) -> None:
         """Add scalar tensors ``values`` to the sums ``at, at + 1, …``."""

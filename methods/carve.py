@@ -86,9 +86,9 @@ def contrast(att_q: torch.Tensor, att_g: torch.Tensor, lam: float, steps: str) -
         raise ValueError("contrast needs at least one recorded step in each pass")
     per_step = (att_q[:t].double() / (att_g[:t].double() + lam)).sum(1)  # [T, n]: Σ over layers
     if steps == "full":
-        weights = torch.arange(1, t + 1, dtype=torch.float64)
+        weights = torch.arange(1, t + 1, dtype=torch.float64, device=per_step.device)
     else:
-        weights = torch.zeros(t, dtype=torch.float64)
+        weights = torch.zeros(t, dtype=torch.float64, device=per_step.device)
         weights[0 if steps == "start" else t - 1] = 1.0
     return (weights[:, None] * per_step).sum(0)
 

@@ -50,11 +50,16 @@ _N_PARAMS = {"exp": 2, "cubic": 4, "linear": 2}
 _GN_STEPS = 50  # Gauss-Newton refinement steps of the exp fit (stops early when the residual stops falling)
 
 
+def _tensor(x: Any) -> torch.Tensor:
+    """``x`` itself when it is a tensor (on its device), else a host tensor of it."""
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x, device="cpu")
+
+
 def _grid(n: int) -> torch.Tensor:
     """Normalised positions ``x_i = i / (n−1)`` as float64, ``[0.]`` for ``n = 1``."""
     if n == 1:
-        return torch.zeros(1, dtype=torch.float64)
-    return torch.arange(n, dtype=torch.float64) / (n - 1)  # [n]
+        return torch.zeros(1, dtype=torch.float64, device="cpu")
+    return torch.arange(n, dtype=torch.float64, device="cpu") / (n - 1)  # [n]
 
 
 def _check_family(family: str) -> None:
@@ -94,7 +99,7 @@ class PositionalTrend:
 
     def curve(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluates ``f(x)`` (float64, same shape as ``x``)."""
-        x = torch.as_tensor(x, dtype=torch.float64)
+        x = torch.as_tensor(x, dtype=torch.float64, device="cpu")  # host-side: a handful of positions
         if self.family == "exp":
             return self.params[0] * torch.exp(self.params[1] * x)
         return sum(c * x**k for k, c in enumerate(self.params)) + torch.zeros_like(x)
@@ -169,7 +174,7 @@ def fit_trend(mean_scores: torch.Tensor, family: str = "exp", **meta: Any) -> Po
         ValueError: unknown family, ``L < 2``, non-finite values, or non-positive values under exp.
     """
     _check_family(family)
-    y = torch.as_tensor(mean_scores, dtype=torch.float64).flatten()  # [L]
+    y = _tensor(mean_scores).double().flatten()  # [L]
     if y.numel() < 2:
         raise ValueError(f"fitting a trend needs at least 2 positions, got {y.numel()}")
     if not bool(torch.isfinite(y).all()):
@@ -192,7 +197,7 @@ def _keep_mask(content: torch.Tensor, pad_threshold: float) -> torch.Tensor:
     """Tokens whose padding fraction ``1 − c`` is at most ``pad_threshold``, ``[n]`` bool."""
     if not 0.0 <= pad_threshold <= 1.0:
         raise ValueError(f"pad_threshold must lie in [0, 1], got {pad_threshold}")
-    return torch.as_tensor(content).flatten().double() >= 1.0 - pad_threshold - 1e-6  # [n]; tolerance for float32 c
+    return _tensor(content).flatten().double() >= 1.0 - pad_threshold - 1e-6  # [n]; tolerance for float32 c
 
 
 def debias_scores(
@@ -214,17 +219,17 @@ def debias_scores(
     Returns:
         ``[n]`` float32 debiased scores.
     """
-    out = torch.as_tensor(scores).float().flatten().clone()  # [n]
+    out = _tensor(scores).float().flatten().clone()  # [n]
     n = out.numel()
     for name, t in (("content", content), ("sinks", sinks)):
-        if t is not None and torch.as_tensor(t).numel() != n:
-            raise ValueError(f"{name} has {torch.as_tensor(t).numel()} entries but scores have {n}")
+        if t is not None and _tensor(t).numel() != n:
+            raise ValueError(f"{name} has {_tensor(t).numel()} entries but scores have {n}")
     if trend is not None:
         out = out * trend.weights(n).to(out.device)
     if content is not None:
         out[~_keep_mask(content, pad_threshold).to(out.device)] = 0.0
     if sinks is not None:
-        out[torch.as_tensor(sinks).flatten().bool().to(out.device)] = 0.0
+        out[_tensor(sinks).flatten().bool().to(out.device)] = 0.0
     return out
 
 

@@ -137,7 +137,7 @@ class EmbedLens(Method):
         if self._cache is not None and self._cache[0] is inputs["input_ids"]:
             return self._cache[1]
         counts = self.adapter.image_token_mask(inputs).sum(-1).tolist()
-        codes = torch.zeros(0, dtype=torch.long)
+        codes = torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
         if sum(counts):
             feats = self.adapter.image_features(inputs)  # [n_visual_total, d], LM order
             ids, _ = nearest_vocab(feats, self.adapter.site("lm.embed").weight, self.top_k)  # [n, k]
@@ -153,7 +153,7 @@ class EmbedLens(Method):
         dropped = torch.zeros_like(visual)
         codes = [GROUPS.index(g) for g in self.drop]
         for row, cat in enumerate(self.categories(inputs)):
-            dropped[row, visual[row].nonzero().flatten()] = torch.isin(cat, torch.tensor(codes))
+            dropped[row, visual[row].nonzero().flatten()] = torch.isin(cat, torch.tensor(codes, device=cat.device))
         return ~dropped
 
     def _alive(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

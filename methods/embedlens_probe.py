@@ -55,7 +55,8 @@ def nearest_vocab(
         _topk_rows(embeds[i : i + chunk], table, norms.clamp_min(EPS), k, chunk) for i in range(0, len(embeds), chunk)
     ]
     if not parts:
-        return torch.zeros((0, k), dtype=torch.long), torch.zeros((0, k), dtype=torch.float32)
+        dev = embeds.device
+        return torch.zeros((0, k), dtype=torch.long, device=dev), torch.zeros((0, k), dtype=torch.float32, device=dev)
     ids, cos = zip(*parts, strict=True)
     return torch.cat(ids), torch.cat(cos)
 
@@ -139,7 +140,7 @@ def calibrate_markers(
     _check_groups(reference, allow_alive=False)
     top_ids = top_ids.long().cpu()
     n = top_ids.shape[0]
-    all_counts = _hit_counts(top_ids, torch.ones(n, dtype=torch.bool))  # [V']
+    all_counts = _hit_counts(top_ids, torch.ones(n, dtype=torch.bool, device=top_ids.device))  # [V']
     out: dict[str, dict[str, Any]] = {}
     pairs: list[tuple[float, int, int, str]] = []  # (hit rate, group order, id, group) of acceptable candidates
     for group, mask in reference.items():
@@ -208,7 +209,7 @@ def overlay_map(image: Image.Image, codes: torch.Tensor, grid: tuple[int, int], 
         and the width ≥ 240 px.
     """
     rows, cols = grid
-    codes = torch.as_tensor(codes).flatten().long().cpu()
+    codes = (codes if isinstance(codes, torch.Tensor) else torch.as_tensor(codes, device="cpu")).flatten().long().cpu()
     if codes.numel() != rows * cols:
         raise ValueError(f"{codes.numel()} codes for a {rows}x{cols} grid")
     if codes.numel() and not 0 <= int(codes.min()) <= int(codes.max()) < len(GROUPS):

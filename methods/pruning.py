@@ -94,13 +94,13 @@ def select_top(scores: torch.Tensor, groups: list[torch.Tensor], k_of: Any, debi
     lowered to the group's content tokens.
     """
     keep = torch.zeros_like(scores, dtype=torch.bool)
-    for idx in groups:
-        idx = idx.to(scores.device)  # [m]: an index built on the host must not index a device tensor
+    for idx in groups:  # idx [m]: positions in the row, on the host (adapter geometry)
         k = k_of(len(idx))
         if debias is not None:
-            k = debias.budget(k, content[idx] if content is not None else None)
+            k = debias.budget(k, content[idx.to(content.device)] if content is not None else None)
         if k > 0:
-            keep[idx[torch.topk(scores[idx], k).indices]] = True
+            at = idx.to(scores.device)  # a host index must not index a device tensor with device indices
+            keep[at[torch.topk(scores[at], k).indices]] = True
     return keep
 
 
