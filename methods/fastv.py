@@ -143,7 +143,8 @@ class FastV(Method):
                 self.recorded += [raw[idx].detach().cpu() for idx in tiles]
             content = contents[row] if contents is not None else None
             s = debiased(raw, tiles, debias, content)
-            kept = select_top(s, [torch.arange(len(pos), device=s.device)], lambda n: budget(n, self.ratio, self.keep), debias, content)
+            group = [torch.arange(len(pos), device="cpu")]  # one group: every visual token of the row
+            kept = select_top(s, group, lambda n: budget(n, self.ratio, self.keep), debias, content)
             keep[row, pos] = kept
             self.counter.add(len(pos), int(kept.sum()))
         return keep
