@@ -235,14 +235,24 @@ def _generate(adapter: Adapter, method: Any, batch: list[Request], gen: dict[str
     return seconds[0]
 
 
-def _counts(adapter: Adapter, method: Any, batch: list[Request], gen: dict[str, Any]) -> dict[str, float]:
+def count_method(adapter: Adapter, method: Any, batch: list[Request], gen: dict[str, Any]) -> dict[str, float]:
+    """ATen ops and host syncs of one ``generate`` under ``method`` (:mod:`harness.opcount`), per call kind.
+
+    Returns:
+        ``ops_per_step`` / ``syncs_per_step`` (median over cached decoding steps), ``prefill_ops`` /
+        ``prefill_syncs`` (summed over prefill calls), ``calls`` (model calls), ``sync_sites`` (decoding).
+    """
     with torch.inference_mode(), method.bind(adapter):
         calls = AdapterCalls(adapter, len(batch), method)
         with count_steps(adapter.model) as c:
             calls.generate(batch, **gen)
+    sites: dict[str, int] = {}
+    for t in c.decode:
+        for k, v in t.sync_sites.items():
+            sites[k] = sites.get(k, 0) + v
     return {"ops_per_step": c.decode_median("ops"), "syncs_per_step": c.decode_median("syncs"),
             "prefill_ops": c.prefill_total("ops"), "prefill_syncs": c.prefill_total("syncs"),
-            "calls": len(c.steps)}  # fmt: skip
+            "calls": len(c.steps), "sync_sites": sites}  # fmt: skip
 
 
 def methods_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -264,7 +274,7 @@ def methods_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work:
         for name in names:
             times[name].append(_generate(adapter, _method(name, extra, METHOD_SETTINGS), batch, gen))
     count_gen = gen | {"max_new_tokens": args.count_tokens, "min_new_tokens": args.count_tokens}
-    counts = {n: _counts(adapter, _method(n, extra, METHOD_SETTINGS), batch[: args.count_batch], count_gen)
+    counts = {n: count_method(adapter, _method(n, extra, METHOD_SETTINGS), batch[: args.count_batch], count_gen)
               for n in names}  # fmt: skip
     base, none = _median(times["none"]), counts["none"]
     out: dict[str, Any] = {}

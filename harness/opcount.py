@@ -51,11 +51,13 @@ SYNC_OPS = frozenset(
         aten._unique2.default,
         aten.unique_dim.default,
         aten.repeat_interleave.Tensor,
+        aten.repeat_interleave.self_Tensor,
     }
 )
 #: ops that sync only when indexing with a boolean mask (the mask is turned into indices first)
 INDEX_OPS = frozenset({aten.index.Tensor, aten.index_put_.default, aten.index_put.default})
-#: ``repeat_interleave`` is sync-free when told its output size
+#: ``repeat_interleave`` with tensor repeats is sync-free when told its output size
+_REPEATS = frozenset({aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor})
 _SIZED = "output_size"
 #: Tensor methods that copy to the host outside the dispatcher on the CPU
 HOST_METHODS = frozenset({"tolist", "numpy", "cpu"})
@@ -71,17 +73,32 @@ class Tally:
     sync_sites: Counter = field(default_factory=Counter)  # 'op @ file:line' -> count, for finding them
 
 
+_REPO = Path(__file__).resolve().parents[1]
+
+
 def _caller() -> str:
-    """``file:line`` of the innermost frame outside torch and this module (where a sync was asked for)."""
+    """Where a sync was asked for: the innermost frame outside torch and this module, as ``path:line``.
+
+    The path is relative to the repository for the project's own files, else the file's last two path parts.
+    """
     for frame in reversed(traceback.extract_stack(limit=40)):
-        if "/torch/" not in frame.filename and not frame.filename.endswith("opcount.py"):
-            return f"{Path(frame.filename).name}:{frame.lineno}"
+        if "/torch/" in frame.filename or frame.filename == __file__:
+            continue
+        path = Path(frame.filename).resolve()
+        own = path.is_relative_to(_REPO) and "site-packages" not in path.parts
+        return f"{path.relative_to(_REPO) if own else Path(*path.parts[-2:])}:{frame.lineno}"
     return "?"
+
+
+def own_sites(sites: dict[str, int]) -> dict[str, int]:
+    """The sync sites in the project's own code (``adapters/``, ``methods/``, ``harness/``, ``tasks/``)."""
+    own = ("adapters/", "methods/", "harness/", "tasks/", "integrations/")
+    return {k: v for k, v in sites.items() if k.split(" @ ")[-1].startswith(own)}
 
 
 def _is_sync(func: Any, args: tuple, kwargs: dict) -> bool:
     if func in SYNC_OPS:
-        return not (func is aten.repeat_interleave.Tensor and kwargs.get(_SIZED) is not None)
+        return not (func in _REPEATS and kwargs.get(_SIZED) is not None)
     if func in INDEX_OPS:
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
         return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in indices or ())

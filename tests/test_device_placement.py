@@ -1,0 +1,62 @@
+"""Tensors follow the model's device: every family x method through the run.py path with strict devices (CPU).
+
+A GPU run found FastV crashing on CUDA because an index was built with ``torch.arange(n)`` (on the host) and used on
+the scores' device; the CPU suite could not see it, since every tensor is on the CPU here. With
+:func:`harness.devicecheck.strict_devices` the default device is ``meta`` inside every model call, so a tensor made
+without ``device=`` has no data and the first operation that needs it fails, on the CPU too. Each cell runs the
+shipped checkpoint on the shipped POPE questions, batch 3 (left padding), prefill and cached decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from adapters.base import Adapter
+from harness.device_matrix import METHODS, MODELS, cell
+from harness.devicecheck import strict_devices
+
+#: what each family refuses before loading (the method's own message is checked in its tests)
+UNSUPPORTED = {("qwen_vl", m) for m in ("fastervlm", "fastervlm+debias", "embedlens", "embedlens+drop")} | {
+    ("internvl", m) for m in ("embedlens", "embedlens+drop")
+}
+
+
+def _args(strict: bool) -> argparse.Namespace:
+    return argparse.Namespace(device="cpu", dtype="float32", task="pope", limit=2, batch_size=3, strict_devices=strict)
+
+
+@pytest.mark.parametrize(("model", "method"), [(m, x) for m in MODELS for x in METHODS])
+def test_every_cell_runs_with_strict_devices(model, method, tmp_path):
+    got = cell(model, method, _args(strict=True), tmp_path)
+    want = "unsupported" if (model, method) in UNSUPPORTED else "ok"
+    assert got["status"] == want, got
+    if want == "ok":
+        assert got["samples"] == 6 and got["errors"] == 0
+
+
+def test_strict_devices_catches_a_planted_host_index(tmp_path, monkeypatch):
+    """The original bug, planted again: FastV's selection group built without a device."""
+    import methods.fastv as fastv
+
+    real = fastv.select_top
+
+    def planted(scores, groups, *rest):
+        return real(scores, [torch.arange(len(scores))], *rest)  # no device=: the host, on a GPU
+
+    monkeypatch.setattr(fastv, "select_top", planted)
+    assert cell("llava", "fastv", _args(strict=False), tmp_path / "a")["status"] == "ok"  # invisible on the CPU ...
+    failed = cell("llava", "fastv", _args(strict=True), tmp_path / "b")
+    assert failed["status"] == "FAILED" and failed["where"].startswith("methods/"), failed  # ... but not here
+
+
+def test_strict_devices_restores_the_adapter():
+    original = Adapter._call
+    with strict_devices():
+        assert Adapter._call is not original
+    assert Adapter._call is original
+    with pytest.raises(RuntimeError), strict_devices():
+        raise RuntimeError("boom")
+    assert Adapter._call is original

@@ -1,0 +1,147 @@
+"""The CPU proxy for GPU cost (harness.opcount) and the proxy targets every method must meet (issue 25).
+
+Targets, per cached decoding step, against ``none`` on the same batch: no host sync beyond none's for VAR, IRI, CCA,
+MMA, FastV and FasterVLM; ATen ops at most 2x none's (VAR at most 3x). Counted on every family's 4-layer random
+model with a padded batch of 3 (prefill + cached decoding), so the counts are deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harness.bench_scale import count_method
+from harness.opcount import Counting, _Dispatch, _Functions, count_steps, own_sites
+from methods.base import METHODS
+from tasks.base import Request
+
+FAMILIES = ("llava", "qwen_vl", "qwen2_5_vl", "internvl")
+VAR_TINY = {"sink_dims": [0, 1, 2, 3], "tau": 2.0, "rho": 0.0, "visual_mass": 0.0, "p": 0.5}
+GEN = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+#: method -> (hyperparameters, max ops ratio per decoding step); every one: no extra sync per decoding step
+TARGETS = {
+    "var": (VAR_TINY, 3.0),
+    "iri": ({}, 2.0),
+    "cca": ({}, 2.0),
+    "mma": ({}, 2.0),
+    "fastv": ({"ratio": 0.5, "layer": 1}, 2.0),
+    "fastervlm": ({"ratio": 0.75}, 2.0),
+}
+
+
+def _count(expr):
+    c = Counting()
+    with torch.inference_mode():
+        x = torch.arange(6)
+        with _Functions(c), _Dispatch(c):
+            expr(x)
+    return c.current
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        lambda x: x.sum().item(),
+        lambda x: bool(x[1]),
+        lambda x: int(x.max()),
+        lambda x: float(x[0]),
+        lambda x: x.tolist(),
+        lambda x: x.numpy(),
+        lambda x: x.cpu(),
+        lambda x: x.nonzero(),
+        lambda x: x[x > 2],
+        lambda x: torch.equal(x, x),
+        lambda x: torch.unique_consecutive(x),
+        lambda x: x.repeat_interleave(x),
+        lambda x: torch.masked_select(x, x > 1),
+    ],
+)
+def test_each_host_sync_counts_once(expr):
+    t = _count(expr)
+    assert t.syncs == 1, dict(t.sync_sites)
+
+
+def test_device_side_work_is_not_a_sync():
+    def work(x):
+        y = (x * 2 + 1).float().softmax(-1)
+        idx = torch.arange(3, device=x.device)
+        y[idx] = 0
+        x.repeat_interleave(2, output_size=12)
+        return torch.where(x > 2, y, -y).topk(2).indices
+
+    t = _count(work)
+    assert t.syncs == 0, dict(t.sync_sites)
+    assert t.ops >= 8
+
+
+def test_sync_sites_name_the_calling_line():
+    t = _count(lambda x: x.sum().item())
+    (site,) = t.sync_sites
+    assert site.startswith("aten.item.default @ tests/test_opcount.py:")
+
+
+@pytest.fixture(scope="module")
+def loaded(four_layer):
+    return four_layer(seed=5)
+
+
+def _batch(n=3):
+    rng = np.random.default_rng(0)
+    texts = ["Is there a star?", "Is there a big red star in the middle of the image? Answer yes or no.", "Count."]
+    return [Request(texts[i % 3], [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))]) for i in
+            range(n)]  # fmt: skip
+
+
+def test_count_steps_splits_prefill_and_decoding(loaded):
+    adapter = loaded("llava")
+    inputs = adapter.build_inputs([adapter.format_prompt(r.text) for r in _batch()], [r.images for r in _batch()])
+    with torch.inference_mode(), count_steps(adapter.model) as c:
+        adapter.generate_ids(inputs, **GEN)
+    assert [t.prefill for t in c.steps] == [True, False, False, False]
+    ops = [t.ops for t in c.decode]
+    assert max(ops) - min(ops) <= 5 < min(ops)  # cached steps launch (nearly) the same work
+    assert c.prefill[0].ops > min(ops)
+
+
+@pytest.fixture(scope="module")
+def none_counts(loaded):
+    return {f: count_method(loaded(f), METHODS.get("none")(), _batch(), GEN) for f in FAMILIES}
+
+
+#: fastervlm needs a vision [CLS] (LLaVA, InternVL); every other method claims every family
+CASES = [(f, n) for f in FAMILIES for n in TARGETS if n != "fastervlm" or f in ("llava", "internvl")]
+
+
+@pytest.mark.parametrize(("family", "name"), CASES)
+def test_method_meets_the_decoding_proxy_targets(loaded, none_counts, family, name, tmp_path):
+    adapter = loaded(family)
+    kw, max_ratio = TARGETS[name]
+    if name == "iri":
+        rr = [0.2, 0.8, 0.5, 0.1]
+        (tmp_path / "fcct.json").write_text(
+            json.dumps({"layers": 4, "rr": {"attn": {"last": rr}, "mlp": {"last": rr}}})
+        )
+        kw = {"fcct_file": str(tmp_path / "fcct.json"), "sources": 1, "targets": 2}
+    method = METHODS.get(name)(**kw)
+    got, none = count_method(adapter, method, _batch(), GEN), none_counts[family]
+    assert got["calls"] == none["calls"] == 4
+    assert got["syncs_per_step"] <= none["syncs_per_step"], got["sync_sites"]
+    assert own_sites(got["sync_sites"]) == {}  # the harness itself waits on the device nowhere in decoding
+    assert got["ops_per_step"] <= max_ratio * none["ops_per_step"]
+
+
+def test_a_planted_sync_fails_the_target(loaded, monkeypatch):
+    """The check can fail: VAR reading its first editable row in every layer at every step (the old code)."""
+    from methods.var import VAR
+
+    clean = count_method(loaded("llava"), METHODS.get("var")(**VAR_TINY), _batch(), GEN)
+    monkeypatch.setattr(VAR, "_first_row", lambda self, step: max(0, int(step.batch.state[self.name]["last_visual"]
+                                                                         .min()) + 1 - step.offset))  # fmt: skip
+    planted = count_method(loaded("llava"), METHODS.get("var")(**VAR_TINY), _batch(), GEN)
+    assert planted["syncs_per_step"] == clean["syncs_per_step"] + 1  # VAR edits one layer of four
+    site = next(k for k in planted["sync_sites"] if "tests/test_opcount.py:" in k)
+    assert site.startswith("aten.item.default") and planted["sync_sites"][site] == 3  # once per decoding step
