@@ -75,6 +75,7 @@ class Scale:
     image: int  # side of the square test images, pixels
     text_intermediate: int | None = None  # LM MLP width (None: the tiny default 4 × hidden)
     vocab: int | None = None  # LM vocabulary rows (None: the tokenizer's)
+    untied: bool = False  # separate LM head and input embedding (all three real checkpoints)
 
 
 QWEN_7B_LM = dict(text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, max_positions=32768)
@@ -82,19 +83,19 @@ SCALES: dict[str, dict[str, Scale]] = {
     "llava": {
         "7b": Scale(LlavaSize(image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
                               text_hidden=4096, text_layers=32, text_heads=32, text_kv_heads=32, max_positions=4096),
-                    image=336, text_intermediate=11008, vocab=32064),
+                    image=336, text_intermediate=11008, vocab=32064, untied=True),
         "tiny": Scale(LlavaSize(text_layers=6), image=64),
     },
     "qwen_vl": {
         "7b": Scale(QwenVLSize(image_pixels=672 * 672, patch_size=14, merge_size=2, vision_hidden=1280,
                                vision_layers=32, vision_heads=16, **QWEN_7B_LM),
-                    image=672, text_intermediate=18944, vocab=152064),
+                    image=672, text_intermediate=18944, vocab=152064, untied=True),
         "tiny": Scale(QwenVLSize(text_layers=6), image=64),
     },
     "internvl": {
         "7b": Scale(InternVLSize(image_size=448, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
                                  max_tiles=1, **QWEN_7B_LM),
-                    image=448, text_intermediate=18944, vocab=151674),
+                    image=448, text_intermediate=18944, vocab=151674, untied=True),
         "tiny": Scale(InternVLSize(text_layers=6, max_tiles=1), image=64),
     },
 }  # fmt: skip
@@ -129,6 +130,8 @@ def _instantiate(scale: Scale, device: torch.device, dtype: torch.dtype) -> Call
             text.intermediate_size = scale.text_intermediate
         if scale.vocab:
             text.vocab_size = scale.vocab
+        if scale.untied:
+            text.tie_word_embeddings = config.tie_word_embeddings = False
         with torch.device(device):
             return model_cls._from_config(config, dtype=dtype)
 

@@ -1,7 +1,7 @@
 r"""IRI — Intermediate Representation Injection.
 
 "Causal Tracing of Object Representations in Large Vision Language Models…", AAAI 2026, arXiv 2511.05923 (no
-official code). Spec: ``shared/research/methods.md`` §7; calibration: :mod:`methods.fcct`.
+official code). Calibration: :mod:`methods.fcct`.
 
 Causal tracing (FCCT) shows that the last token's attention (MHSA) and MLP outputs in middle layers carry the
 object evidence the answer depends on, and that it fades in later layers. IRI re-injects it: in every forward
@@ -121,7 +121,8 @@ class IRI(Method):
         self.calibration: dict[str, Any] = {}
         self.source = ""
         self.plan: dict[str, dict[str, Any]] = {}
-        self._injected = DeviceTally(2)  # rows injected, relative change ‖ã − a‖ / ‖a‖ summed over them
+        self._injected = DeviceTally(1)  # relative change ‖ã − a‖ / ‖a‖ summed over the rows injected
+        self._rows = 0  # rows injected (target layer × row), counted on the host
 
     def check(self, adapter: Adapter) -> None:
         """Load the FCCT calibration before the model loads (fails with the tracing command when missing)."""
@@ -156,33 +157,46 @@ class IRI(Method):
                     "IRI: no %s target layer above the sources on %s; nothing injected", part, self.adapter.path
                 )
                 continue
-            recorded: dict[int, torch.Tensor] = {}
             layers = sorted(set(sources) | set(targets))
             hook = getattr(handle, f"{part}_out")
+            summed: dict[int, torch.Tensor] = {}  # source layer -> Σ w_k a^(k) over the sources up to it (this forward)
             for layer in layers:
-                hook([layer], self._site(part, layer, recorded))
+                hook([layer], self._site(part, layer, summed))
 
-    def _site(self, part: str, layer: int, recorded: dict[int, torch.Tensor]):
-        plan = self.plan[part]
+    def _site(self, part: str, layer: int, summed: dict[int, torch.Tensor]):
+        """The output hook of one layer: record it (a source), inject into it (a target), or both.
 
-        def fn(out: torch.Tensor, step: Step) -> torch.Tensor | None:  # out: [batch, seq, d]
+        Cost per forward (what a decoding step launches, issue 25): a source adds its weighted output to the running
+        sum of the sources below it (3 ops), a target reads that sum (the causal gate k < l is which source's sum it
+        reads, fixed at install) and is rewritten in place (about 12 ops), with no host sync and no copy of the
+        layer's output. The result equals :func:`inject` (tested).
+        """
+        plan, lam, renorm = self.plan[part], self.plan[part]["lambda"], self.hparams["renorm"]
+        below = max((k for k in plan["sources"] if k < layer), default=None)  # the highest source under this layer
+        weight = plan["weights"].get(layer)
+
+        def fn(out: torch.Tensor, step: Step) -> None:  # out: [batch, seq, d]
             last = out[:, -1]  # [batch, d]: the last prompt token in prefill, the new token when decoding
-            new = None
+            if weight is not None:  # a source: its own output, before any injection into it
+                term = weight * last.float()  # [batch, d], a new tensor (never a view of out)
+                summed[layer] = term if below is None else summed[below] + term
             if layer in plan["targets"]:
-                new = out.clone()
-                injected = inject(last, recorded, plan["weights"], layer, plan["lambda"], self.hparams["renorm"])
-                new[:, -1] = injected.to(out.dtype)
-                rel = (injected - last.float()).norm(dim=-1) / last.float().norm(dim=-1).clamp_min(1e-12)  # [batch]
-                self._injected.add(0, torch.tensor(float(len(rel)), device=rel.device), rel.sum())
-            if layer in plan["sources"]:
-                recorded[layer] = last.detach()  # the source's own output (before any injection into it)
-            return new
+                self._rows += last.shape[0]
+                if below is not None:
+                    a = last.float()
+                    new = a + lam * summed[below]
+                    norm = a.norm(dim=-1, keepdim=True)  # [batch, 1]
+                    if renorm:
+                        new = new * (norm / new.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+                    self._injected.add(0, ((new - a).norm(dim=-1) / norm[:, 0].clamp_min(1e-12)).sum())
+                    last.copy_(new)  # in place: the output's last row
 
         return fn
 
     def describe(self) -> dict[str, Any]:
         """Adds the calibration file, the resolved layers / weights / λ and how much was injected."""
-        rows, change = self._injected.tolist()
+        (change,) = self._injected.tolist()
+        rows = self._rows
         return super().describe() | {
             "resolved": {"fcct_file": self.source, "plan": self.plan},
             "activity": {"injections": int(rows), "mean_relative_change": round(change / rows, 6) if rows else 0.0},

@@ -2,7 +2,7 @@ r"""VAR — Visual Attention Redistribution.
 
 Kang et al., "See What You Are Told: Visual Attention Sink in Large Multimodal Models", ICLR 2025,
 arXiv 2503.03321; official code ``seilk/VisAttnSink`` (``src/logic/logic.py``: DimProspector, HeadFork,
-VARProcessor). Spec: ``shared/research/methods.md`` §1.
+VARProcessor).
 
 Some tokens (BOS, a few visual tokens) carry *massive activations* in a few fixed hidden dimensions and soak up
 attention without contributing information ("attention sinks"). VAR finds them and, in image-centric heads, moves
@@ -54,6 +54,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -135,6 +136,16 @@ def redistribute(
     return torch.where(selected[..., None], new, probs), selected
 
 
+@dataclass
+class _Keys:
+    """One layer's per-key factors of :func:`redistribute`, computed once in prefill (prompt keys only)."""
+
+    cols: torch.Tensor  # [batch, 1, prompt, 3]: visual, visual non-sink, sink indicators
+    keep: torch.Tensor  # [batch, 1, 1, prompt]: 1 − p on sinks, 1 elsewhere
+    vis_non: torch.Tensor  # [batch, 1, 1, prompt]: visual non-sink indicator
+    has_vis_sink: torch.Tensor  # [batch, 1, 1]: the sample has a visual sink at this layer
+
+
 @METHODS.register("var")
 class VAR(Method):
     """Visual attention redistribution from sink tokens to visual non-sinks in image-centric heads."""
@@ -162,7 +173,8 @@ class VAR(Method):
         self.tau = PUBLISHED_TAU
         self.source = ""
         self.layers: list[int] = []
-        self._counts = DeviceTally(4)  # sinks, visual sinks, selected pairs, eligible pairs
+        self._counts = DeviceTally(4)  # sinks, visual sinks, selected pairs, eligible pairs (prompt rows)
+        self._eligible = 0  # eligible pairs of generated rows (counted on the host)
 
     def check(self, adapter: Adapter) -> None:
         """Resolve the sink dimensions before the model loads (fails with the calibration command if unknown)."""
@@ -194,6 +206,7 @@ class VAR(Method):
         batch.state[self.name] = {"sinks": {}, "last_visual": last_visual, "first_row": first}
 
     def _find_sinks(self, hidden: torch.Tensor, step: Step) -> None:
+        """Prefill: the layer's sinks, and the per-key factors its redistribution reuses at every decoding step."""
         if step.offset != 0:  # cached decoding step: generated tokens are never sinks
             return
         batch = step.batch
@@ -202,27 +215,48 @@ class VAR(Method):
             sinks = (sink_scores(hidden[:, :n], self.dims) > self.tau) & ~batch.padding  # [batch, prompt]
         else:
             sinks = torch.zeros_like(batch.padding)
-        batch.state[self.name]["sinks"][step.layer] = sinks
-        self._counts.add(0, sinks.sum(), (sinks & batch.visual).sum())
+        vis_sink, vis_non = batch.visual & sinks, batch.visual & ~sinks  # [batch, prompt]
+        batch.state[self.name]["sinks"][step.layer] = _Keys(
+            cols=torch.stack([batch.visual, vis_non, sinks], -1).float()[:, None],  # [batch, 1, prompt, 3]
+            keep=(1 - self.hparams["p"] * sinks.float())[:, None, None],  # [batch, 1, 1, prompt]
+            vis_non=vis_non.float()[:, None, None],  # [batch, 1, 1, prompt]
+            has_vis_sink=vis_sink.any(-1)[:, None, None],  # [batch, 1, 1]
+        )
+        self._counts.add(0, sinks.sum(), vis_sink.sum())
 
     def _first_row(self, step: Step) -> int:
         """Rows up to the last visual token of every sample are never edited (fused SDPA runs them)."""
         return max(0, step.batch.state[self.name]["first_row"] - step.offset)
 
     def _redistribute(self, probs: torch.Tensor, step: Step) -> torch.Tensor:
+        """:func:`redistribute` on the prompt keys, with the layer's key factors computed once in prefill.
+
+        Generated keys are never sinks or visual, so their weights pass through. Equal to :func:`redistribute`
+        (tested); per decoding step it launches about half the kernels and never syncs: every row of a cached step
+        is a generated token, so every row is eligible without a comparison.
+        """
         batch, state = step.batch, step.batch.state[self.name]
-        sinks = batch.keys(state["sinks"][step.layer], step.kv_len)  # [batch, k]
-        visual = batch.keys(batch.visual, step.kv_len)  # [batch, k]
-        rows = step.query_positions()[None, :] > state["last_visual"][:, None]  # [batch, q]
-        hp = self.hparams
-        new, selected = redistribute(probs, sinks, visual, rows, hp["p"], hp["rho"], hp["visual_mass"])
-        eligible = rows[:, None, :].expand_as(selected)
-        self._counts.add(2, selected.sum(), eligible.sum())
-        return new
+        keys: _Keys = state["sinks"][step.layer]
+        hp, n = self.hparams, batch.prompt_len
+        prompt = probs[..., :n]  # [batch, heads, q, prompt]
+        s, non, sink_mass = (prompt @ keys.cols).unbind(-1)  # [batch, heads, q] each
+        ratio = non / s.clamp_min(1e-12)  # visual non-sink ratio r
+        selected = (s >= hp["visual_mass"]) & (ratio >= hp["rho"]) & (non > 0) & keys.has_vis_sink
+        if step.offset < n:  # prompt rows (prefill, an uncached pass): only those after the last visual token
+            rows = step.query_positions()[None, :] > state["last_visual"][:, None]  # [batch, q]
+            selected &= rows[:, None, :]
+            self._counts.add(2, selected.sum(), rows.sum() * probs.shape[1])
+        else:
+            self._counts.add(2, selected.sum())
+            self._eligible += selected.numel()  # every (row, head) of a generated token, known on the host
+        gain = (hp["p"] * sink_mass / non.clamp_min(1e-12))[..., None]  # [batch, heads, q, 1]
+        new = prompt * keys.keep + gain * prompt * keys.vis_non
+        return torch.cat([torch.where(selected[..., None], new, prompt), probs[..., n:]], -1)
 
     def describe(self) -> dict[str, Any]:
         """Adds the resolved sink dims, tau, layers and what VAR actually did (sink counts, selected rows)."""
         sinks, vis_sinks, selected, eligible = self._counts.tolist()
+        eligible += self._eligible
         return super().describe() | {
             "resolved": {"sink_dims": self.dims, "tau": self.tau, "sink_source": self.source, "layers": self.layers},
             "conventions": "p = fraction moved (official code: p_kept = 1 - p); rho = min visual non-sink ratio "

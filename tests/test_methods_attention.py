@@ -480,3 +480,30 @@ def test_decoding_logits_site_edits_every_step_and_is_removed(loaded):
         edited = _ids(adapter, inputs)
     assert len(steps) == GEN["max_new_tokens"] and not (edited == banned).any()
     assert torch.equal(_ids(adapter, inputs), base), "removed on exit"
+
+
+def test_var_fast_path_equals_the_reference_redistribution(adapter):
+    """VAR's hook (key factors from prefill, prompt keys only) gives exactly :func:`redistribute`'s probabilities."""
+    prompts, images = _rows(adapter)
+    inputs = adapter.build_inputs(prompts, images)
+    var = _make("var", layers=[2])
+    seen = []
+    original = var._redistribute
+
+    def spy(probs, step):
+        state = step.batch.state[var.name]
+        keys = state["sinks"][step.layer]
+        sinks = step.batch.keys((1 - keys.keep[:, 0, 0]).bool(), step.kv_len)  # keep = 1 - p on sinks
+        visual = step.batch.keys(step.batch.visual, step.kv_len)
+        rows = step.query_positions()[None, :] > state["last_visual"][:, None]
+        hp = var.hparams
+        want, _ = redistribute(probs.clone(), sinks, visual, rows, hp["p"], hp["rho"], hp["visual_mass"])
+        got = original(probs, step)
+        seen.append(step.q_len)
+        assert torch.allclose(got, want, atol=1e-7, rtol=0), (step.offset, (got - want).abs().max())
+        return got
+
+    var._redistribute = spy
+    with var.bind(adapter):
+        _ids(adapter, inputs)
+    assert seen.count(1) == GEN["max_new_tokens"] - 1 and max(seen) > 1

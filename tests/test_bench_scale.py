@@ -1,0 +1,55 @@
+"""harness.bench_scale: the 7B shapes are the real checkpoints', and the tiny CPU run produces every figure."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from adapters.tiny import TINY
+from harness.assets import tokenizer_corpus
+from harness.bench_scale import METHOD_SETTINGS, PRUNING_SETTINGS, SCALES, _instantiate, main
+
+#: parameter counts of the real checkpoints (LLaVA-1.5-7B: 7.06 B, Qwen2-VL-7B-Instruct: 8.29 B, InternVL3-8B: 7.94 B)
+PUBLISHED = {"llava": 7.06e9, "qwen_vl": 8.29e9, "internvl": 7.94e9}
+
+
+@pytest.mark.parametrize("family", sorted(SCALES))
+def test_7b_shapes_match_the_real_checkpoints(family):
+    scale = SCALES[family]["7b"]
+    model, _ = TINY[family][1](tokenizer_corpus(40), scale.size, build=_instantiate(scale, torch.device("meta"),
+                                                                                   torch.bfloat16))  # fmt: skip
+    text = model.config.text_config
+    assert (text.hidden_size, text.intermediate_size) == ((4096, 11008) if family == "llava" else (3584, 18944))
+    assert text.num_key_value_heads == (32 if family == "llava" else 4)
+    params = sum(p.numel() for p in model.parameters())
+    assert math.isclose(params, PUBLISHED[family], rel_tol=0.01), params
+
+
+def test_tiny_cpu_run_writes_every_figure(tmp_path):
+    """Every part on the tiny LLaVA, smaller batches than the defaults (CI runs the defaults: .ci/run)."""
+    out = tmp_path / "llava.json"
+    small = ["--overhead-batches", "1", "4", "--batch-sizes", "1", "4", "--min-samples", "4", "--methods-batch", "4",
+             "--max-new-tokens", "4", "--prefill-batch", "2"]  # fmt: skip
+    main(["--family", "llava", "--size", "tiny", "--device", "cpu", "--json", str(out), *small])
+    r = json.loads(out.read_text())
+    assert set(r["overhead"]) == {"1", "4"} and set(r["throughput"]) == {"1", "4"}
+    assert all(r["overhead"][b]["ratio"] > 0 for b in r["overhead"])
+    assert all(t["samples_per_s"] > 0 for t in r["throughput"].values())
+    assert set(r["methods"]) == set(METHOD_SETTINGS) and set(r["pruning"]) == set(PRUNING_SETTINGS)
+    none = r["methods"]["none"]
+    assert none["ratio"] == 1.0 and none["ops_per_step"] > 100
+    for name, m in r["methods"].items():
+        assert len(m["seconds"]) == 5 and m["ratio"] > 0 and m["calls"] >= 4, name
+        assert m["extra_syncs_per_step"] <= 0, (name, m["sync_sites"])
+    assert r["methods"]["carve"]["calls"] > none["calls"]  # its recording passes are counted
+    for name, p in r["pruning"].items():
+        assert p["speedup"] > 0 and p["peak_memory_ratio"] is not None, name
+    assert r["model"]["visual_tokens"] == 64 and r["model"]["lm_layers"] == 6
+
+
+def test_fewer_than_five_repeats_is_refused():
+    with pytest.raises(SystemExit, match="repeats must be >= 5"):
+        main(["--family", "llava", "--size", "tiny", "--device", "cpu", "--repeats", "3", "--parts", "pruning"])
