@@ -20,7 +20,7 @@ EXTRAS  = --extra dev --extra lmms --extra lmms-run
 # how every resolution is made: for CPython 3.11 (CI's), torch's CPU build from $(WHEELS)
 RESOLVE = --python-version 3.11 --find-links $(WHEELS) --constraint requirements/torch-cpu.txt
 
-.PHONY: setup lock test-latest browser demo test regress leaderboard lint format bench bench-methods bench-pruning \
+.PHONY: setup lock test-latest browser demo test regress leaderboard lint format bench bench-methods bench-pruning bench-scale \
 	world train clean
 
 setup: $(STAMP)
@@ -85,6 +85,9 @@ bench: setup         ## harness overhead vs plain HF generate, and throughput by
 
 bench-methods: setup ## each method's time per sample over none, same inputs, one run
 	$(PY) -m harness.bench_methods
+
+bench-scale: setup   ## 7B-shaped models: overhead, throughput, every method's time and ops/syncs, pruning (docs/benchmarks.md)
+	$(PY) -m harness.bench_scale $(BENCH_ARGS)
 
 bench-pruning: setup ## pruning: prefill speed-up and peak memory over none (576 tokens), POPE accuracy retained
 	$(PY) -m harness.bench_pruning
