@@ -43,7 +43,7 @@ def task_dir(tmp_path_factory) -> Path:
         "image": [str(POPE / "images" / r["image"]) for r in rows],
     }
     ds = datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image())
-    datasets.DatasetDict({"test": ds}).save_to_disk(root / "data")
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(root / "data"))  # a str: datasets 2.19 + fsspec 2024.3
     pope_yaml = Path(lmms_eval.__file__).parent / "tasks" / "pope" / "pope.yaml"
     (root / "shapes_pope.yaml").write_text(
         f"include: {pope_yaml}\ntask: shapes_pope\ndataset_path: {root / 'data'}\n"
