@@ -430,9 +430,9 @@ class Adapter(abc.ABC):
             mask, dim=1, prepend=mask.new_zeros(mask.shape[0], 1), append=mask.new_zeros(mask.shape[0], 1)
         )
         spans = []
-        for row in edges:
-            starts = (row == 1).nonzero().flatten().tolist()
-            ends = (row == -1).nonzero().flatten().tolist()
+        for row in edges.tolist():  # one copy to the host for the batch, then plain Python (no per-row sync)
+            starts = [i for i, e in enumerate(row) if e == 1]
+            ends = [i for i, e in enumerate(row) if e == -1]
             spans.append(list(zip(starts, ends, strict=True)))
         return spans
 

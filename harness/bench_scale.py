@@ -243,19 +243,26 @@ def count_method(adapter: Adapter, method: Any, batch: list[Request], gen: dict[
 
     Returns:
         ``ops_per_step`` / ``syncs_per_step`` (median over cached decoding steps), ``prefill_ops`` /
-        ``prefill_syncs`` (summed over prefill calls), ``calls`` (model calls), ``sync_sites`` (decoding).
+        ``prefill_syncs`` (summed over prefill calls), ``calls`` (model calls), ``sync_sites`` (decoding),
+        ``prefill_sync_sites`` (input preparation and prefill: the input-time selections included).
     """
     with torch.inference_mode(), method.bind(adapter):
         calls = AdapterCalls(adapter, len(batch), method)
         with count_steps(adapter.model) as c:
             calls.generate(batch, **gen)
-    sites: dict[str, int] = {}
-    for t in c.decode:
-        for k, v in t.sync_sites.items():
-            sites[k] = sites.get(k, 0) + v
     return {"ops_per_step": c.decode_median("ops"), "syncs_per_step": c.decode_median("syncs"),
             "prefill_ops": c.prefill_total("ops"), "prefill_syncs": c.prefill_total("syncs"),
-            "calls": len(c.steps), "sync_sites": sites}  # fmt: skip
+            "calls": len(c.steps), "sync_sites": _sites(c.decode),
+            "prefill_sync_sites": _sites([c.tallies[0], *c.prefill])}  # fmt: skip
+
+
+def _sites(tallies: list[Any]) -> dict[str, int]:
+    """Sync sites summed over ``tallies``."""
+    sites: dict[str, int] = {}
+    for t in tallies:
+        for k, v in t.sync_sites.items():
+            sites[k] = sites.get(k, 0) + v
+    return sites
 
 
 def methods_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work: Path) -> dict[str, Any]:

@@ -78,9 +78,10 @@ def cell(model: str, method: str, args: argparse.Namespace, out: Path) -> dict[s
 
 
 def _where(exc: BaseException) -> str:
-    """``file:line`` of the innermost frame in this repository (else the innermost one)."""
+    """``file:line`` of the innermost frame in this repository (else the innermost one), the checker aside."""
     frames = traceback.extract_tb(exc.__traceback__)
-    ours = [f for f in frames if f.filename.startswith(str(REPO_ROOT)) and "site-packages" not in f.filename]
+    ours = [f for f in frames if f.filename.startswith(str(REPO_ROOT)) and "site-packages" not in f.filename
+            and not f.filename.endswith("devicecheck.py")]  # fmt: skip
     f = (ours or frames)[-1]
     return f"{Path(f.filename).relative_to(REPO_ROOT) if ours else Path(f.filename).name}:{f.lineno}"
 

@@ -5,7 +5,10 @@ tensors fails (``indices should be either on cpu or on the same device``) or, wo
 On the CPU the same code works, because every tensor is on the CPU. :func:`strict_devices` makes it fail here too:
 inside every adapter model call (:meth:`adapters.base.Adapter._call`: input preparation, the methods' hooks,
 generation), torch's default device is ``meta``, so a tensor created without an explicit device is a data-less
-meta tensor, and the first operation that needs its values, or mixes it with real tensors, raises.
+meta tensor, and the first operation that needs its values, or mixes it with real tensors, raises. Mixing is
+checked by a dispatch mode on every ATen operation: torch itself lets a CPU tensor be indexed or gathered with a
+meta index and returns uninitialised memory, silently (torch 2.13), where CUDA would raise. 0-dim tensors may mix,
+as CUDA lets a 0-dim host tensor join a device operation.
 
 The house rule this enforces: a tensor made during a model call names its device, the device of the tensor it
 works with (``device=scores.device``), or ``"cpu"`` for host-side bookkeeping that is meant to stay there.
@@ -18,10 +21,31 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from adapters.base import Adapter
+
+
+class DeviceMixError(RuntimeError):
+    """An operation took a meta tensor (made without ``device=``) together with real ones."""
+
+
+class _NoMixing(TorchDispatchMode):
+    """Raise when one ATen operation receives meta and non-meta tensors (0-dim ones aside)."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        devices = {t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()}
+        if "meta" in devices and len(devices) > 1:
+            raise DeviceMixError(
+                f"{func}: a tensor made without device= (meta here, the host on a GPU) meets "
+                f"tensors on {sorted(devices - {'meta'})}; create it on the device it works with"
+            )
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -31,7 +55,7 @@ def strict_devices(default: str = "meta") -> Iterator[None]:
 
     @contextlib.contextmanager
     def strict(self: Adapter, inputs: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
-        with torch.device(default), original(self, inputs) as prepared:
+        with torch.device(default), _NoMixing(), original(self, inputs) as prepared:
             yield prepared
 
     Adapter._call = strict

@@ -3,7 +3,7 @@
     python -m harness.train --out assets/shapes-llava            # the shipped tiny LLaVA (~10 min on CPU)
     python -m harness.train --out /tmp/x --tower-steps 20 --steps 20   # smoke run
 
-The recipe (measured in ``shared/research/grounding_recipe.md``; trained from scratch, a tiny LLaVA otherwise
+The recipe (measured here over many runs; trained from scratch, a tiny LLaVA otherwise
 sits on the language prior and answers every question the same way):
 
 A. **Tower pretraining.** The vision tower alone learns multi-label shape and colour presence: a linear head

@@ -1,8 +1,7 @@
 r"""CARVE — Contrastive Attention Refinement for Visual Enhancement.
 
 Ge et al., "Focusing by Contrastive Attention: Enhancing VLMs' Visual Reasoning", arXiv 2509.06461 (ECCV 2026);
-official code ``YuyaoGe/CARVE`` (``carve/attention.py``, ``carve/masking.py``, ``carve/pipeline.py``). Spec:
-``shared/research/methods.md`` §6.
+official code ``YuyaoGe/CARVE`` (``carve/attention.py``, ``carve/masking.py``, ``carve/pipeline.py``).
 
 A model's attention to the image mixes *where things are* (visual saliency, present whatever is asked) with
 *what the question is about* (semantic relevance). CARVE separates the two by contrasting the attention of the

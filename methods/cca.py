@@ -1,7 +1,7 @@
 r"""CCA — Concentric Causal Attention.
 
 Xing et al., "Mitigating Object Hallucination via Concentric Causal Attention", NeurIPS 2024, arXiv 2410.15926;
-official code ``xing0047/cca-llava`` (``llava/cca_utils/cca.py``). Spec: ``shared/research/methods.md`` §2.
+official code ``xing0047/cca-llava`` (``llava/cca_utils/cca.py``).
 
 RoPE's long-term decay makes visual tokens far (in position) from the instruction contribute less; in raster
 order the bottom-right of the image is closest to the text and the top-left farthest. CCA re-lays the visual

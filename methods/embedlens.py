@@ -2,7 +2,7 @@ r"""EmbedLens — which visual tokens carry meaning, probed against the LM's voc
 
 "What Do Visual Tokens Really Encode?", CVPR 2026, arXiv 2603.00510; official code ``EIT-NLP/EmbedLens``
 (``llava_llama_token_pruning.py``: ``find_useless_tokens``, ``remove_specified_tokens``, ``visual_tokens_entry``).
-Spec: ``shared/research/methods.md`` §8. The model-free parts live in :mod:`methods.embedlens_probe`.
+The model-free parts live in :mod:`methods.embedlens_probe`.
 
 **Probe.** Each visual token's projector output ``v_j`` (its LM input embedding, site ``projector.out``) is compared
 with every row ``E_t`` of the LM's input embedding table by cosine similarity; its ``top_k`` nearest ids are kept.

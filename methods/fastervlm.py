@@ -2,7 +2,7 @@ r"""FasterVLM — prune visual tokens before the LM by the vision tower's [CLS] 
 
 Zhang et al., "[CLS] Attention is All You Need for Training-Free Visual Token Pruning: Make VLM Inference
 Faster", arXiv 2412.01818; official code ``Theia-4869/FasterVLM`` (``clip_encoder.py`` returns the attentions,
-``llava_arch.py`` ``encode_images`` keeps the top-k). Spec: ``shared/research/methods.md`` §4.2.
+``llava_arch.py`` ``encode_images`` keeps the top-k)..
 
 1. Score: the post-softmax attention of the vision tower's **[CLS] query** over the patch keys, averaged over
    heads, at the layer whose output feeds the projector (LLaVA-1.5's ``vision_feature_layer = −2``, the
@@ -92,22 +92,27 @@ class FasterVLM(Method):
         """Keep mask ``[batch, prompt]``: every non-visual token plus each image/tile's top visual tokens."""
         visual = self.adapter.image_token_mask(inputs)  # [batch, prompt]
         keep = ~visual
-        if not visual.any():
+        n_visual = visual.sum(1).tolist()  # the one host sync without debiasing: row sizes are Python integers
+        if not any(n_visual):
             return keep
         scores = self.adapter.vision_cls_attention(inputs)
         contents = self.adapter.visual_content(inputs) if self.debias else None
         debias = Debias(self._trend, self.pad_threshold) if self.debias else None
-        for row, tiles in enumerate(tile_groups(self.adapter, inputs)):
-            pos = visual[row].nonzero().flatten()
-            if not len(pos):
+        # each row's visual positions first, in prompt order (a stable sort: no nonzero, no sync)
+        order = torch.sort(visual.to(torch.uint8), dim=1, descending=True, stable=True).indices  # [batch, prompt]
+        k_of = lambda n: budget(n, self.ratio, self.keep)  # noqa: E731
+        for row, tiles in enumerate(tile_groups(self.adapter, inputs)):  # tiles: host-side geometry
+            n = n_visual[row]
+            if not n:
                 continue
+            pos = order[row, :n]  # [n_visual]
             if self.recorded is not None:
                 self.recorded += [scores[row][idx].detach().cpu() for idx in tiles]
             content = contents[row] if contents is not None else None
             s = debiased(scores[row], tiles, debias, content)
-            kept = select_top(s, tiles, lambda n: budget(n, self.ratio, self.keep), debias, content)
+            kept = select_top(s, tiles, k_of, debias, content)
             keep[row, pos] = kept
-            self.counter.add(len(pos), int(kept.sum()))
+            self.counter.add(n, int(kept.sum()) if debias else sum(k_of(len(idx)) for idx in tiles))
         return keep
 
     def report(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@ r"""FastV — prune visual tokens after layer K by the attention they receive.
 
 Chen et al., "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration for Large
 Vision-Language Models", ECCV 2024, arXiv 2403.06764; official code ``pkunlp-icler/FastV`` (``fastv_forward``
-in its llava-hf ``modeling_llama.py``, KV-cache version). Spec: ``shared/research/methods.md`` §4.1.
+in its llava-hf ``modeling_llama.py``, KV-cache version).
 
 1. Layers ``0 … K−1`` run on the whole prompt. From layer ``K−1``'s post-softmax attention
    ``A ∈ [batch, heads, q, k]`` (site ``lm.layers.{K−1}.attn.probs``) every visual token ``j`` gets a score:
@@ -130,6 +130,8 @@ class FastV(Method):
 
     def _select(self, batch: Batch) -> torch.Tensor:
         """Keep mask ``[batch, prompt]``: all non-visual tokens plus each row's top visual tokens."""
+        if not self.debias and self.recorded is None:
+            return self._select_batched(batch)
         scores = batch.state[self.name]  # [batch, prompt]
         keep = ~batch.visual
         debias = Debias(self._trend, self.pad_threshold) if self.debias else None
@@ -147,6 +149,28 @@ class FastV(Method):
             kept = select_top(s, group, lambda n: budget(n, self.ratio, self.keep), debias, content)
             keep[row, pos] = kept
             self.counter.add(len(pos), int(kept.sum()))
+        return keep
+
+    def _select_batched(self, batch: Batch) -> torch.Tensor:
+        """:meth:`_select` without debiasing or recording, for the whole batch at once (one host sync in all).
+
+        The same top-k per row: non-visual scores are set to −inf, every row takes the batch's largest budget and
+        keeps its own first ``k_row`` (top-k indices are distinct, so the scatter marks exactly ``k_row`` tokens).
+        """
+        visual = batch.visual  # [batch, prompt]
+        n_visual = visual.sum(1).tolist()  # host: the budgets are Python integers
+        ks = [budget(n, self.ratio, self.keep) if n else 0 for n in n_visual]
+        keep = ~visual
+        if max(ks) == 0:
+            return keep
+        scores = batch.state[self.name].float().masked_fill(~visual, -torch.inf)  # [batch, prompt]
+        top = torch.topk(scores, max(ks), dim=1).indices  # [batch, k_max]
+        rank = torch.arange(max(ks), device=top.device)[None, :]  # [1, k_max]
+        wanted = rank < torch.tensor(ks, device=top.device)[:, None]  # [batch, k_max]
+        keep = keep.scatter(1, top, wanted | keep.gather(1, top))  # non-visual entries stay True
+        for n, k in zip(n_visual, ks, strict=True):
+            if n:
+                self.counter.add(n, k)
         return keep
 
     def report(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 r"""FCCT — fine-grained cross-modal causal tracing, the offline calibration of IRI.
 
 "Causal Tracing of Object Representations in Large Vision Language Models…", AAAI 2026, arXiv 2511.05923 (no
-official code). Spec: ``shared/research/methods.md`` §7.
+official code).
 
     python -m methods.fcct --model llava [--path DIR_OR_ID] [--n 64] [--noise 3.0] [--out FILE]
 

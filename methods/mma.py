@@ -2,7 +2,7 @@ r"""MMA — Modality-Mutual Attention (AKI).
 
 "Seeing is Understanding: Unlocking Causal Attention into Modality-Mutual Attention for
 Multimodal LLMs", ICML 2026, arXiv 2503.02597; official code ``sony/aki`` (``codes/open_flamingo/src/vlm.py``,
-``_make_modality_mutual_mask``). Spec: ``shared/research/methods.md`` §3.
+``_make_modality_mutual_mask``).
 
 In a causal decoder the image tokens, placed before the question, never see it, so the visual representation
 cannot depend on what is asked. MMA lets them: during PREFILL the mask becomes

@@ -69,10 +69,15 @@ class Debias:
 
 def tile_groups(adapter: Adapter, inputs: dict[str, torch.Tensor]) -> list[list[torch.Tensor]]:
     """Per row, the indices (into the row's visual tokens) of each image tile's tokens, raster order."""
-    out = []
-    for vmap in adapter.visual_token_map(inputs):
-        key = vmap[:, 0] * 10_000 + vmap[:, 1]  # (image, tile)
-        out.append([(key == k).nonzero().flatten() for k in torch.unique_consecutive(key)])
+    maps = adapter.visual_token_map(inputs)  # host-side geometry, [n_visual, >= 2] per row
+    keys = torch.cat([m[:, :2] for m in maps]).tolist() if maps else []  # (image, tile): one host copy for all rows
+    out, at = [], 0
+    for vmap in maps:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, key in enumerate(keys[at : at + len(vmap)]):
+            groups.setdefault(tuple(key), []).append(i)
+        out.append([torch.tensor(idx, dtype=torch.long, device="cpu") for idx in groups.values()])
+        at += len(vmap)
     return out
 
 

@@ -61,11 +61,13 @@ class Layout:
     def of(cls, present: torch.Tensor) -> Layout:
         """Compact ``present [batch, prompt_len]`` into left-padded slots."""
         counts = present.sum(1)  # [batch]
-        n = int(counts.max())
+        n = int(counts.max())  # the one host sync: the layout's width
         slot = torch.arange(n, device=present.device)[None, :]  # [1, n]
         valid = slot >= (n - counts)[:, None]  # [batch, n]
-        index = torch.zeros(present.shape[0], n, dtype=torch.long, device=present.device)
-        index[valid] = present.nonzero()[:, 1]  # row-major nonzero keeps each row's order
+        # a stable sort puts each row's absent positions first and its present ones last, both in order: the
+        # last n columns are the row's present tokens right-aligned (no nonzero / boolean indexing: no sync)
+        order = torch.sort(present.to(torch.uint8), dim=1, stable=True).indices[:, -n:]  # [batch, n]
+        index = torch.where(valid, order, torch.zeros_like(order))
         return cls(present, index, valid)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +112,7 @@ class Surgery:
         self.late: torch.Tensor | None = None  # [batch, prompt] tokens entering after layer 0
         self.embeds: torch.Tensor | None = None  # LM input embeddings of the prompt, when a token enters late
         self.decoding = False
+        self._memo: tuple | None = None  # (key, tensors...): the last layer's mask (and RoPE), reused while equal
 
     @property
     def before_call(self) -> bool:
@@ -138,7 +141,7 @@ class Surgery:
     def start(self, batch: Any) -> None:
         """A new prompt: reset per-batch state (``batch`` is the intervention's Batch)."""
         self.batch = batch
-        self.layouts, self.embeds, self.decoding = [], None, False
+        self.layouts, self.embeds, self.decoding, self._memo = [], None, False, None
         valid = ~batch.padding
         if self._pending is None:
             if self.before_call:
@@ -184,9 +187,12 @@ class Surgery:
         return present
 
     def _prefill(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, dict]:
-        if layer == 0 and self.late.any():
+        if layer == 0 and self.entries:
             self.embeds = hidden  # [batch, prompt, d]: what late tokens enter with
         before = self.layouts[-1] if self.layouts else None
+        if layer not in self._events():  # nothing enters or leaves here: the previous layout, no host sync
+            self.layouts.append(before)
+            return (hidden, kwargs) if before is None else self._apply(before, hidden, kwargs)
         previous = before.present if before is not None else ~self.batch.padding
         present = self._presence(layer, previous)
         if before is None and torch.equal(present, ~self.batch.padding):
@@ -196,9 +202,20 @@ class Surgery:
         if layout is not before:
             hidden = self._relayout(hidden, before, layout)
         self.layouts.append(layout)
+        return self._apply(layout, hidden, kwargs)
+
+    def _events(self) -> set[int]:
+        """Layers where presence may change (layer 0, every drop and entry); the others keep their input's."""
+        return {0, *(at for at, _ in self.drops), *(at for at, _ in self.entries)}
+
+    def _apply(self, layout: Layout, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, dict]:
+        """The layer's mask and position embeddings under ``layout`` (hidden states already in it)."""
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = layout.prefill_mask()
-        kwargs["position_embeddings"] = tuple(layout.gather(t) for t in kwargs["position_embeddings"])
+        source = kwargs["position_embeddings"]
+        key = (layout, *source)  # consecutive layers share the layout and the RoPE tensors
+        if not self._memo_hit(key):
+            self._memo = (key, layout.prefill_mask(), tuple(layout.gather(t) for t in source))
+        _, kwargs["attention_mask"], kwargs["position_embeddings"] = self._memo
         pos = kwargs.get("position_ids")
         if isinstance(pos, torch.Tensor) and pos.shape[-1] == self.batch.prompt_len and pos.dim() == 2:
             kwargs["position_ids"] = layout.gather(pos)
@@ -214,9 +231,9 @@ class Surgery:
 
     def _scatter(self, hidden: torch.Tensor, layout: Layout) -> torch.Tensor:
         full = hidden.new_zeros(hidden.shape[0], self.batch.prompt_len, hidden.shape[2])
-        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(layout.index)
-        full[rows[layout.valid], layout.index[layout.valid]] = hidden[layout.valid]
-        return full
+        # padding slots point at position 0 and add zeros there: exact, and no boolean indexing (no host sync)
+        index = layout.index[..., None].expand_as(hidden)  # [batch, n, d]
+        return full.scatter_add_(1, index, torch.where(layout.valid[..., None], hidden, 0.0))
 
     def _decode_kwargs(self, layer: int, q_len: int, kwargs: dict) -> dict:
         layout = self.layouts[layer] if layer < len(self.layouts) else None
@@ -226,7 +243,16 @@ class Surgery:
         if cache is None:
             raise RuntimeError("a pruned prompt can only be continued with the KV cache of its prefill")
         kv_len = cache.get_seq_length(layer) + q_len
-        return {**kwargs, "attention_mask": layout.decode_mask(q_len, kv_len)}
+        key = (layout, q_len, kv_len)  # layers sharing a layout share the step's mask
+        if not self._memo_hit(key):
+            self._memo = (key, layout.decode_mask(q_len, kv_len))
+        return {**kwargs, "attention_mask": self._memo[1]}
+
+    def _memo_hit(self, key: tuple) -> bool:
+        """Whether the memo was made for ``key`` (objects compared by identity, numbers by value)."""
+        if self._memo is None or len(self._memo[0]) != len(key):
+            return False
+        return all(a is b if not isinstance(a, int) else a == b for a, b in zip(self._memo[0], key, strict=True))
 
 
 def _checked(keep: torch.Tensor, valid: torch.Tensor, what: str) -> torch.Tensor:

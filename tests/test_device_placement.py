@@ -38,18 +38,34 @@ def test_every_cell_runs_with_strict_devices(model, method, tmp_path):
 
 
 def test_strict_devices_catches_a_planted_host_index(tmp_path, monkeypatch):
-    """The original bug, planted again: FastV's selection group built without a device."""
-    import methods.fastv as fastv
+    """The original bug, planted again: FastV's selection indexed with an index built without a device."""
+    from methods.fastv import FastV
 
-    real = fastv.select_top
+    real = FastV._select_batched
 
-    def planted(scores, groups, *rest):
-        return real(scores, [torch.arange(len(scores))], *rest)  # no device=: the host, on a GPU
+    def planted(self, batch):
+        keep = real(self, batch)
+        return keep[torch.arange(keep.shape[0])]  # no device=: the host, on a GPU
 
-    monkeypatch.setattr(fastv, "select_top", planted)
+    monkeypatch.setattr(FastV, "_select_batched", planted)
     assert cell("llava", "fastv", _args(strict=False), tmp_path / "a")["status"] == "ok"  # invisible on the CPU ...
     failed = cell("llava", "fastv", _args(strict=True), tmp_path / "b")
-    assert failed["status"] == "FAILED" and failed["where"].startswith("methods/"), failed  # ... but not here
+    assert failed["status"] == "FAILED", failed  # ... but not here, and at the planted line
+    assert failed["error"].startswith("DeviceMixError") and failed["where"].startswith("tests/test_device_placement")
+
+
+def test_a_meta_index_into_a_host_tensor_raises():
+    """torch indexes a CPU tensor with a meta index silently (garbage out); the strict mode refuses it."""
+    from harness.devicecheck import DeviceMixError, _NoMixing
+
+    keep = torch.tensor([True, False, True])
+    with torch.device("meta"), _NoMixing():
+        index = torch.arange(3)
+        with pytest.raises(DeviceMixError):
+            keep[index]
+        with pytest.raises(DeviceMixError):
+            torch.zeros(3, device="cpu").gather(0, index)
+        assert keep[torch.tensor(1, device="cpu")].item() is False  # a 0-dim host index is fine, as on CUDA
 
 
 def test_strict_devices_restores_the_adapter():

@@ -134,6 +134,20 @@ def test_method_meets_the_decoding_proxy_targets(loaded, none_counts, family, na
     assert got["ops_per_step"] <= max_ratio * none["ops_per_step"]
 
 
+@pytest.mark.parametrize(("family", "name"), [(f, n) for f, n in CASES if n in ("fastv", "fastervlm")])
+def test_pruning_selection_syncs_do_not_grow_with_the_batch(loaded, family, name):
+    """On a GPU every host sync in prefill stalls the pipeline; a per-row selection loop pays them per row.
+
+    The project's own syncs in input preparation and prefill (token selection, layout) must be the same for a
+    batch of 2 and of 6, and few (the layout's width, the row sizes, the last-token check).
+    """
+    kw = TARGETS[name][0]
+    small, large = (own_sites(count_method(loaded(family), METHODS.get(name)(**kw), _batch(n), GEN)
+                              ["prefill_sync_sites"]) for n in (2, 6))  # fmt: skip
+    assert small == large
+    assert sum(large.values()) <= 8, large
+
+
 def test_a_planted_sync_fails_the_target(loaded, monkeypatch):
     """The check can fail: VAR reading its first editable row in every layer at every step (the old code)."""
     from methods.var import VAR

@@ -141,8 +141,12 @@ def test_surgery_decoding_equals_explicit_reference(loaded, family, mode):
         assert out[row].tolist() == ref, f"row {row}"
 
 
-def test_tokens_reaching_each_layer_for_a_planted_attention_pattern(loaded):
-    """FastV keeps exactly the top-k of the attention it records; layers >= K see only text + those tokens."""
+@pytest.mark.parametrize("path", ["batched", "per_row"])
+def test_tokens_reaching_each_layer_for_a_planted_attention_pattern(loaded, path):
+    """FastV keeps exactly the top-k of the attention it records; layers >= K see only text + those tokens.
+
+    Both selection paths: the batched one (default) and the per-row one (taken when debiasing or recording).
+    """
     adapter = loaded("llava")
     prompts, images = _batch(adapter)
     inputs = adapter.build_inputs(prompts, images)
@@ -159,6 +163,7 @@ def test_tokens_reaching_each_layer_for_a_planted_attention_pattern(loaded):
         lambda _m, _a, out, i=i: lengths.setdefault(i, []).append((out[0] if isinstance(out, tuple) else out).shape[1]))
         for i in range(adapter.num_layers())]  # fmt: skip
     method = Planted(layer=2, ratio=0.75)
+    method.recorded = [] if path == "per_row" else None
     try:
         with torch.inference_mode(), method.bind(adapter):
             adapter.forward(inputs, logits_to_keep=1)
