@@ -4,6 +4,7 @@ paired statistics of a method run against its baseline (checked against SciPy)."
 from __future__ import annotations
 
 import json
+import math
 from typing import ClassVar
 
 import numpy as np
@@ -76,20 +77,37 @@ def test_methods_accept_text_only_calls(llava, method_name):
 
 
 # ----------------------------------------------------------------------------------------------- McNemar
-@pytest.mark.parametrize(("b", "c"), [(0, 0), (3, 9), (10, 10), (1, 12), (40, 19), (250, 300)])
-def test_mcnemar_against_scipy(b, c):
+#: (b, c) -> (exact two-sided p, continuity-corrected chi-square, its p), worked by hand: the exact p is
+#: 2 * sum_{i <= min(b, c)} C(b + c, i) / 2^(b + c); the chi-square p is erfc(sqrt(stat / 2))
+MCNEMAR_BY_HAND = {
+    (0, 0): (1.0, 0.0, 1.0),
+    (10, 2): (2 * (1 + 12 + 66) / 4096, 49 / 12, math.erfc(math.sqrt(49 / 24))),  # 0.03857, 4.0833, 0.04331
+    (3, 9): (2 * (1 + 12 + 66 + 220) / 4096, 25 / 12, math.erfc(math.sqrt(25 / 24))),
+    (10, 10): (1.0, 0.0, 1.0),  # min(1, 2 * P(X <= 10)) = 1; |b - c| - 1 < 0 is floored at 0
+    (1, 12): (2 * (1 + 13) / 8192, 100 / 13, math.erfc(math.sqrt(50 / 13))),
+}
+
+
+@pytest.mark.parametrize(("b", "c"), list(MCNEMAR_BY_HAND))
+def test_mcnemar_against_hand_computed_values(b, c):
     base = np.array([1] * b + [0] * c + [1] * 7 + [0] * 5)
     meth = np.array([0] * b + [1] * c + [1] * 7 + [0] * 5)
     res = mcnemar(base, meth)
     assert (res["baseline_only_right"], res["method_only_right"], res["both_right"], res["both_wrong"]) == (b, c, 7, 5)
-    if b + c == 0:
-        assert res["p_value_exact"] == 1.0 and res["p_value"] == 1.0
-        return
-    exact = sps.binomtest(min(b, c), b + c, 0.5, alternative="two-sided").pvalue
+    exact, stat, p = MCNEMAR_BY_HAND[(b, c)]
     assert res["p_value_exact"] == pytest.approx(exact, rel=1e-9)
-    chi2 = max(abs(b - c) - 1, 0) ** 2 / (b + c)
-    assert res["statistic"] == pytest.approx(chi2)
-    assert res["p_value"] == pytest.approx(sps.chi2.sf(chi2, df=1), rel=1e-9)
+    assert res["statistic"] == pytest.approx(stat, rel=1e-12)
+    assert res["p_value"] == pytest.approx(p, rel=1e-9)
+
+
+def test_mcnemar_is_symmetric_and_large_counts_stay_finite():
+    def run(b, c):
+        return mcnemar(np.array([1] * b + [0] * c), np.array([0] * b + [1] * c))
+
+    for b, c in [(40, 19), (250, 300), (5000, 5100)]:
+        one, other = run(b, c), run(c, b)
+        assert one["p_value_exact"] == pytest.approx(other["p_value_exact"]) and 0 < one["p_value_exact"] <= 1
+        assert one["p_value"] == pytest.approx(other["p_value"])
 
 
 # ----------------------------------------------------------------------------------------------- paired bootstrap
