@@ -45,9 +45,34 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 from torch import nn
-from transformers import LogitsProcessorList
+from transformers import AttentionInterface, AttentionMaskInterface, LogitsProcessorList
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from harness.registry import Registry
+
+#: the vision tower's attention function while [CLS] scores are read (:meth:`Adapter._vision_cls_probs`)
+VISION_CLS = "harness_vision_cls"
+
+
+def _vision_cls_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                          **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
+    """SDPA, and at the module carrying a ``_harness_cls_sink`` list, its [CLS] row's probabilities appended."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    sink = getattr(module, "_harness_cls_sink", None)
+    if sink is not None:
+        logits = query[:, :, :1].float() @ key.float().transpose(-1, -2) * scaling  # [n, heads, 1, k]
+        if attention_mask is not None:  # the towers here pass none; an additive or boolean one would apply here
+            logits = logits.masked_fill(~attention_mask, -torch.inf) if attention_mask.dtype == torch.bool else (
+                logits + attention_mask[..., :1, :].float())  # fmt: skip
+        sink.append(logits.softmax(-1))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)  # fmt: skip
+
+
+AttentionInterface.register(VISION_CLS, _vision_cls_attention)
+AttentionMaskInterface.register(VISION_CLS, sdpa_mask)
 
 ADAPTERS: Registry[type[Adapter]] = Registry("adapter")
 
@@ -632,12 +657,27 @@ class Adapter(abc.ABC):
             raise ValueError(f"{units.shape[0]} images/tiles for {start} in the prompts")
         return out
 
-    @staticmethod
-    def _feature_layer_attention(attentions: tuple[torch.Tensor, ...], feature_layer: int) -> torch.Tensor:
-        """The attention of the layer whose output is ``hidden_states[feature_layer]`` (``[n, heads, q, k]``)."""
+    def _vision_cls_probs(self, pixel_kwargs: dict[str, torch.Tensor], feature_layer: int) -> torch.Tensor:
+        """[CLS]-query attention of the layer whose output is ``hidden_states[feature_layer]``, ``[n, heads, 1+P]``.
+
+        One tower pass with its fused kernel: the attention function of :data:`VISION_CLS` computes the [CLS] row's
+        softmax (float32) at that layer only, instead of an eager pass that materialises every layer's ``P²``
+        probabilities (what ``output_attentions=True`` costs).
+        """
         if not isinstance(feature_layer, int) or feature_layer == 0:
             raise ValueError(f"vision_feature_layer {feature_layer!r} has no single attention layer")
-        return attentions[feature_layer if feature_layer < 0 else feature_layer - 1]
+        n = self.num_layers("vision")
+        attn = self.site(f"vision.layers.{feature_layer % n if feature_layer < 0 else feature_layer - 1}.attn")
+        sink: list[torch.Tensor] = []
+        attn._harness_cls_sink = sink
+        try:
+            with self.vision_attention(VISION_CLS):
+                self._require_loaded().model.vision_tower(**pixel_kwargs)
+        finally:
+            del attn._harness_cls_sink
+        if len(sink) != 1:
+            raise RuntimeError(f"the vision tower called layer {feature_layer}'s attention {len(sink)} times, not once")
+        return sink[0][:, :, 0]  # [n, heads, 1 + P]
 
     def position_ids(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Position ids the LM uses in prefill, as ``generate`` builds them.

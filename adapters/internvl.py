@@ -115,10 +115,8 @@ class InternVLAdapter(Adapter):
         """
         model = self._require_loaded()
         cfg = model.config
-        with self.vision_attention("eager"):
-            out = model.model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True)
-        att = self._feature_layer_attention(out.attentions, cfg.vision_feature_layer)  # [n_tiles, heads, 1+P, 1+P]
-        cls = att[:, :, 0, 1:].float().mean(1)  # [n_tiles, P]
+        probs = self._vision_cls_probs({"pixel_values": inputs["pixel_values"]}, cfg.vision_feature_layer)
+        cls = probs[:, :, 1:].mean(1)  # [n_tiles, P]
         side = math.isqrt(cls.shape[1])
         shuffled = model.model.pixel_shuffle(cls.reshape(-1, side, side, 1), scale_factor=cfg.downsample_ratio)
         pooled = shuffled.sum(-1).reshape(cls.shape[0], -1)  # [n_tiles, tokens_per_tile]

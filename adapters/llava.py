@@ -66,10 +66,8 @@ class LlavaAdapter(Adapter):
         """Head-mean [CLS]→patch attention of the feature layer per visual token (the kept [CLS] itself: +inf)."""
         model = self._require_loaded()
         cfg = model.config
-        with self.vision_attention("eager"):
-            out = model.model.vision_tower(inputs["pixel_values"], output_attentions=True)
-        att = self._feature_layer_attention(out.attentions, cfg.vision_feature_layer)  # [n_images, heads, 1+P, 1+P]
-        cls = att[:, :, 0, 1:].float().mean(1)  # [n_images, P]
+        probs = self._vision_cls_probs({"pixel_values": inputs["pixel_values"]}, cfg.vision_feature_layer)
+        cls = probs[:, :, 1:].mean(1)  # [n_images, P]
         if cfg.vision_feature_select_strategy == "full":
             cls = torch.cat([torch.full_like(cls[:, :1], torch.inf), cls], 1)  # [n_images, 1 + P]
         return self._per_row(inputs, cls, cls.shape[1])

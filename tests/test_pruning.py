@@ -243,6 +243,34 @@ def test_fastervlm_equals_the_shortened_prompt(loaded):
     assert method.report()["kept_fraction"] == pytest.approx(0.25)
 
 
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_cls_scores_materialise_no_patch_by_patch_attention(loaded, family):
+    """The [CLS] row is computed alone: no op outputs an ``[n, heads, 1+P, 1+P]`` tensor (what an eager tower
+    pass with ``output_attentions`` writes for every layer, the memory FasterVLM exists to save)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    adapter = loaded(family)
+    prompts, images = _batch(adapter)
+    inputs = adapter.build_inputs(prompts, images)
+    largest = []
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            largest.extend(t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    with torch.inference_mode(), Largest():
+        adapter.vision_cls_attention(inputs)
+    tower = adapter.model.config.vision_config
+    n, tokens = inputs["pixel_values"].shape[0], 1 + (_first(tower.image_size) // _first(tower.patch_size)) ** 2
+    assert max(largest) < n * tower.num_attention_heads * tokens * tokens
+
+
+def _first(size) -> int:
+    return size[0] if isinstance(size, (list, tuple)) else size
+
+
 def test_internvl_cls_scores_pool_each_merged_group(loaded):
     adapter = loaded("internvl")
     prompts, images = _batch(adapter)
