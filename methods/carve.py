@@ -11,8 +11,9 @@ singles out, and asks again on the refined image. Per request with images:
 1. **Pass Q** (question) and **pass G** (general instruction ``general_prompt``): greedy generation of up to
    ``max_new_tokens`` tokens; at every step t and layer l ∈ ``layers`` the newest query row's head-mean attention
    to the visual tokens, ``A_{l,t} ∈ R^{n_visual}`` (site ``lm.layers.{l}.attn.probs``, last row only). Steps
-   after a row's end of sequence are dropped. Pass G does not depend on the question: it is cached per image, and
-   it runs only as many steps as pass Q produced (step 2 pairs steps by index, so later ones would be unused).
+   after a row's end of sequence are dropped. Pass G does not depend on the question: it is cached per image.
+   Both passes run as ONE batched generation (pass-Q rows, then the pass-G rows of the image sets not cached),
+   not one after the other as in the official code; outputs equal separate passes up to padding round-off.
 2. **Contrast**: ``Â_{l,t} = A^Q_{l,t} / (A^G_{l,t} + λ)`` (A ≈ F_vis ⊙ F_sem and A^G ≈ F_vis, so Â ≈ F_sem),
    steps paired by index up to the shorter generation.
 3. **Fuse**: ``S = Σ_t w_t Σ_{l∈layers} Â_{l,t}`` per visual token with ``w_t = t + 1`` (``steps="full"``, the
@@ -45,8 +46,9 @@ Hyperparameters (code defaults):
     save_masks (bool, default False): write an overlay PNG per refined image (saliency, mask contour) to
         ``carve_masks/`` in the run directory, indexed by ``carve_masks/index.jsonl``.
 
-Cost: two extra greedy generations per request (pass G amortised over the questions of an image by the cache) and
-one OpenCV mask per image; the final pass is the task's ordinary call. Per-sample seconds in the records include it.
+Cost: one extra greedy generation per request, on up to twice the batch (pass G amortised over the questions of an
+image by the cache), and one OpenCV mask per image; the final pass is the task's ordinary call. Peak memory: the
+joint pass holds up to 2× the batch's KV cache. Per-sample seconds in the records include it.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ class CARVE(Method):
                          cache_size=cache_size, save_masks=save_masks)  # fmt: skip
         self.layers: list[int] = []
         self._recording: dict[int, list[torch.Tensor]] | None = None  # layer → per-step [batch, prompt]
-        self._general: OrderedDict[tuple[str, ...], tuple[torch.Tensor, bool]] = OrderedDict()  # att, complete
+        self._general: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()  # image set -> pass-G attention
         self._stats = {"requests": 0, "images": 0, "mask_fraction": 0.0, "general_cached": 0, "steps_q": 0,
                        "steps_g": 0}  # fmt: skip
 
@@ -173,13 +175,11 @@ class CARVE(Method):
     # ------------------------------------------------------------------ passes
     def _attention_pass(
         self, texts: list[str], images: list[list[Image.Image]], max_new_tokens: int
-    ) -> tuple[list[torch.Tensor], list[bool], dict[str, Any]]:
+    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
         """Greedy generation recording visual attention.
 
         Returns:
-            Per row ``[steps, layers, n_visual]`` (CPU; steps up to its end of sequence, at least 1), per row
-            whether the generation is complete (ended before ``max_new_tokens`` or ran the full length), and the
-            inputs.
+            Per row ``[steps, layers, n_visual]`` (CPU; steps up to its end of sequence, at least 1), and the inputs.
         """
         adapter = self.adapter
         prompts = [adapter.format_prompt(t, n_images=len(ims)) for t, ims in zip(texts, images, strict=True)]
@@ -193,32 +193,32 @@ class CARVE(Method):
         visual = adapter.image_token_mask(inputs).cpu()  # [batch, prompt]
         lengths = adapter.answer_lengths(new)
         rec = rec.cpu()
-        atts = [rec[: max(1, min(n, len(rec))), :, b][..., visual[b]] for b, n in enumerate(lengths)]
-        full = max_new_tokens >= self.hparams["max_new_tokens"]
-        return atts, [full or n < max_new_tokens for n in lengths], inputs
+        return [rec[: max(1, min(n, len(rec))), :, b][..., visual[b]] for b, n in enumerate(lengths)], inputs
 
-    def _general_pass(self, images: list[list[Image.Image]], needed: list[int]) -> list[torch.Tensor]:
-        """Pass G per row, ``needed[row]`` steps at least (only steps paired with pass Q are used).
+    def _passes(self, texts: list[str], images: list[list[Image.Image]]) -> tuple[list, list, dict[str, Any]]:
+        """Pass Q for every row and pass G for the image sets not cached, in ONE batched generation.
 
-        Greedy steps do not depend on how long the generation is allowed to run, so pass G stops after the longest
-        pass-Q answer of the batch; a cached pass G is reused when it is long enough or ended on its own.
+        Both passes are greedy generations of ``max_new_tokens`` on the same images, so they share a batch: on a
+        GPU, decoding is bound by reading the weights, and a doubled batch costs far less than a second generation.
+        Pass G rows run the full length (greedy steps do not depend on the limit; later steps are simply unused
+        when pass Q ends earlier), so a cached pass G is always complete.
+
+        Returns:
+            Pass-Q attention per row, pass-G attention per row (``[steps, layers, n_visual]``), and the inputs
+            of the joint batch (pass Q's rows first).
         """
+        hp = self.hparams
         keys = [tuple(image_key(im) for im in ims) for ims in images]
-        todo: dict[tuple[str, ...], int] = {}  # distinct image sets to (re)run → first row showing them
-        for i, key in enumerate(keys):
-            att, complete = self._general.get(key, (None, False))
-            if att is None or (not complete and len(att) < needed[i]):
-                todo.setdefault(key, i)
+        todo = list(dict.fromkeys(k for k in keys if k not in self._general))  # distinct image sets to run
+        first = {k: keys.index(k) for k in todo}
         self._stats["general_cached"] += len(keys) - len(todo)
-        if todo:
-            steps = max(n for key, n in zip(keys, needed, strict=True) if key in todo)
-            texts = [self.hparams["general_prompt"]] * len(todo)
-            atts, complete, _ = self._attention_pass(texts, [images[i] for i in todo.values()], steps)
-            self._general.update(zip(todo, zip(atts, complete, strict=True), strict=True))
-        out = [self._general[key][0] for key in keys]
-        while len(self._general) > self.hparams["cache_size"]:
+        g_texts, g_images = [hp["general_prompt"]] * len(todo), [images[first[k]] for k in todo]
+        atts, inputs = self._attention_pass(texts + g_texts, images + g_images, hp["max_new_tokens"])
+        self._general.update(zip(todo, atts[len(texts) :], strict=True))
+        att_g = [self._general[key] for key in keys]
+        while len(self._general) > hp["cache_size"]:
             self._general.popitem(last=False)
-        return out
+        return atts[: len(texts)], att_g, inputs
 
     # ------------------------------------------------------------------ the method
     def rewrite(self, requests: list[Request]) -> list[Request]:
@@ -229,9 +229,8 @@ class CARVE(Method):
         hp = self.hparams
         images = [list(requests[i].images) for i in rows]
         texts = [requests[i].text + hp["question_suffix"] for i in rows]
-        att_q, _, inputs = self._attention_pass(texts, images, hp["max_new_tokens"])
-        att_g = self._general_pass(images, [len(a) for a in att_q])
-        frames, vmaps = self.adapter.tile_frames(inputs), self.adapter.visual_token_map(inputs)
+        att_q, att_g, inputs = self._passes(texts, images)
+        frames, vmaps = self.adapter.tile_frames(inputs), self.adapter.visual_token_map(inputs)  # rows: Q first
         out = list(requests)
         for j, i in enumerate(rows):
             scores = contrast(att_q[j], att_g[j], hp["lam"], hp["steps"])  # [n_visual]
@@ -240,7 +239,7 @@ class CARVE(Method):
                        for n, im in enumerate(images[j])]  # fmt: skip
             out[i] = Request(requests[i].text, images[j] + refined if hp["feed"] == "both" else refined)
             self._stats["steps_q"] += len(att_q[j])
-            self._stats["steps_g"] += len(att_g[j])
+            self._stats["steps_g"] += min(len(att_g[j]), len(att_q[j]))  # the steps paired (the rest unused)
         self._stats["requests"] += len(rows)
         return out
 

@@ -129,7 +129,7 @@ def test_recorded_attention_equals_the_models_own(loaded):
     texts = ["Is there a big red circle in the image?", "Count."]
     images = [[_img(64, 64, 3)], [_img(64, 64, 4)]]
     with torch.inference_mode(), method.bind(adapter):
-        atts, _, inputs = method._attention_pass(texts, images, 3)
+        atts, inputs = method._attention_pass(texts, images, 3)
         new = adapter.generate_ids(inputs, max_new_tokens=3, do_sample=False)
     assert (inputs["attention_mask"] == 0).any()  # left padding present
     visual = adapter.image_token_mask(inputs)
@@ -208,18 +208,22 @@ def test_validation():
             CARVE(**bad)
 
 
-def test_general_pass_runs_only_the_paired_steps_and_equals_the_full_pass(loaded):
+def test_joint_passes_equal_separate_passes_and_cache_pass_g(loaded):
+    """Passes Q and G in one batch give what each gives alone; pass G runs once per distinct image set."""
     adapter = loaded("qwen_vl")
     method = CARVE(max_new_tokens=6)
     images = [[_img(64, 64, 20)], [_img(64, 64, 21)], [_img(64, 64, 20)]]  # rows 0 and 2: the same image
+    texts = ["Is there a red circle?", "Count the shapes in the image, please.", "Is there a star?"]
     with torch.inference_mode(), method.bind(adapter):
-        full, _, _ = method._attention_pass([method.hparams["general_prompt"]] * 2, images[:2], 6)
-        short = method._general_pass(images, [2, 1, 2])
-        assert method._stats["general_cached"] == 1  # row 2 shares row 0's pass
-        longer = method._general_pass(images, [4, 1, 4])  # needs more steps than cached: re-run where incomplete
-    for b, row in enumerate((0, 1, 0)):
-        n = min(len(short[b]), len(full[row]))
-        torch.testing.assert_close(short[b][:n], full[row][:n], atol=1e-6, rtol=1e-5)  # same steps, fewer of them
-        assert len(short[b]) <= 2
-    assert all(len(x) >= min(4, len(full[0])) for x in (longer[0], longer[2]))
-    torch.testing.assert_close(longer[0][: len(full[0])], full[0][: len(longer[0])], atol=1e-6, rtol=1e-5)
+        q_alone, _ = method._attention_pass(texts, images, 6)
+        g_alone, _ = method._attention_pass([method.hparams["general_prompt"]] * 2, images[:2], 6)
+        att_q, att_g, inputs = method._passes(texts, images)
+        assert method._stats["general_cached"] == 1  # row 2 shares row 0's pass G
+        assert len(inputs["input_ids"]) == 5  # 3 pass-Q rows + 2 pass-G rows, one generation
+        again_q, again_g, inputs = method._passes(texts, images)
+        assert method._stats["general_cached"] == 4 and len(inputs["input_ids"]) == 3  # every pass G cached
+    for got, ref in [*zip(att_q, q_alone, strict=True), *zip(att_g, [g_alone[r] for r in (0, 1, 0)], strict=True),
+                     *zip(again_q, q_alone, strict=True)]:  # fmt: skip
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    assert all(a is b for a, b in zip(again_g, att_g, strict=True))
