@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from adapters.base import Adapter
@@ -239,9 +239,13 @@ class Intervention:
         prob_fns: list,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Eager attention with the score and probability callbacks applied; ``([batch, q, heads, hd], probs)``."""
-        groups = query.shape[1] // key.shape[1]
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-        scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [batch, heads, q, k]
+        b, heads, q, hd = query.shape
+        kv_heads = key.shape[1]
+        # grouped-query attention without repeat_kv's copies of K and V (×heads/kv_heads of the cache, per layer):
+        # query head h uses KV head h // groups, so [b, heads, q, hd] -> [b, kv_heads, groups·q, hd] is the same
+        # product against the un-repeated keys
+        grouped = query.reshape(b, kv_heads, -1, hd)  # [batch, kv_heads, groups * q, head_dim]
+        scores = (torch.matmul(grouped, key.transpose(2, 3)) * scaling).view(b, heads, q, -1)  # [batch, heads, q, k]
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         for _owner, fn, _first in score_fns:
@@ -251,8 +255,8 @@ class Intervention:
             probs = fn(probs, step)
         probs = probs.to(query.dtype)
         dropped = nn.functional.dropout(probs, p=dropout, training=module.training)
-        out = torch.matmul(dropped, value)  # [batch, heads, q, head_dim]
-        return out.transpose(1, 2).contiguous(), probs
+        out = torch.matmul(dropped.reshape(b, kv_heads, -1, dropped.shape[-1]), value)  # [b, kv_heads, g·q, hd]
+        return out.view(b, heads, q, hd).transpose(1, 2).contiguous(), probs
 
     def _edit_prompt_block(self, mask: torch.Tensor | None, step: Step) -> torch.Tensor:
         """Apply the mask callbacks to the prompt × prompt block (the rows of generated tokens stay causal)."""

@@ -81,3 +81,43 @@ def test_registry_did_you_mean():
     assert METHODS.get("none").name == "none"
     with pytest.raises(KeyError, match="did you mean 'none'"):
         METHODS.get("nome")
+
+
+def test_eager_attention_groups_queries_instead_of_copying_kv():
+    """The eager path (probability callbacks) equals repeat_kv attention on a GQA layer without copying K/V."""
+    import torch
+    from torch import nn
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from methods.intervention import Intervention, Step
+
+    g = torch.Generator().manual_seed(0)
+    b, heads, kv_heads, q, k, hd = 2, 8, 2, 3, 40, 16
+    query, key, value = (torch.randn(b, n, length, hd, generator=g) for n, length in
+                         ((heads, q), (kv_heads, k), (kv_heads, k)))  # fmt: skip
+    mask = torch.ones(b, 1, q, k, dtype=torch.bool).tril(k - q)
+    mask[0, ..., :5] = False  # left padding in row 0
+    seen = []
+
+    def record(probs, step):
+        seen.append(probs.clone())
+        return probs
+
+    sizes = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes.extend(t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    step = Step(0, k - q, q, k, None)
+    with Sizes():
+        out, _ = Intervention._eager(nn.Identity().eval(), query, key, value, mask, hd**-0.5, 0.0, step, [],
+                                     [(None, record, None)])  # fmt: skip
+    rk, rv = repeat_kv(key, heads // kv_heads), repeat_kv(value, heads // kv_heads)
+    ref = (query @ rk.transpose(2, 3) * hd**-0.5).masked_fill(~mask, torch.finfo(torch.float32).min).softmax(-1)
+    torch.testing.assert_close(seen[0], ref)
+    torch.testing.assert_close(out, (ref @ rv).transpose(1, 2))
+    assert max(sizes) < b * heads * k * hd  # no op wrote a repeated K or V
