@@ -231,9 +231,10 @@ class VAR(Method):
     def _redistribute(self, probs: torch.Tensor, step: Step) -> torch.Tensor:
         """:func:`redistribute` on the prompt keys, with the layer's key factors computed once in prefill.
 
-        Generated keys are never sinks or visual, so their weights pass through. Equal to :func:`redistribute`
-        (tested); per decoding step it launches about half the kernels and never syncs: every row of a cached step
-        is a generated token, so every row is eligible without a comparison.
+        Generated keys are never sinks or visual, so their weights pass through. Edits ``probs`` in place (a
+        fresh softmax output that only this method, holding the exclusive ``probs`` claim, sees). Equal to
+        :func:`redistribute` (tested); per decoding step it launches about half the kernels and never syncs:
+        every row of a cached step is a generated token, so every row is eligible without a comparison.
         """
         batch, state = step.batch, step.batch.state[self.name]
         keys: _Keys = state["sinks"][step.layer]
@@ -250,8 +251,11 @@ class VAR(Method):
             self._counts.add(2, selected.sum())
             self._eligible += selected.numel()  # every (row, head) of a generated token, known on the host
         gain = (hp["p"] * sink_mass / non.clamp_min(1e-12))[..., None]  # [batch, heads, q, 1]
-        new = prompt * keys.keep + gain * prompt * keys.vis_non
-        return torch.cat([torch.where(selected[..., None], new, prompt), probs[..., n:]], -1)
+        # one factor per (row, key): keep (1 − p on sinks) plus the gain on visual non-sinks, 1 where not selected;
+        # applied in place on the prompt keys (generated keys pass through), three kernels instead of six
+        factor = torch.where(selected[..., None], torch.addcmul(keys.keep, gain, keys.vis_non), 1.0)
+        prompt.mul_(factor)  # [batch, heads, q, prompt], a view of probs
+        return probs
 
     def describe(self) -> dict[str, Any]:
         """Adds the resolved sink dims, tau, layers and what VAR actually did (sink counts, selected rows)."""

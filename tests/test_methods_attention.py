@@ -250,8 +250,9 @@ def test_var_on_a_model_applies_in_prefill_and_every_decoding_step(adapter):
     original = var._redistribute
 
     def spy(probs, step):
+        before = probs.clone()  # VAR edits the probabilities in place
         out = original(probs, step)
-        seen.append((step.offset, step.q_len, probs, out))
+        seen.append((step.offset, step.q_len, before, out.clone()))
         return out
 
     var._redistribute = spy
