@@ -21,7 +21,7 @@ EXTRAS  = --extra dev --extra lmms --extra lmms-run
 RESOLVE = --python-version 3.11 --find-links $(WHEELS) --constraint requirements/torch-cpu.txt
 
 .PHONY: setup lock test-latest browser demo test regress leaderboard lint format bench bench-methods bench-pruning bench-scale \
-	world train clean
+	world train clean gpu-wheels
 
 setup: $(STAMP)
 
@@ -99,6 +99,10 @@ world: setup         ## re-export the shapes world (POPE, CHAIR, MME, VCR format
 MODEL ?= llava
 train: setup         ## retrain a shipped tiny checkpoint (MODEL=llava|qwen_vl|internvl|llava_cca|llava_mma|llava_144), record POPE, re-run its calibrations
 	$(PY) -m harness.assets train --model $(MODEL)
+
+gpu-wheels: setup     ## what .ci/gpu-check needs on a GPU image without Hydra, as wheels in .whl/ (carry it there)
+	rm -rf .whl && $(PY) -m pip wheel -q --no-deps -w .whl hydra-core==1.3.2 omegaconf==2.3.0 \
+		antlr4-python3-runtime==4.9.3
 
 clean:
 	rm -rf $(VENV) $(RANGE_DIR) outputs multirun .pytest_cache

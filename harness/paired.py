@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import binomtest, chi2
 
 from harness.stats import cluster_bootstrap, finite_or_none
 from harness.store import load_records
@@ -48,6 +47,8 @@ def mcnemar(baseline: np.ndarray, method: np.ndarray) -> dict[str, Any]:
         Counts of the 2×2 table, the continuity-corrected χ² ``statistic`` and its ``p_value``, and the exact
         two-sided binomial ``p_value_exact``; p-values are 1.0 when there is no discordant pair.
     """
+    from scipy.stats import binomtest, chi2  # here, not at import: the run's CLI starts without SciPy's import cost
+
     base, meth = np.asarray(baseline, dtype=bool), np.asarray(method, dtype=bool)
     b = int(np.sum(base & ~meth))  # baseline right, method wrong
     c = int(np.sum(~base & meth))  # baseline wrong, method right
