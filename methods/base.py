@@ -43,6 +43,9 @@ class DeviceTally:
         """Add scalar tensors ``values`` to the sums ``at, at + 1, …``."""
         if self.sums.device != values[0].device:
             self.sums = self.sums.to(values[0].device)
+        if len(values) == 1:  # the common case in a hook: one in-place add, no stack (fewer kernels per step)
+            self.sums[at] += values[0]
+            return
         self.sums[at : at + len(values)] += torch.stack([v.double() for v in values])
 
     def tolist(self) -> list[float]:
