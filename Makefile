@@ -21,7 +21,7 @@ EXTRAS  = --extra dev --extra lmms --extra lmms-run
 RESOLVE = --python-version 3.11 --find-links $(WHEELS) --constraint requirements/torch-cpu.txt
 
 .PHONY: setup lock test-latest browser demo test regress leaderboard lint format bench bench-methods bench-pruning bench-scale \
-	world train clean gpu-wheels
+	world train clean gpu-wheels docs
 
 setup: $(STAMP)
 
@@ -95,6 +95,9 @@ bench-pruning: setup ## pruning: prefill speed-up and peak memory over none (576
 world: setup         ## re-export the shapes world (POPE, CHAIR, MME, VCR formats) and its README figure
 	$(PY) -m harness.assets world
 	$(PY) -m harness.assets figure
+
+docs: setup          ## regenerate docs/methods/<name>.md from the method modules' docstrings (tests/test_docs.py)
+	$(PY) tools/gen_method_docs.py
 
 MODEL ?= llava
 train: setup         ## retrain a shipped tiny checkpoint (MODEL=llava|qwen_vl|internvl|llava_cca|llava_mma|llava_144), record POPE, re-run its calibrations
