@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.config import REPO_ROOT
+from methods.calibrate import CALIBRATIONS
 from tasks import shapes
 from tasks.shapes import SYNONYMS, WorldSpec, generate
 
@@ -48,16 +49,11 @@ class Shipped:
     calibrations: tuple[tuple[str, ...], ...] = ()
 
 
-#: Calibration CLI → the file it writes beside the checkpoint.
-CALIBRATION_FILES = {
-    "methods.var_calibrate": "var_sinks.json",
-    "methods.fcct": "iri_fcct.json",
-    "methods.debias_calibrate": "attn_debias.json",
-    "methods.embedlens_calibrate": "embedlens_markers.json",
-}
-_VAR_FCCT = (("methods.var_calibrate",), ("methods.fcct",))
-_FASTV = ("methods.debias_calibrate", "--pruner", "fastv")
-_FASTERVLM = ("methods.debias_calibrate", "--pruner", "fastervlm")
+#: Calibration (``python -m methods.calibrate NAME``) → the file it writes beside the checkpoint.
+CALIBRATION_FILES = {name: file for name, (_module, file) in CALIBRATIONS.items()}
+_VAR_FCCT = (("var",), ("fcct",))
+_FASTV = ("debias", "--pruner", "fastv")
+_FASTERVLM = ("debias", "--pruner", "fastervlm")
 _LLAVA_TOWER = str(REPO_ROOT / "assets" / "shapes-llava" / "vision_tower.safetensors")
 #: conf/model option → shipped checkpoint. The CCA / MMA LLaVAs reuse the baseline LLaVA's stage-A vision tower
 #: (stage A trains the tower alone, so the method cannot change it) and train stages B–C inside the method.
@@ -69,7 +65,7 @@ SHIPPED = {
         "llava",
         REPO_ROOT / "assets" / "shapes-llava",
         {"implied_partner_prob": 0.25},
-        calibrations=(*_VAR_FCCT, _FASTV, _FASTERVLM, ("methods.embedlens_calibrate",)),
+        calibrations=(*_VAR_FCCT, _FASTV, _FASTERVLM, ("embedlens",)),
     ),
     "qwen_vl": Shipped("qwen_vl", REPO_ROOT / "assets" / "shapes-qwen2vl", calibrations=(*_VAR_FCCT, _FASTV)),
     # InternViT learned presence slowly from scratch: after 3,000 stage-A steps its shape-set exact match was 0.19
@@ -207,8 +203,9 @@ def record_pope(
 
 def calibrate(model: str) -> None:
     """Re-run a shipped checkpoint's calibrations (:attr:`Shipped.calibrations`), each as its own CLI."""
-    for module, *extra in SHIPPED[model].calibrations:
-        subprocess.run([sys.executable, "-m", module, "--model", model, *extra], check=True, cwd=REPO_ROOT)
+    for name, *extra in SHIPPED[model].calibrations:
+        subprocess.run([sys.executable, "-m", "methods.calibrate", name, "--model", model, *extra], check=True,
+                       cwd=REPO_ROOT)  # fmt: skip
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ Hyperparameters:
     sinks (bool mask | None, default None): tokens to zero; None zeroes none.
 
 Fitted curves live in ``attn_debias.json`` (:data:`TREND_FILE`) beside the checkpoint, one entry per
-:func:`trend_key` (e.g. ``fastv/layer1/last``), written by ``python -m methods.debias_calibrate``.
+:func:`trend_key` (e.g. ``fastv/layer1/last``), written by ``python -m methods.calibrate debias``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import torch
 
 FAMILIES: tuple[str, ...] = ("exp", "cubic", "linear")
 TREND_FILE = "attn_debias.json"
-CALIBRATE_CMD = "python -m methods.debias_calibrate --model <option> --pruner <name>"
+CALIBRATE_CMD = "python -m methods.calibrate debias --model <option> --pruner <name>"
 _N_PARAMS = {"exp": 2, "cubic": 4, "linear": 2}
 _GN_STEPS = 50  # Gauss-Newton refinement steps of the exp fit (stops early when the residual stops falling)
 

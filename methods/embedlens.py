@@ -9,7 +9,7 @@ with every row ``E_t`` of the LM's input embedding table by cosine similarity; i
 A token is a *ViT sink*, *LLM sink* or *dead* token when one of its nearest ids is that group's marker id
 (priority in that order), otherwise *alive*. Published markers (LLaVA-1.5-7B's Vicuna vocabulary only):
 ViT-sink 1141, LLM-sink 26673, dead 30296. Any other model is calibrated once
-(``python -m methods.embedlens_calibrate --model <option>``, see there for the reference criteria), which writes
+(``python -m methods.calibrate embedlens --model <option>``, see there for the reference criteria), which writes
 ``embedlens_markers.json`` beside the checkpoint.
 
 Every run writes a per-image map (``embedlens/maps/<image digest>.png``: the image with each patch tinted by its
@@ -108,7 +108,7 @@ class EmbedLens(Method):
         else:
             raise UnsupportedError(
                 f"EmbedLens has no marker token ids for {adapter.path} (published ids exist only for "
-                f"{sorted(PUBLISHED_MARKERS)}); calibrate them with `python -m methods.embedlens_calibrate --model "
+                f"{sorted(PUBLISHED_MARKERS)}); calibrate them with `python -m methods.calibrate embedlens --model "
                 f"<option>` (writes {MARKER_FILE} beside the checkpoint) or pass method.markers_file"
             )
 

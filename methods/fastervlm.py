@@ -24,7 +24,7 @@ Cost: the scores need the tower's attention probabilities, so the tower runs onc
 before the model call (a second tower pass; on LLaVA-1.5-7B the tower is ~4 % of the prefill FLOPs).
 
 Attention debiasing (``debias=true``, :mod:`methods.debias`): the [CLS] scores' positional trend, calibrated with
-``python -m methods.debias_calibrate --model <option> --pruner fastervlm``, and padding suppression.
+``python -m methods.calibrate debias --model <option> --pruner fastervlm``, and padding suppression.
 
 Hyperparameters:
     ratio (float, default 0.75): R, fraction of each image's visual tokens removed.

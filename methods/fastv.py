@@ -20,7 +20,7 @@ in its llava-hf ``modeling_llama.py``, KV-cache version).
 Attention debiasing (``debias=true``; :mod:`methods.debias`, arXiv 2508.17807): before top-k, each image/tile's
 scores are divided by the calibrated positional (recency) trend ``f(i/L)`` and tokens of patches more than
 ``pad_threshold`` padding are zeroed (the budget lowered to the content tokens). Calibrate once per model:
-``python -m methods.debias_calibrate --model <option> --pruner fastv [--layer K --rule last]``.
+``python -m methods.calibrate debias --model <option> --pruner fastv [--layer K --rule last]``.
 
 Hyperparameters:
     layer (int | "auto", default "auto"): K, 1-based count of layers that see every token (scores come from

@@ -3,7 +3,7 @@ r"""FCCT — fine-grained cross-modal causal tracing, the offline calibration of
 "Causal Tracing of Object Representations in Large Vision Language Models…", AAAI 2026, arXiv 2511.05923 (no
 official code).
 
-    python -m methods.fcct --model llava [--path DIR_OR_ID] [--n 64] [--noise 3.0] [--out FILE]
+    python -m methods.calibrate fcct --model llava [--path DIR_OR_ID] [--n 64] [--noise 3.0] [--out FILE]
 
 For yes-questions about an object that IS in the image ("Is there a {object} in the image?"), with ``P`` the
 probability of the answer's first token (``--answer``, default "Yes") at the first generated position:
@@ -33,8 +33,6 @@ of each, never the evaluation images).
 
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,31 +262,3 @@ def heatmap(cal: dict[str, Any], path: Path, cell: int = 28) -> None:
     spacer = np.full((panels[0].shape[0], gap, 3), 255, np.uint8)
     image = np.concatenate([x for p in panels for x in (p, spacer)][:-1], 1)
     cv2.imwrite(str(path), image)  # BGR colours as cv2 expects
-
-
-def main() -> None:
-    """CLI entry point."""
-    import adapters  # noqa: F401  (registers adapters)
-    from harness.config import calibration_target
-
-    ap = argparse.ArgumentParser(description="FCCT causal tracing: per-layer recovery rates for IRI")
-    ap.add_argument("--model", default="llava", help="conf/model option")
-    ap.add_argument("--path", default=None, help="checkpoint directory or hub id (default: the option's)")
-    ap.add_argument("--n", type=int, default=64, help="probes (fresh shapes-world scenes)")
-    ap.add_argument("--noise", type=float, default=3.0, help="noise σ in units of the pixel values' std")
-    ap.add_argument("--answer", default="Yes", help="the correct answer whose probability is traced")
-    ap.add_argument("--min-gap", type=float, default=0.1, help="minimum P_clean - P_corrupted of a used probe")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--out", default=None, help=f"output file (default: <checkpoint>/{FCCT_FILE})")
-    args = ap.parse_args()
-    adapter, out = calibration_target(args.model, args.path, args.out, FCCT_FILE, "fcct_file")
-    adapter.load()
-    cal = trace(adapter, shapes_probes(args.n), args.answer, args.noise, args.batch_size, args.min_gap)
-    out.write_text(json.dumps(cal, indent=1) + "\n")
-    heatmap(cal, out.with_suffix(".png"))
-    print(json.dumps({k: v for k, v in cal.items() if k != "rr"}, indent=1))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
-
-
-if __name__ == "__main__":
-    main()

@@ -29,7 +29,7 @@ Hyperparameters:
     renorm (bool, default True): rescale to the original norm (False: the "w/o renormalisation" ablation).
     components (list, default [attn, mlp]): which outputs are injected (the paper's "w/o MLP" / "w/o MHSA").
     fcct_file (str | None, default None): calibration file; default ``iri_fcct.json`` beside the checkpoint,
-        written by ``python -m methods.fcct --model <option>``.
+        written by ``python -m methods.calibrate fcct --model <option>``.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def load_fcct(path: str, fcct_file: str | None) -> tuple[dict[str, Any], str]:
     if not file.is_file():
         raise UnsupportedError(
             f"IRI needs the FCCT recovery rates of {path!r} ({file} not found). Trace them with "
-            f"`python -m methods.fcct --model <option> --path {path} [--out FILE]` and pass method.fcct_file=FILE "
-            "if it is not beside the checkpoint"
+            f"`python -m methods.calibrate fcct --model <option> --path {path} [--out FILE]` and pass "
+            "method.fcct_file=FILE if it is not beside the checkpoint"
         )
     return json.loads(file.read_text()), str(file)
 

@@ -47,7 +47,7 @@ def require_trend(adapter: Adapter, debias_file: str | None, key: str, pruner: s
     except (FileNotFoundError, KeyError) as exc:
         raise UnsupportedError(
             f"debias=true needs the positional trend {key!r} of {adapter.path}: {exc}. Calibrate it with "
-            f"`python -m methods.debias_calibrate --model <option> --pruner {pruner}` (writes {path.name})"
+            f"`python -m methods.calibrate debias --model <option> --pruner {pruner}` (writes {path.name})"
         ) from None
 
 

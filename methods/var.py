@@ -40,7 +40,7 @@ Hyperparameters (paper meaning; official-code convention in brackets):
 
 Calibration (any model, including the shipped tiny ones)::
 
-    python -m methods.var_calibrate --model llava [--path DIR_OR_ID] [--out FILE]
+    python -m methods.calibrate var --model llava [--path DIR_OR_ID] [--out FILE]
 
 runs the model on shapes-world prompts and images, measures every hidden channel's largest ``|x_d| / RMS(x)`` over
 the tokens entering layers ≥ 1, and calls a channel massive when that maximum is at least ``outlier`` (default 3)
@@ -97,7 +97,7 @@ def sink_source(
         return PUBLISHED_SINK_DIMS[path], float(tau if tau is not None else PUBLISHED_TAU), "published"
     raise UnsupportedError(
         f"VAR needs the sink dimensions of {path!r}: no {SINK_FILE} beside it and no published values "
-        f"(known: {', '.join(PUBLISHED_SINK_DIMS)}). Measure them with `python -m methods.var_calibrate "
+        f"(known: {', '.join(PUBLISHED_SINK_DIMS)}). Measure them with `python -m methods.calibrate var "
         f"--model <option> --path {path} [--out FILE]` and pass method.sink_file=FILE if it is not beside the "
         "checkpoint, or pass method.sink_dims=[...]"
     )

@@ -237,4 +237,4 @@ def test_run_py_carve_and_iri_on_the_shipped_checkpoints(tmp_path):
     assert iri["resolved"]["fcct_file"].endswith("shapes-qwen2vl/iri_fcct.json")
     assert iri["resolved"]["plan"]["attn"]["sources"] == [0] and iri["resolved"]["plan"]["attn"]["targets"] == [1]
     missing = _run(["method=iri", f"model.path={tmp_path}", *common], cwd=tmp_path)
-    assert missing.returncode != 0 and "python -m methods.fcct" in missing.stderr
+    assert missing.returncode != 0 and "python -m methods.calibrate fcct" in missing.stderr

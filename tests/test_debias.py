@@ -157,7 +157,7 @@ def test_trend_key():
 
 def test_save_load_round_trip_merges_keys(tmp_path):
     path = tmp_path / "ckpt" / "attn_debias.json"
-    with pytest.raises(FileNotFoundError, match=r"methods\.debias_calibrate"):
+    with pytest.raises(FileNotFoundError, match=r"methods\.calibrate debias"):
         load_trend(path, "fastv/layer1/last")
     exp = fit_trend(_bias(32), "exp", pruner="fastv", layer=1)
     cubic = PositionalTrend("cubic", FASTV_CUBIC, meta={"source": "released"})  # r2 NaN
@@ -173,5 +173,5 @@ def test_save_load_round_trip_merges_keys(tmp_path):
     save_trend(path, "fastervlm/cls", PositionalTrend("linear", [1.0, 0.5]))  # overwrite one key, keep the other
     assert load_trend(path, "fastervlm/cls").family == "linear"
     assert load_trend(path, "fastv/layer1/last").family == "exp"
-    with pytest.raises(KeyError, match=r"fastervlm/cls.*methods\.debias_calibrate --model <option> --pruner <name>"):
+    with pytest.raises(KeyError, match=r"fastervlm/cls.*methods\.calibrate debias --model <option> --pruner <name>"):
         load_trend(path, "fastv/layer2/last")

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from methods.base import UnsupportedError
+from methods.calibrate.embedlens import calibrate
 from methods.embedlens import EmbedLens
-from methods.embedlens_calibrate import calibrate
 from methods.embedlens_probe import GROUPS, nearest_vocab
 
 GEN = {"max_new_tokens": 3, "do_sample": False}
@@ -106,7 +106,7 @@ def test_inject_mode_delays_alive_tokens(llava, tmp_path):
 def test_markers_missing_fail_before_loading_and_calibration_runs(llava, tmp_path):
     from adapters.llava import LlavaAdapter
 
-    with pytest.raises(UnsupportedError, match=r"python -m methods\.embedlens_calibrate"):
+    with pytest.raises(UnsupportedError, match=r"python -m methods\.calibrate embedlens"):
         EmbedLens().check(LlavaAdapter(name="x", path=str(tmp_path)))
     with pytest.raises(ValueError, match="droppable"):
         EmbedLens(drop=["alive"])

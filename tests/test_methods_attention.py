@@ -298,7 +298,7 @@ def test_var_default_layers_and_sink_resolution(loaded, tmp_path):
     from methods.base import UnsupportedError
 
     bare = ADAPTERS.get("llava")(name="x", path=str(tmp_path))
-    with pytest.raises(UnsupportedError, match=r"methods\.var_calibrate"):
+    with pytest.raises(UnsupportedError, match=r"methods\.calibrate var"):
         VAR().check(bare)
     hub = ADAPTERS.get("llava")(name="x", path="llava-hf/llava-1.5-7b-hf")
     published = VAR()

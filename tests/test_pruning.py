@@ -289,7 +289,7 @@ def test_refusals_and_validation(loaded, tmp_path):
     qwen = QwenVLAdapter(name="q", path=str(tmp_path / "never-loaded"))
     with pytest.raises(UnsupportedError, match=r"no \[CLS\] token; use method=fastv"):
         FasterVLM().check(qwen)
-    with pytest.raises(UnsupportedError, match=r"python -m methods\.debias_calibrate"):
+    with pytest.raises(UnsupportedError, match=r"python -m methods\.calibrate debias"):
         FastV(debias=True).check(loaded("llava"))  # a random tiny model has no calibrated trend
     with pytest.raises(ValueError, match=r"must be in 1\.\.3"):
         resolve_layer(4, 4)

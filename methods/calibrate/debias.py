@@ -1,7 +1,7 @@
 """Calibrate a pruner's positional (recency) trend for attention debiasing.
 
-    python -m methods.debias_calibrate --model llava --pruner fastv [--layer auto --rule last] [--family exp]
-    python -m methods.debias_calibrate --model llava --pruner fastervlm
+    python -m methods.calibrate debias --model llava --pruner fastv [--layer auto --rule last] [--family exp]
+    python -m methods.calibrate debias --model llava --pruner fastervlm
 
 Runs the pruner's own scoring (nothing pruned) over calibration prompts and images, normalises every image
 tile's score vector to mean 1 (the trend is content-agnostic; normalising keeps images with more total visual
@@ -75,12 +75,14 @@ def calibrate(adapter: Adapter, pruner_name: str, layer: str, rule: str, family:
     return key, trend
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     import adapters  # noqa: F401  (registers adapters)
     from harness.config import calibration_target
 
-    ap = argparse.ArgumentParser(description="Fit a pruner's positional attention trend for debiasing")
+    ap = argparse.ArgumentParser(
+        prog="python -m methods.calibrate debias", description="Fit a pruner's positional attention trend for debiasing"
+    )
     ap.add_argument("--model", default="llava", help="conf/model option")
     ap.add_argument("--path", default=None, help="checkpoint directory or hub id (default: the option's)")
     ap.add_argument("--pruner", choices=("fastv", "fastervlm"), default="fastv")
@@ -90,7 +92,7 @@ def main() -> None:
     ap.add_argument("--images", default=None, help="folder of calibration images (default: fresh shapes scenes)")
     ap.add_argument("--n", type=int, default=256, help="calibration images")
     ap.add_argument("--out", default=None, help=f"output file (default: <checkpoint>/{TREND_FILE})")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     adapter, out = calibration_target(args.model, args.path, args.out, TREND_FILE, "debias_file")
     adapter.load()
     key, trend = calibrate(adapter, args.pruner, args.layer, args.rule, args.family,

@@ -1,4 +1,4 @@
-"""Calibrate VAR's sink dimensions on any model: ``python -m methods.var_calibrate --model llava [--path P]``.
+"""Calibrate VAR's sink dimensions on any model: ``python -m methods.calibrate var --model llava [--path P]``.
 
 Writes ``var_sinks.json`` beside the checkpoint (or ``--out``); see :mod:`methods.var` for the rule.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 from methods.var import SINK_FILE, choose_sinks, measure_channels
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """CLI: calibrate a model's sink dimensions and write ``var_sinks.json``."""
     import argparse
 
@@ -20,14 +20,16 @@ def main() -> None:
     import adapters  # noqa: F401  (registers adapters)
     from harness.config import REPO_ROOT, calibration_target
 
-    ap = argparse.ArgumentParser(description="Measure massive-activation channels for VAR")
+    ap = argparse.ArgumentParser(
+        prog="python -m methods.calibrate var", description="Measure massive-activation channels for VAR"
+    )
     ap.add_argument("--model", default="llava", help="conf/model option")
     ap.add_argument("--path", default=None, help="checkpoint directory or hub id (default: the option's)")
     ap.add_argument("--images", default=str(REPO_ROOT / "assets" / "shapes-world" / "pope" / "images"))
     ap.add_argument("--n", type=int, default=32, help="calibration images")
     ap.add_argument("--outlier", type=float, default=3.0)
     ap.add_argument("--out", default=None, help=f"output file (default: <checkpoint>/{SINK_FILE})")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     adapter, out = calibration_target(args.model, args.path, args.out, SINK_FILE, "sink_file")
     adapter.load()
     files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".png"))[: args.n]

@@ -1,4 +1,4 @@
-"""Calibrate EmbedLens' marker token ids for a model: ``python -m methods.embedlens_calibrate --model llava``.
+"""Calibrate EmbedLens' marker token ids for a model: ``python -m methods.calibrate embedlens --model llava``.
 
 The published marker ids (ViT-sink 1141, LLM-sink 26673, dead 30296) belong to LLaVA-1.5-7B's vocabulary. For any
 other LLaVA-family model the markers are found from three independent reference criteria over calibration images
@@ -25,7 +25,7 @@ import json
 import torch
 
 from adapters.base import Adapter, model_inputs
-from methods.debias_calibrate import QUESTIONS, calibration_images
+from methods.calibrate.debias import QUESTIONS, calibration_images
 from methods.embedlens import MARKER_FILE
 from methods.embedlens_probe import calibrate_markers, nearest_vocab
 
@@ -80,12 +80,14 @@ def calibrate(adapter: Adapter, images: list, k: int = 3, norm_ratio: float = 3.
     }  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     import adapters  # noqa: F401  (registers adapters)
     from harness.config import calibration_target
 
-    ap = argparse.ArgumentParser(description="Calibrate EmbedLens marker token ids")
+    ap = argparse.ArgumentParser(
+        prog="python -m methods.calibrate embedlens", description="Calibrate EmbedLens marker token ids"
+    )
     ap.add_argument("--model", default="llava", help="conf/model option (LLaVA family)")
     ap.add_argument("--path", default=None, help="checkpoint directory or hub id (default: the option's)")
     ap.add_argument("--images", default=None, help="folder of calibration images (default: fresh shapes scenes)")
@@ -94,7 +96,7 @@ def main() -> None:
     ap.add_argument("--norm-ratio", type=float, default=3.0)
     ap.add_argument("--flat-std", type=float, default=1e-3)
     ap.add_argument("--out", default=None, help=f"output file (default: <checkpoint>/{MARKER_FILE})")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     adapter, out = calibration_target(args.model, args.path, args.out, MARKER_FILE, "markers_file")
     adapter.load()
     images = calibration_images(args.n, args.images, seed=1)
