@@ -58,7 +58,7 @@ CALIBRATION_FILES = {
 _VAR_FCCT = (("methods.var_calibrate",), ("methods.fcct",))
 _FASTV = ("methods.debias_calibrate", "--pruner", "fastv")
 _FASTERVLM = ("methods.debias_calibrate", "--pruner", "fastervlm")
-_LLAVA_TOWER = str(REPO_ROOT / "assets" / "shapes-llava" / "vision_tower.safetensors")
+_LLAVA_TOWER = str(REPO_ROOT / "assets" / "shapes-llava")  # its vision tower (harness.train.tower_state)
 #: conf/model option → shipped checkpoint. The CCA / MMA LLaVAs reuse the baseline LLaVA's stage-A vision tower
 #: (stage A trains the tower alone, so the method cannot change it) and train stages B–C inside the method.
 SHIPPED = {
