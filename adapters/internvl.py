@@ -175,5 +175,7 @@ class InternVLAdapter(Adapter):
         info = super().describe()
         if self.processor is not None:
             ip = self.processor.image_processor
-            info |= {"min_tiles": ip.min_patches, "max_tiles": ip.max_patches, "tokens_per_tile": self.tokens_per_tile}
+            # the processor's own image_seq_length when the weights are not loaded (model.backend=vllm)
+            per_tile = self.tokens_per_tile if self.model is not None else self.processor.image_seq_length
+            info |= {"min_tiles": ip.min_patches, "max_tiles": ip.max_patches, "tokens_per_tile": per_tile}
         return info

@@ -54,7 +54,7 @@ CALIBRATION_FILES = {name: file for name, (_module, file) in CALIBRATIONS.items(
 _VAR_FCCT = (("var",), ("fcct",))
 _FASTV = ("debias", "--pruner", "fastv")
 _FASTERVLM = ("debias", "--pruner", "fastervlm")
-_LLAVA_TOWER = str(REPO_ROOT / "assets" / "shapes-llava" / "vision_tower.safetensors")
+_LLAVA_TOWER = str(REPO_ROOT / "assets" / "shapes-llava")  # its vision tower (harness.train.tower_state)
 #: conf/model option → shipped checkpoint. The CCA / MMA LLaVAs reuse the baseline LLaVA's stage-A vision tower
 #: (stage A trains the tower alone, so the method cannot change it) and train stages B–C inside the method.
 SHIPPED = {

@@ -110,7 +110,7 @@ class TrainConfig:
     world_seed: int = 0
     pair_prob: float = 0.75  # training scenes' co-occurrence prior: P(partner | shape) ≈ 0.86 (world default 0.65)
     exclude: str | None = None  # metadata.json of an export whose image digests training must avoid
-    tower_from: str | None = None  # safetensors of a pretrained vision tower: skip stage A and load it
+    tower_from: str | None = None  # checkpoint dir (or tower safetensors) whose vision tower to load: skip stage A
     threads: int = 2
     image_size: int | None = None  # vision input side in px (LLaVA only; None = 64 → 64 visual tokens)
     size: dict = field(default_factory=dict)  # overrides of the family's tiny size dataclass, e.g. {"text_layers": 4}
@@ -368,6 +368,58 @@ def train_vlm(
     log.append({"stage": "data", "train_scenes": stream.index, "skipped_eval_duplicates": stream.skipped})
 
 
+# ----------------------------------------------------------------------------------------------- checkpoint layout
+#: LLaVA's CLIP tower: transformers 5 saves ``vision_tower.<x>``; vLLM (``vllm/model_executor/models/llava.py``, its
+#: ``CLIPVisionModel`` keeps the ``vision_model`` level) and the original llava-hf checkpoints use
+#: ``vision_tower.vision_model.<x>``, which transformers 5 maps back on load (same tensors, see tests/test_assets.py).
+LLAVA_TOWER_OLD, LLAVA_TOWER_NEW = "vision_tower.", "vision_tower.vision_model."
+#: family → the video processor class vLLM's HF processor (``Qwen2VLProcessor`` / ``InternVLProcessor``) loads
+#: alongside the image one; without ``video_preprocessor_config.json`` it fails ("Can't load video processor").
+VIDEO_PROCESSORS = {"qwen_vl": "Qwen2VLVideoProcessor", "internvl": "InternVLVideoProcessor"}
+#: image-processor settings the video processor shares (written from the image processor's, so they agree)
+_VIDEO_KEYS = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std", "resample",
+               "rescale_factor", "size", "patch_size", "merge_size", "temporal_patch_size")  # fmt: skip
+
+
+def export_layout(out: Path, family: str) -> None:
+    """Put a saved checkpoint in the layout both transformers and vLLM load (in place, idempotent).
+
+    LLaVA: tower keys renamed ``vision_tower.*`` → ``vision_tower.vision_model.*`` (tensors and their bytes
+    unchanged). Qwen-VL / InternVL: ``video_preprocessor_config.json`` from the image processor's settings (the
+    harness feeds images only; vLLM's processor needs the file to build). Nothing else is written: every
+    ``*.safetensors`` in a checkpoint directory is read as model weights by vLLM.
+    """
+    out = Path(out)
+    if family == "llava":
+        weights = out / "model.safetensors"
+        state = load_file(weights)
+        if not any(k.startswith(LLAVA_TOWER_NEW) for k in state):
+            renamed = {LLAVA_TOWER_NEW + k[len(LLAVA_TOWER_OLD) :] if k.startswith(LLAVA_TOWER_OLD) else k: v
+                       for k, v in state.items()}  # fmt: skip
+            save_file(renamed, weights, metadata={"format": "pt"})  # the metadata save_pretrained writes
+    if family in VIDEO_PROCESSORS:
+        image = json.loads((out / "processor_config.json").read_text())["image_processor"]
+        video = {"video_processor_type": VIDEO_PROCESSORS[family], **{k: image[k] for k in _VIDEO_KEYS if k in image}}
+        (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
+
+
+def tower_state(source: str | Path, keys: Any) -> dict[str, torch.Tensor]:
+    """The vision tower's state dict (``keys``) from a checkpoint directory, or from a tower-only safetensors file.
+
+    Raises:
+        ValueError: when no key prefix of the checkpoint holds exactly the tower's keys.
+    """
+    source = Path(source)
+    if source.is_file():
+        return load_file(source)
+    state = load_file(source / "model.safetensors")
+    keys = list(keys)
+    for prefix in (LLAVA_TOWER_NEW, LLAVA_TOWER_OLD, "visual.", "model.visual.", "vision_tower."):
+        if all(prefix + k in state for k in keys):
+            return {k: state[prefix + k] for k in keys}
+    raise ValueError(f"{source}: no vision tower with the keys {keys[:3]}... in model.safetensors")
+
+
 # ----------------------------------------------------------------------------------------------- driver
 def train(cfg: TrainConfig, corpus: list[str], batch_hook: Callable[[dict], dict] | None = None) -> Path:
     """Run the whole recipe and save an ordinary HF checkpoint directory at ``cfg.out``."""
@@ -384,7 +436,7 @@ def train(cfg: TrainConfig, corpus: list[str], batch_hook: Callable[[dict], dict
     t0 = time.perf_counter()
     tower = adapter.site("vision")
     if cfg.tower_from:
-        tower.load_state_dict(load_file(cfg.tower_from))
+        tower.load_state_dict(tower_state(cfg.tower_from, tower.state_dict().keys()))
     elif cfg.tower_steps:
         pretrain_tower(adapter, cfg, spec, log)
     if cfg.proj_init:
@@ -394,9 +446,9 @@ def train(cfg: TrainConfig, corpus: list[str], batch_hook: Callable[[dict], dict
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(out)
-    save_file(tower.state_dict(), out / "vision_tower.safetensors")  # reusable by tower_from
     processor.tokenizer.padding_side = "right"
     processor.save_pretrained(out)
+    export_layout(out, cfg.family)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     (out / "training_log.json").write_text(
         json.dumps(

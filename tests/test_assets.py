@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from safetensors import safe_open
 
 from harness.assets import CALIBRATION_FILES, MODEL_DIR, MODEL_DIRS, SHIPPED, WORLD_DIR, build_world
 from harness.config import REPO_ROOT
@@ -99,6 +100,18 @@ def test_shipped_checkpoint_is_an_ordinary_hf_directory(family):
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
     trained_with = json.loads((MODEL_DIRS[family] / "train_config.json").read_text())["method"]
     assert (trained_with or "none") == SHIPPED[family].method, "evaluated with the method it was trained with"
+
+
+@pytest.mark.parametrize("family", sorted(SHIPPED))
+def test_shipped_checkpoint_is_in_the_layout_vllm_loads(family):
+    # what harness.train.export_layout writes (make train, tests/test_train.py); tests_vllm/ loads them in vLLM
+    out, family = MODEL_DIRS[family], SHIPPED[family].family
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"], "vLLM loads every *.safetensors"
+    keys = safe_open(str(out / "model.safetensors"), "pt").keys()
+    tower = [k for k in keys if k.startswith("vision_tower.")]
+    if family == "llava":
+        assert tower and all(k.startswith("vision_tower.vision_model.") for k in tower)
+    assert (out / "video_preprocessor_config.json").exists() == (family in ("qwen_vl", "internvl"))
 
 
 @pytest.mark.parametrize("family", sorted(SHIPPED))

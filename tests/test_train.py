@@ -10,10 +10,11 @@ from typing import ClassVar
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from adapters.base import ADAPTERS
 from harness.assets import tokenizer_corpus
-from harness.train import TrainConfig, _first_linear, train
+from harness.train import TrainConfig, _first_linear, tower_state, train
 from harness.train_data import Mix, collate, conversation, encode, existence_qa, segments
 from methods.base import METHODS, Method
 from tasks.shapes import SHAPES, WorldSpec, absent_partners, make_scene, qa_existence
@@ -158,6 +159,25 @@ def test_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path, family):
     )
     assert isinstance(text[0], str)
     assert json.loads((out / "train_config.json").read_text())["steps"] == 12
+    assert_vllm_layout(out, family)
+    # a later recipe reads this checkpoint's tower (tower_from = the directory): the same tensors
+    tower = adapter.site("vision").state_dict()
+    again = tower_state(out, tower.keys())
+    assert tower.keys() == again.keys() and all(torch.equal(tower[k], again[k]) for k in tower)
+
+
+def assert_vllm_layout(out, family):
+    """The layout ``harness.train.export_layout`` writes: the one weights file, the keys and files vLLM needs."""
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"], "vLLM loads every *.safetensors"
+    keys = safe_open(str(out / "model.safetensors"), "pt").keys()
+    tower = [k for k in keys if k.startswith("vision_tower.")]
+    if family == "llava":
+        assert tower and all(k.startswith("vision_tower.vision_model.") for k in tower)
+    video = out / "video_preprocessor_config.json"
+    assert video.exists() == (family in ("qwen_vl", "internvl"))
+    if video.exists():
+        image = json.loads((out / "processor_config.json").read_text())["image_processor"]
+        assert json.loads(video.read_text())["image_mean"] == image["image_mean"]
 
 
 def test_image_size_gives_a_finer_token_grid_and_is_refused_where_unsupported(tmp_path):
