@@ -80,8 +80,7 @@ def check_overrides(args: Sequence[str], conf: Path = CONF) -> None:
             for value in values:
                 if value not in known:
                     raise UnknownOptionError(
-                        f"unknown {o.key_or_group} {value!r}{_did_you_mean(value, known)} "
-                        f"(options: {', '.join(known)})"
+                        f"unknown {o.key_or_group} {value!r}{_did_you_mean(value, known)} (options: {', '.join(known)})"
                     )
     top = OmegaConf.load(conf / "config.yaml")
     top_keys = [k for k in top if k != "defaults"] + list(GROUPS)

@@ -94,8 +94,10 @@ def output_lock(out: Path, ranks: Ranks) -> Iterator[None]:
 
 
 def error_kind(reason: str) -> str:
-    """The kind of a per-sample error, for ``errors.by_reason``: the text before the first ``": "``, without
-    what varies per sample (a quoted value after ``, got``, a path)."""
+    """The kind of a per-sample error, for ``errors.by_reason``.
+
+    The text before the first ``": "``, without what varies per sample (a value after ``, got``, a path).
+    """
     head = reason.split(": ", 1)[0].split(", got ", 1)[0].strip()
     return head or "error"
 
@@ -341,9 +343,7 @@ def _evaluate_locked(
     ranks = settings.ranks
     samples = task.samples()
     if not samples:
-        raise UserError(
-            f"task {task.name}: no samples to evaluate (empty data file(s)?); check the task's data paths"
-        )
+        raise UserError(f"task {task.name}: no samples to evaluate (empty data file(s)?); check the task's data paths")
     if ranks.main:
         _refuse_shrinking(out / "results.json", samples, settings)
     method.output_dir = out

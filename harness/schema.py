@@ -131,9 +131,7 @@ def describe(hint: Any) -> str:
         return "a mapping"
     if hint is type(None):
         return "null"
-    return {bool: "true/false", int: "an int", float: "a number", str: "a string", Any: "anything"}.get(
-        hint, str(hint)
-    )
+    return {bool: "true/false", int: "an int", float: "a number", str: "a string", Any: "anything"}.get(hint, str(hint))
 
 
 def _check(value: Any, hint: Any, where: str) -> str | None:

@@ -91,8 +91,10 @@ def _question_id(value: Any) -> str:
 
 
 def _early_qid(record: dict[str, Any]) -> str | None:
-    """The row's ``question_id`` when it is valid, before anything else is checked: a row that fails later keeps
-    its own id (``random/8``), not one made from the file and line."""
+    """The row's ``question_id`` when it is valid, before anything else is checked.
+
+    A row that fails later keeps its own id (``random/8``), not one made from the file and line.
+    """
     try:
         return _question_id(record.get("question_id"))
     except _Malformed:
@@ -155,7 +157,9 @@ def _iter_json(path: Path, split: str | None, image_root: str | None) -> Iterato
         try:
             data = json.loads(raw.decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SampleError(f"invalid JSON array: {exc}; fix the file or convert it to JSON Lines", str(path)) from None
+            raise SampleError(
+                f"invalid JSON array: {exc}; fix the file or convert it to JSON Lines", str(path)
+            ) from None
         if not isinstance(data, list):
             raise SampleError("invalid JSON array: the file is not one JSON array", str(path))
         for i, record in enumerate(data):

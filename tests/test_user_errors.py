@@ -139,7 +139,11 @@ def test_empty_questions_file_stops_with_one_line(pope_dir, tmp_path, make_task,
 
 def test_empty_questions_file_from_the_command_line(pope_dir, tmp_path):
     d = _pope_copy(pope_dir, tmp_path, lambda raw: b"\n\n")
-    args = [f"task.questions='{d}/shapes_pope_{{split}}.json'", f"task.image_root={d}/images", f"output_root={tmp_path}"]
+    args = [
+        f"task.questions='{d}/shapes_pope_{{split}}.json'",
+        f"task.image_root={d}/images",
+        f"output_root={tmp_path}",
+    ]
     p, _ = _cli(args, tmp_path)
     _one_line_error(p, "split 'random' has no questions")
 
@@ -245,9 +249,9 @@ def test_second_run_on_a_held_output_directory_stops_at_once(llava, pope_dir, tm
     out = tmp_path / "run"
     out.mkdir()
     task = make_task(pope_dir, limit=1, gen_kwargs={"max_new_tokens": 2})
-    with FileLock(str(out / ".lock")):  # what a first run holds while it generates
-        with pytest.raises(OutputLockedError, match="is in use by another run"):
-            _run(task, llava, out)
+    held = FileLock(str(out / ".lock"))  # what a first run holds while it generates
+    with held, pytest.raises(OutputLockedError, match="is in use by another run"):
+        _run(task, llava, out)
     assert not (out / "samples_pope.jsonl").exists(), "nothing generated twice"
     res = _run(task, llava, out)
     assert res["n-samples"]["pope"]["effective"] == 3
