@@ -83,7 +83,7 @@ def check_overrides(args: Sequence[str], conf: Path = CONF) -> None:
                         f"unknown {o.key_or_group} {value!r}{_did_you_mean(value, known)} (options: {', '.join(known)})"
                     )
     top = OmegaConf.load(conf / "config.yaml")
-    top_keys = [k for k in top if k != "defaults"] + list(GROUPS)
+    top_keys = [k for k in top if k not in ("defaults", "hydra")] + list(GROUPS)
     for o in parsed:
         key = o.key_or_group
         if o.is_add() or o.is_force_add() or o.is_delete() or "/" in key or key.startswith("hydra"):

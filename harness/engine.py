@@ -392,7 +392,7 @@ def _evaluate_locked(
     if generated.report is not None:
         results["method_report"] = generated.report
     if ok and method.name != BASELINE_METHOD and settings.pair_hash:
-        baseline = find_baseline(out, settings.pair_hash)
+        baseline = find_baseline(out, settings.pair_hash, results["sample_set"]["sha256"])
         if baseline is not None:
             results["paired"] = paired_block(task, ok, baseline, store.path.name, settings.seed)
     results_path = out / "results.json"

@@ -154,9 +154,10 @@ def _check(value: Any, hint: Any, where: str) -> str | None:
             return None
         # one alternative of the value's own kind explains best (e.g. the range of an int)
         for alt, problem in zip(args, problems, strict=True):
-            if _same_kind(value, alt):
+            if _same_kind(value, alt) and get_origin(alt) is not Literal:
                 return problem
-        return f"must be {describe(hint)}"
+        names = [a for alt in args if get_origin(alt) is Literal for a in get_args(alt)]
+        return f"must be {describe(hint)}{_closest(value, names) if isinstance(value, str) else ''}"
     if origin is Literal:
         if value in args and type(value) is type(next(a for a in args if a == value)):
             return None
