@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 
 import pytest
 
@@ -216,28 +215,37 @@ def test_debug_environment_variable_shows_the_traceback(tmp_path):
 
 
 # ---------------------------------------------------------------- 7. W&B that cannot be reached
-def test_wandb_init_timeout_bounds_an_unreachable_server(tmp_path, monkeypatch):
-    """An online-mode init against a closed local port: W&B's own default would wait 90 s."""
+def test_wandb_init_timeout_bounds_an_unreachable_server(tmp_path):
+    """An online-mode init against a closed local port: W&B's own default would wait 90 s.
+
+    In a subprocess: W&B keeps its settings (base URL, mode) in a process-wide singleton.
+    """
     from omegaconf import OmegaConf
 
-    from harness.loggers import WandbLogger
-
     assert OmegaConf.load(REPO_ROOT / "conf" / "logger" / "wandb.yaml").init_timeout <= 15
-    monkeypatch.setenv("WANDB_MODE", "online")  # the setting path under test; never set by the harness itself
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # discard port: connection refused
-    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    logger = WandbLogger(project="p", init_timeout=1)
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        logger.start({"a": 1}, tmp_path / "run")
-    seconds = time.perf_counter() - t0
-    logger.finish()
-    assert logger.run is None
-    assert any("W&B could not start" in str(w.message) for w in caught)
-    assert seconds < 45, f"wandb.init took {seconds:.0f} s with init_timeout=1"
+    code = (
+        "import sys, time, warnings; from pathlib import Path; from harness.loggers import WandbLogger\n"
+        "logger = WandbLogger(project='p', init_timeout=1); t0 = time.perf_counter()\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always'); logger.start({'a': 1}, Path(sys.argv[1]))\n"
+        "print(round(time.perf_counter() - t0, 1), logger.run is None,\n"
+        "      any('W&B could not start' in str(w.message) for w in caught)); logger.finish()\n"
+    )
+    env = {
+        **os.environ,
+        "WANDB_MODE": "online",  # the setting path under test; never set by the harness itself
+        "WANDB_BASE_URL": "http://127.0.0.1:9",  # discard port: connection refused
+        "WANDB_API_KEY": "a" * 40,
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], env=env, cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    seconds, no_run, warned = p.stdout.split()
+    assert (no_run, warned) == ("True", "True"), p.stderr[-2000:]
+    assert float(seconds) < 45, f"wandb.init took {seconds} s with init_timeout=1"
 
 
 # ---------------------------------------------------------------- 8. two runs into one output directory
