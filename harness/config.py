@@ -5,6 +5,8 @@ Resolvers (registered on import):
     ``${run_hash:}``           12-hex hash of the parts of the config that determine results (model, task,
                                method, seed); the default output directory ends with it, so rerunning the same
                                config lands in the same directory and resumes.
+    ``${limit_tag:${limit}}``  ``""`` for ``limit=null``, else ``-limit<N>``: the default output directory of a
+                               limited run differs from the full run's, so it never replaces its results.
 """
 
 from __future__ import annotations
@@ -57,9 +59,14 @@ def _run_hash(*, _root_: DictConfig) -> str:
     )
 
 
+def limit_tag(limit: Any) -> str:
+    """``""`` for no limit, ``"-limit<N>"`` otherwise (the suffix of a limited run's default directory)."""
+    return "" if limit is None else f"-limit{limit}"
+
+
 def register_resolvers() -> None:
     """Register this module's OmegaConf resolvers (idempotent)."""
-    for name, fn in (("repo_path", _repo_path), ("run_hash", _run_hash)):
+    for name, fn in (("repo_path", _repo_path), ("run_hash", _run_hash), ("limit_tag", limit_tag)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

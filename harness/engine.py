@@ -10,8 +10,10 @@ records and are counted; with ``strict=True`` the first one stops the run with i
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from adapters.base import Adapter
 from harness.cache import ResponseCache, is_greedy, scope
 from harness.calls import AdapterCalls
 from harness.distributed import Ranks, merge_shards, shard_path
+from harness.errors import UserError
 from harness.loggers import NoLogger
 from harness.paired import BASELINE_METHOD, find_baseline, paired_block, paired_summary
 from harness.results import build_results, make_table, sha256_json, sha256_text, write_json
@@ -51,6 +54,52 @@ class RunSettings:
     backend: str = "hf"  # model.backend: hf (transformers) | vllm
     backend_options: dict[str, Any] = field(default_factory=dict)  # model.vllm: the engine's settings
     engine: dict[str, Any] | None = None  # what the vLLM engine was started with (set when it starts)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise UserError(f"batch_size={self.batch_size!r}: must be an int >= 1")
+
+
+class OutputLockedError(UserError):
+    """Another run holds the output directory."""
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, ranks: Ranks) -> Iterator[None]:
+    """Hold ``<out>/.lock`` for the run (rank 0 takes it; every rank learns whether it could).
+
+    An OS file lock (``filelock.FileLock``: ``fcntl.flock`` on Unix): the kernel releases it when the holder dies,
+    so a killed run never leaves a stale lock. A second run on the same directory stops at once with one line
+    instead of generating every sample a second time. Lock files on some network file systems do not lock.
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(out / ".lock")) if ranks.main else None
+    held = True
+    if lock is not None:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            held = False
+    if not ranks.broadcast(held):
+        raise OutputLockedError(
+            f"output_dir {out} is in use by another run (it holds {out / '.lock'}); wait for that run to finish, "
+            "or give this one another output_dir"
+        )
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def error_kind(reason: str) -> str:
+    """The kind of a per-sample error, for ``errors.by_reason``.
+
+    The text before the first ``": "``, without what varies per sample (a value after ``, got``, a path).
+    """
+    head = reason.split(": ", 1)[0].split(", got ", 1)[0].strip()
+    return head or "error"
 
 
 def _base_record(sample: Sample, config_hash: str) -> dict[str, Any]:
@@ -284,7 +333,19 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
     ranks.init()
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, ranks):
+        return _evaluate_locked(task, adapter, method, settings, logger, out, t_start)
+
+
+def _evaluate_locked(
+    task: Task, adapter: Adapter, method: Method, settings: RunSettings, logger: Any, out: Path, t_start: float
+) -> dict[str, Any]:
+    ranks = settings.ranks
     samples = task.samples()
+    if not samples:
+        raise UserError(f"task {task.name}: no samples to evaluate (empty data file(s)?); check the task's data paths")
+    if ranks.main:
+        _refuse_shrinking(out / "results.json", samples, settings)
     method.output_dir = out
     store = RecordStore(out / _records_name(task), settings.config_hash) if ranks.main else None
     pending = _pending(samples, store, ranks)
@@ -301,7 +362,7 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
         **{"n-samples": {task.name: {"original": len(samples), "effective": len(ok), "errors": len(errors)}}},
         errors={
             "count": len(errors),
-            "by_reason": dict(Counter(r["error"].split(":")[0] for r in errors)),
+            "by_reason": dict(Counter(error_kind(r["error"]) for r in errors)),
             "samples": [{"sample_id": r["sample_id"], "source": r["source"], "error": r["error"]} for r in errors[:50]],
         },
         resumed={"skipped": len(samples) - len(pending), "generated": len(pending), "dropped_on_load": store.dropped},
@@ -331,7 +392,7 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
     if generated.report is not None:
         results["method_report"] = generated.report
     if ok and method.name != BASELINE_METHOD and settings.pair_hash:
-        baseline = find_baseline(out, settings.pair_hash)
+        baseline = find_baseline(out, settings.pair_hash, results["sample_set"]["sha256"])
         if baseline is not None:
             results["paired"] = paired_block(task, ok, baseline, store.path.name, settings.seed)
     results_path = out / "results.json"
@@ -343,6 +404,25 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
         if "paired" in results:
             print(paired_summary(results["paired"]))
     return results
+
+
+def _refuse_shrinking(results_path: Path, samples: list[Sample], settings: RunSettings) -> None:
+    """Refuse a run that would replace a results file over more items with one over fewer.
+
+    The default output directories of runs with different ``limit`` differ, so this guards a shared explicit
+    ``output_dir``: a limited rerun there would overwrite the fuller run's ``results.json`` with fewer samples.
+    """
+    try:
+        old = json.loads(results_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    n_old = (old.get("sample_set") or {}).get("n")
+    if isinstance(n_old, int) and n_old > len(samples):
+        limit = (settings.config or {}).get("limit")
+        raise UserError(
+            f"{results_path} holds results over {n_old} samples; this run (limit={limit}) covers {len(samples)} and "
+            "would replace them: use another output_dir (the default one keeps each limit apart)"
+        )
 
 
 def sample_set(samples: list[Sample], stored: set[str]) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Biases: ``wandb.init`` with the resolved config and ``dir`` = the run directory 
 ``WANDB_MODE=offline|disabled`` and the user's W&B settings decide), metrics as ``<task>/<metric>``, an
 ``evaluation/eval_results`` table, a samples table and the results file as an artifact. If W&B cannot start or
 fails while logging, a warning is printed and the run carries on with its local files; ``finish()`` is always
-called.
+called. ``init_timeout`` (default 15 s, ``logger.init_timeout``) bounds how long ``wandb.init`` may wait for an
+unreachable server (W&B's own default is 90 s).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class WandbLogger:
         tags: Run tags.
         job_type: W&B job type.
         max_table_rows: Rows of the samples table (W&B tables hold at most 200k).
+        init_timeout: Seconds ``wandb.init`` may take before the run goes on without W&B
+            (``wandb.Settings(init_timeout=...)``; the mode still comes from ``WANDB_MODE`` / your settings).
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class WandbLogger:
         tags: list[str] | None = None,
         job_type: str = "eval",
         max_table_rows: int = 200_000,
+        init_timeout: float = 15.0,
     ) -> None:
         self.init_kwargs = {
             "project": project,
@@ -66,6 +70,7 @@ class WandbLogger:
             "job_type": job_type,
         }
         self.max_table_rows = max_table_rows
+        self.init_timeout = float(init_timeout)
         self.run: Any = None
 
     def start(self, config: dict[str, Any], run_dir: Path) -> None:
@@ -74,7 +79,8 @@ class WandbLogger:
             import wandb
 
             run_dir.mkdir(parents=True, exist_ok=True)
-            self.run = wandb.init(config=config, dir=str(run_dir), **self.init_kwargs)
+            settings = wandb.Settings(init_timeout=self.init_timeout)
+            self.run = wandb.init(config=config, dir=str(run_dir), settings=settings, **self.init_kwargs)
         except Exception as exc:
             warnings.warn(
                 f"W&B could not start ({type(exc).__name__}: {exc}); continuing with local files only", stacklevel=2

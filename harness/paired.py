@@ -175,8 +175,12 @@ def _mcnemar_block(a: Outcomes, b: Outcomes) -> dict[str, Any] | None:
     return {"outcome": a.binary_name, **mcnemar(b.binary, a.binary)}
 
 
-def find_baseline(output_dir: str | Path, pair_hash: str) -> Path | None:
-    """The newest ``none-*`` run directory beside ``output_dir`` whose results carry ``pair_hash``."""
+def find_baseline(output_dir: str | Path, pair_hash: str, sample_set: str | None = None) -> Path | None:
+    """The newest ``none-*`` run directory beside ``output_dir`` whose results carry ``pair_hash``.
+
+    With ``sample_set`` (the run's items hash), a baseline over the same items comes first: the full run and a
+    ``limit`` run of the baseline (``none-<hash>`` and ``none-<hash>-limit<N>``) share the pair hash.
+    """
     parent = Path(output_dir).resolve().parent
     found = []
     for results in parent.glob(f"{BASELINE_METHOD}-*/results.json"):
@@ -185,8 +189,9 @@ def find_baseline(output_dir: str | Path, pair_hash: str) -> Path | None:
         except (OSError, json.JSONDecodeError):
             continue
         if doc.get("pair_hash") == pair_hash and results.parent != Path(output_dir).resolve():
-            found.append((results.stat().st_mtime, results.parent))
-    return max(found)[1] if found else None
+            same = sample_set is not None and (doc.get("sample_set") or {}).get("sha256") == sample_set
+            found.append((same, results.stat().st_mtime, results.parent))
+    return max(found, key=lambda f: f[:2])[2] if found else None
 
 
 def paired_block(
@@ -236,7 +241,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--baseline", type=Path, default=None, help="baseline run directory (default: found beside)")
     args = ap.parse_args(argv)
     results = json.loads((args.run_dir / "results.json").read_text(encoding="utf-8"))
-    baseline = args.baseline or find_baseline(args.run_dir, results["pair_hash"])
+    baseline = args.baseline or find_baseline(
+        args.run_dir, results["pair_hash"], (results.get("sample_set") or {}).get("sha256")
+    )
     if baseline is None:
         raise SystemExit(f"no {BASELINE_METHOD}-* run with pair_hash {results['pair_hash']} beside {args.run_dir}")
     cfg = OmegaConf.create(results["config"])

@@ -14,10 +14,12 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from harness.errors import UserError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """Raised when a registry lookup fails; the message lists the close matches and every valid name."""
 
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly.

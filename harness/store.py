@@ -3,18 +3,23 @@
 Each batch's records are appended in one write, then flushed and fsync'ed, so a kill loses at most the batch in
 flight. On open, the file is checked: a torn last line (killed mid-write) is dropped, records of errored
 samples are dropped so they are retried, duplicates keep their first copy, and records written under another
-config hash are refused — mixing two configs in one file would silently corrupt the metrics.
+config hash are refused — mixing two configs in one file would silently corrupt the metrics. A corrupt line
+elsewhere (damage a kill cannot cause: a disk error, a hand edit) is moved, verbatim with its line number, to
+``<file>.corrupt`` beside it, with a warning; its sample has no record then and is generated again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
+from harness.errors import UserError
 
-class ConfigMismatchError(RuntimeError):
+
+class ConfigMismatchError(UserError, RuntimeError):
     """The output directory holds records of a different configuration."""
 
 
@@ -25,13 +30,14 @@ class RecordStore:
         self.path = Path(path)
         self.config_hash = config_hash
         self.records: dict[str, dict[str, Any]] = {}
-        self.dropped = {"torn": 0, "errored": 0, "duplicate": 0}
+        self.dropped = {"torn": 0, "errored": 0, "duplicate": 0, "corrupt": 0}
         if self.path.exists():
             self._load()
 
     def _load(self) -> None:
         keep: list[str] = []
-        for line, rec in _read_lines(self.path, self.dropped):
+        corrupt: list[tuple[int, str]] = []
+        for line, rec in _read_lines(self.path, self.dropped, corrupt):
             if rec.get("config_hash") != self.config_hash:
                 raise ConfigMismatchError(
                     f"{self.path} holds records of config {rec.get('config_hash')}, this run is {self.config_hash}; "
@@ -44,8 +50,24 @@ class RecordStore:
             else:
                 self.records[rec["sample_id"]] = rec
                 keep.append(line)
+        if corrupt:
+            self._quarantine(corrupt)
         if any(self.dropped.values()):
             self._rewrite(keep)
+
+    def _quarantine(self, corrupt: list[tuple[int, str]]) -> None:
+        side = self.path.with_name(self.path.name + ".corrupt")
+        with side.open("a", encoding="utf-8") as f:
+            f.write("".join(f"{lineno}\t{line}\n" for lineno, line in corrupt))
+            f.flush()
+            os.fsync(f.fileno())
+        self.dropped["corrupt"] += len(corrupt)
+        lines = ", ".join(str(n) for n, _ in corrupt[:5]) + (" ..." if len(corrupt) > 5 else "")
+        warnings.warn(
+            f"{self.path}: {len(corrupt)} corrupt record line(s) (line {lines}) moved to {side}; their samples "
+            "are generated again",
+            stacklevel=3,
+        )
 
     def _rewrite(self, lines: list[str]) -> None:
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
@@ -74,21 +96,33 @@ class RecordStore:
                 self.records.setdefault(r["sample_id"], r)
 
 
-def _read_lines(path: Path, dropped: dict[str, int]) -> list[tuple[str, dict[str, Any]]]:
-    """``(line, record)`` pairs of a records file; a torn last line is counted in ``dropped["torn"]`` and skipped."""
-    with path.open("r", encoding="utf-8") as f:
-        lines = f.read().split("\n")
+def _read_lines(
+    path: Path, dropped: dict[str, int], corrupt: list[tuple[int, str]] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` pairs of a records file.
+
+    A torn last line is counted in ``dropped["torn"]`` and skipped. Any other line that is not a JSON object with
+    a ``sample_id`` goes to ``corrupt`` as ``(line number, text)``; without that list it is skipped with a warning.
+    """
+    with path.open("rb") as f:
+        lines = f.read().split(b"\n")
     out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
+    for i, blob in enumerate(lines):
+        if not blob.strip():
             continue
+        line = blob.decode("utf-8", errors="replace")
         try:
-            out.append((line, json.loads(line)))
-        except json.JSONDecodeError:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get("sample_id"), str):
+                raise ValueError("not a record")
+            out.append((line, rec))
+        except ValueError:
             if i == len(lines) - 1:  # only the last line may be torn by a kill
                 dropped["torn"] += 1
-                continue
-            raise ValueError(f"{path}:{i + 1}: corrupt record line (not the last one)") from None
+            elif corrupt is not None:
+                corrupt.append((i + 1, line))
+            else:
+                warnings.warn(f"{path}:{i + 1}: corrupt record line skipped", stacklevel=3)
     return out
 
 

@@ -23,6 +23,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from adapters.base import Adapter
+from harness.errors import UserError
 from harness.registry import Registry
 from tasks.base import Request
 
@@ -53,7 +54,7 @@ class DeviceTally:
         return self.sums.tolist()
 
 
-class UnsupportedError(ValueError):
+class UnsupportedError(UserError, ValueError):
     """A method/adapter combination that cannot work; raised before the model loads."""
 
 

@@ -42,11 +42,20 @@ def _escape(text: str) -> str:
 
 
 def _matrix(entries: list[Entry]) -> list[str]:
-    """Method rows × model columns; each cell the headline value and, for methods, the delta and marker."""
+    """Method rows × model columns; each cell the headline value, for methods the delta and marker, and ``n``.
+
+    When several rows share a cell (runs over different items, e.g. another ``limit``), the cell shows the one over
+    the most samples and says how many others the detail table lists; a smaller run never stands in for a fuller one.
+    """
     models = sorted({e.model for e in entries})
     by_method: dict[str, dict[str, Entry]] = defaultdict(dict)
+    others: dict[tuple[str, str], int] = defaultdict(int)
     for e in entries:
-        by_method[e.method][e.model] = e
+        kept = by_method[e.method].get(e.model)
+        if kept is not None:
+            others[(e.method, e.model)] += 1
+        if kept is None or e.n_samples > kept.n_samples:
+            by_method[e.method][e.model] = e
     order = sorted(by_method, key=lambda m: (not any(e.is_baseline for e in by_method[m].values()), m))
     lines = ["| method | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
     for method in order:
@@ -55,10 +64,13 @@ def _matrix(entries: list[Entry]) -> list[str]:
             e = by_method[method].get(model)
             if e is None:
                 cells.append("")
-            elif e.is_baseline or e.delta is None:
-                cells.append(fmt(e.value))
             else:
-                cells.append(f"{fmt(e.value)} ({fmt(e.delta, signed=True)}{e.significance})")
+                more = others[(method, model)]
+                n = f"n={e.n_samples}" + (f"; +{more} smaller, see below" if more else "")
+                if e.is_baseline or e.delta is None:
+                    cells.append(f"{fmt(e.value)} ({n})")
+                else:
+                    cells.append(f"{fmt(e.value)} ({fmt(e.delta, signed=True)}{e.significance}, {n})")
         lines.append(f"| {_escape(method)} | " + " | ".join(cells) + " |")
     return lines
 

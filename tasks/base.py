@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 from PIL import Image
 
+from harness.errors import UserError
 from harness.registry import Registry
 from harness.results import stderr_key
 from harness.stats import StatFn, cluster_bootstrap, finite_or_none
@@ -27,7 +28,7 @@ from harness.stats import StatFn, cluster_bootstrap, finite_or_none
 TASKS: Registry[type[Task]] = Registry("task")
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """A bad input (malformed record, missing or corrupt image). Carries the place it came from."""
 
     def __init__(self, reason: str, source: str) -> None:

@@ -17,7 +17,12 @@ from typing import Any
 
 from PIL import Image
 
+from harness.errors import UserError
 from tasks.base import SampleError
+
+
+class DataFileNotFoundError(UserError, FileNotFoundError):
+    """A task's data file or glob matches nothing."""
 
 
 def decode_image(fp: Any, source: str, name: str) -> Image.Image:
@@ -29,7 +34,7 @@ def decode_image(fp: Any, source: str, name: str) -> Image.Image:
     except FileNotFoundError:
         raise SampleError(f"image not found: {name}", source) from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...).
-        raise SampleError(f"cannot decode image {name}: {type(exc).__name__}: {exc}", source) from exc
+        raise SampleError(f"cannot decode image: {name}: {type(exc).__name__}: {exc}", source) from exc
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,6 @@ def resolve_files(spec: str | Sequence[str], what: str) -> list[Path]:
         else:
             found = [Path(pattern)] if Path(pattern).is_file() else []
         if not found:
-            raise FileNotFoundError(f"no {what} file matches {pattern!r}")
+            raise DataFileNotFoundError(f"no {what} file matches {pattern!r}; check the task's data path (task.*)")
         files += [f for f in found if f not in files]
     return files

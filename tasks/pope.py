@@ -90,6 +90,17 @@ def _question_id(value: Any) -> str:
     return str(value).strip()
 
 
+def _early_qid(record: dict[str, Any]) -> str | None:
+    """The row's ``question_id`` when it is valid, before anything else is checked.
+
+    A row that fails later keeps its own id (``random/8``), not one made from the file and line.
+    """
+    try:
+        return _question_id(record.get("question_id"))
+    except _Malformed:
+        return None
+
+
 def _string(record: dict[str, Any], name: str) -> str:
     value = record[name]
     if not isinstance(value, str):
@@ -120,6 +131,7 @@ def _json_item(record: Any, source: str, split: str | None, image_root: str | No
     try:
         if not isinstance(record, dict):
             raise _Malformed(f"record is not a JSON object but {type(record).__name__}")
+        item.qid = _early_qid(record)
         if split is None:
             item.split = _category(record)
         _require(record, ["question_id", "image", "text", "label"])
@@ -135,20 +147,34 @@ def _json_item(record: Any, source: str, split: str | None, image_root: str | No
 
 
 def _iter_json(path: Path, split: str | None, image_root: str | None) -> Iterator[_Item]:
-    """Rows of a JSON Lines file (1-based line numbers) or a JSON array file (0-based ``[i]``)."""
-    text = path.read_text(encoding="utf-8-sig")
-    if text.lstrip().startswith("["):
+    """Rows of a JSON Lines file (1-based line numbers) or a JSON array file (0-based ``[i]``).
+
+    JSON Lines are decoded line by line, so a line that is not UTF-8 becomes one malformed row, not a failed file;
+    a byte-order mark at the start of a line and CRLF line ends are accepted. A JSON array must parse as a whole.
+    """
+    raw = path.read_bytes()
+    if raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SampleError(f"invalid JSON array: {exc}", str(path)) from exc
+            data = json.loads(raw.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SampleError(
+                f"invalid JSON array: {exc}; fix the file or convert it to JSON Lines", str(path)
+            ) from None
+        if not isinstance(data, list):
+            raise SampleError("invalid JSON array: the file is not one JSON array", str(path))
         for i, record in enumerate(data):
             yield _json_item(record, f"{path}[{i}]", split, image_root)
         return
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    for lineno, blob in enumerate(raw.split(b"\n"), start=1):
+        source = f"{path}:{lineno}"
+        try:
+            line = blob.decode("utf-8").lstrip("\ufeff")
+        except UnicodeDecodeError as exc:
+            doc = {"raw_line": blob[:1000].decode("utf-8", errors="replace")}
+            yield _Item(source=source, split=split, doc=doc, error=f"not valid UTF-8: byte {exc.start} of the line")
+            continue
         if not line.strip():
             continue
-        source = f"{path}:{lineno}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -166,6 +192,7 @@ def _parquet_item(
         doc["image"] = {"path": row["image"].get("path")}
     item = _Item(source=source, split=split, doc=doc)
     try:
+        item.qid = _early_qid(row)
         if split is None:
             item.split = _category(row)
         _require(row, ["question_id", "question", "answer", "image"])
@@ -345,6 +372,12 @@ class POPETask(Task):
             files = resolve_files(self.questions.replace("{split}", split), "POPE question")
             rows = itertools.chain.from_iterable(_iter_file(f, split, self.image_root) for f in files)
             buckets[split] = list(itertools.islice(rows, self.limit))
+            if not buckets[split] and self.limit != 0:
+                raise SampleError(
+                    f"split {split!r} has no questions (empty file?); fix the file or leave the split out "
+                    "(task.splits)",
+                    ", ".join(str(f) for f in files),
+                )
         return buckets
 
     def _category_buckets(self) -> dict[str, list[_Item]]:
@@ -381,7 +414,7 @@ class POPETask(Task):
             for item in items:
                 sample_id = f"{split}/{item.qid if item.qid is not None else item.source}"
                 if item.error is None and sample_id in seen:
-                    item.error = f"duplicate question_id {item.qid!r} in split {split!r}"
+                    item.error = f"duplicate question_id: {item.qid!r} in split {split!r}"
                 if sample_id in seen:
                     sample_id = f"{sample_id}@{item.source}"
                 seen.add(sample_id)

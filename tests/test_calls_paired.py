@@ -214,3 +214,17 @@ def test_find_baseline_by_pair_hash(tmp_path):
         (tmp_path / name / "results.json").write_text(json.dumps({"pair_hash": pair}))
     assert find_baseline(tmp_path / "var-ccc", "p1") == (tmp_path / "none-aaa").resolve()
     assert find_baseline(tmp_path / "var-ccc", "p3") is None
+
+
+def test_find_baseline_prefers_the_same_items(tmp_path):
+    """A limited baseline (``none-aaa-limit2``) and the full one share the pair hash; the items decide."""
+    import os
+
+    for i, (name, items) in enumerate((("none-aaa-limit2", "small"), ("none-aaa", "full"))):
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "results.json"
+        path.write_text(json.dumps({"pair_hash": "p1", "sample_set": {"sha256": items}}))
+        os.utime(path, (1000 + i, 1000 + i))  # the full run is the newer one
+    assert find_baseline(tmp_path / "var-ccc-limit2", "p1", "small") == (tmp_path / "none-aaa-limit2").resolve()
+    assert find_baseline(tmp_path / "var-ccc", "p1", "full") == (tmp_path / "none-aaa").resolve()
+    assert find_baseline(tmp_path / "var-ccc", "p1") == (tmp_path / "none-aaa").resolve()

@@ -32,7 +32,7 @@ def test_compose_defaults_and_overrides(hydra_ctx):
     assert cfg.limit == 20 and cfg.batch_size == 4
     assert os.path.isdir(cfg.model.path), "the embedded default checkpoint is shipped in the repo"
     assert cfg.output_dir.startswith("outputs/pope/llava/none-")
-    assert cfg.output_dir.endswith(config_hash(cfg))
+    assert cfg.output_dir.endswith(f"{config_hash(cfg)}-limit20"), "a limited run has its own directory"
 
 
 def test_hash_ignores_run_options_but_not_results_options(hydra_ctx):
@@ -94,8 +94,8 @@ def test_run_py_end_to_end_and_multirun(tmp_path):
 
 def test_unknown_option_fails_cleanly_from_cli(tmp_path):
     p = _run(["method=var_typo", f"output_root={tmp_path}"], cwd=tmp_path, timeout=120)
-    assert p.returncode != 0
-    assert "Available options in 'method'" in p.stderr and "none" in p.stderr
+    assert p.returncode == 2
+    assert "unknown method 'var_typo'; did you mean 'var'?" in p.stderr and "none" in p.stderr
 
 
 @pytest.mark.parametrize("family", ["qwen_vl", "internvl"])
@@ -236,5 +236,10 @@ def test_run_py_carve_and_iri_on_the_shipped_checkpoints(tmp_path):
     iri = json.loads(next(out.glob("pope/qwen_vl/iri-*/results.json")).read_text())["method"]
     assert iri["resolved"]["fcct_file"].endswith("shapes-qwen2vl/iri_fcct.json")
     assert iri["resolved"]["plan"]["attn"]["sources"] == [0] and iri["resolved"]["plan"]["attn"]["targets"] == [1]
-    missing = _run(["method=iri", f"model.path={tmp_path}", *common], cwd=tmp_path)
+    bare = tmp_path / "no-calibration"  # the shipped checkpoint without its iri_fcct.json
+    bare.mkdir()
+    for f in (REPO_ROOT / "assets" / "shapes-qwen2vl").iterdir():
+        if f.name != "iri_fcct.json":
+            (bare / f.name).symlink_to(f)
+    missing = _run(["method=iri", "model=qwen_vl", f"model.path={bare}", *common], cwd=tmp_path)
     assert missing.returncode != 0 and "python -m methods.calibrate fcct" in missing.stderr

@@ -151,7 +151,7 @@ def test_cli_writes_markdown_html_json_and_plots(tmp_path, capsys):
     md = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert "| llava | var | 20 | 0 | 0.8000 ± " in md and "+0.2000 [" in md
     assert "| llava | fastv |" in md and "-0.2000 [" in md and "0.50×" in md
-    assert "| none | 0.6000 |" in md, "the method x model matrix"
+    assert "| none | 0.6000 (n=20) |" in md, "the method x model matrix, n in every cell"
     doc = json.loads((tmp_path / "lb" / "leaderboard.json").read_text())
     assert doc["n_runs"] == 3 and {e["method"] for e in doc["entries"]} == {"none", "var", "fastv"}
     assert (tmp_path / "lb" / "leaderboard.html").read_text().count("<tr") >= 4

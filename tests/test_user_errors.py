@@ -1,0 +1,313 @@
+"""Issue 27: every user mistake gets one clear line, and no run silently overwrites or mislabels results.
+
+One test (or more) per numbered case of the issue; the command-line ones run ``run.py`` in a subprocess, as a user
+would, and check the exit status, that stderr is one line, and (for mistakes the config alone shows) the time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness.config import REPO_ROOT, compose_config
+
+RUN = str(REPO_ROOT / "run.py")
+
+
+def _cli(args, cwd, env=None, timeout=300):
+    extra = env or {}
+    env = {k: v for k, v in os.environ.items() if k != "HARNESS_DEBUG"}
+    env.update({"WANDB_MODE": "disabled", **extra})
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, RUN, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=timeout)  # fmt: skip
+    return p, time.perf_counter() - t0
+
+
+def _one_line_error(p, *needles):
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("run.py: error: ")]
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+# ---------------------------------------------------------------- 1. a limited run never replaces a fuller one
+def test_limited_run_gets_its_own_directory():
+    full, limited = compose_config([]), compose_config(["limit=20"])
+    assert limited.output_dir == full.output_dir + "-limit20"
+    assert compose_config(["limit=30", "seed=1"]).output_dir.endswith("-limit30")
+
+
+def _run(task, adapter, out, **kw):
+    from harness.engine import RunSettings, evaluate
+    from methods.none import NoMethod
+
+    settings = RunSettings(output_dir=out, config_hash="h0", progress=False, report=False, **kw)
+    return evaluate(task, adapter, NoMethod(), settings)
+
+
+def test_limited_rerun_into_a_fuller_runs_directory_is_refused(llava, pope_dir, tmp_path, make_task):
+    from harness.errors import UserError
+
+    out = tmp_path / "run"
+    full = _run(make_task(pope_dir, limit=3, gen_kwargs={"max_new_tokens": 2}), llava, out, batch_size=9)
+    before = (out / "results.json").read_text()
+    with pytest.raises(UserError, match=r"holds results over 9 samples; this run \(limit=1\) covers 3"):
+        _run(make_task(pope_dir, limit=1, gen_kwargs={"max_new_tokens": 2}), llava, out, config={"limit": 1})
+    assert (out / "results.json").read_text() == before, "the fuller results stay"
+    grown = _run(make_task(pope_dir, limit=3, gen_kwargs={"max_new_tokens": 2}), llava, out, batch_size=9)
+    assert grown["results"] == full["results"] and grown["resumed"]["generated"] == 0
+
+
+def test_leaderboard_matrix_shows_n_and_the_fullest_run():
+    from reports.markdown import render
+    from reports.table import Entry
+
+    def entry(n, value):
+        return Entry("pope", "llava", "none", "pope: accuracy,pope_official", True, n, [0], value, 0.01,
+                     is_baseline=True)  # fmt: skip
+
+    md = render([entry(60, 0.9), entry(180, 0.8)])
+    row = next(line for line in md.splitlines() if line.startswith("| none |"))
+    assert "0.8000 (n=180; +1 smaller, see below)" in row and "0.9000" not in row
+    assert "| llava | none | 60 |" in md and "| llava | none | 180 |" in md, "the detail rows list both"
+
+
+# ---------------------------------------------------------------- 2. batch_size out of range
+@pytest.mark.parametrize("value", ["0", "-1", "2.5", "abc"])
+def test_bad_batch_size_is_one_line_before_torch(tmp_path, value):
+    p, seconds = _cli([f"batch_size={value}", f"output_root={tmp_path}"], tmp_path)
+    _one_line_error(p, f"batch_size={value if value != 'abc' else repr(value)}", "must be")
+    assert seconds < 5
+
+
+def test_run_settings_refuse_a_batch_size_below_one(tmp_path):
+    from harness.engine import RunSettings
+    from harness.errors import UserError
+
+    for bad in (0, -1):
+        with pytest.raises(UserError, match="batch_size"):
+            RunSettings(output_dir=tmp_path, config_hash="h", batch_size=bad)
+
+
+# ---------------------------------------------------------------- 3. a non-UTF-8 byte in a questions file
+def _pope_copy(pope_dir, tmp_path, edit):
+    d = tmp_path / "pope"
+    shutil.copytree(pope_dir, d)
+    f = d / "shapes_pope_random.json"
+    f.write_bytes(edit(f.read_bytes()))
+    return d
+
+
+def test_non_utf8_line_is_one_error_sample_not_a_dead_run(pope_dir, tmp_path, make_task):
+    from tasks.base import SampleError
+
+    def edit(raw):
+        lines = raw.split(b"\n")
+        lines[1] = lines[1].replace(b'"text": "', b'"text": "\xff\xfe ', 1)
+        return b"\n".join(lines)
+
+    d = _pope_copy(pope_dir, tmp_path, edit)
+    samples = make_task(d, splits=["random"]).samples()
+    bad = [s for s in samples if s.error]
+    assert len(bad) == 1 and bad[0].error.startswith("not valid UTF-8") and bad[0].source.endswith(":2")
+    assert len(samples) == len(pope_dir.joinpath("shapes_pope_random.json").read_text().splitlines())
+    with pytest.raises(SampleError, match=r"shapes_pope_random.json:2: not valid UTF-8"):
+        make_task(d, splits=["random"], strict=True).samples()
+
+
+# ---------------------------------------------------------------- 4. an empty questions file
+@pytest.mark.parametrize("strict", [False, True])
+def test_empty_questions_file_stops_with_one_line(pope_dir, tmp_path, make_task, strict):
+    from tasks.base import SampleError
+
+    d = _pope_copy(pope_dir, tmp_path, lambda raw: b"")
+    with pytest.raises(SampleError, match=r"split 'random' has no questions") as info:
+        make_task(d, strict=strict).samples()
+    assert "\n" not in str(info.value)
+
+
+def test_empty_questions_file_from_the_command_line(pope_dir, tmp_path):
+    d = _pope_copy(pope_dir, tmp_path, lambda raw: b"\n\n")
+    args = [
+        f"task.questions='{d}/shapes_pope_{{split}}.json'",
+        f"task.image_root={d}/images",
+        f"output_root={tmp_path}",
+    ]
+    p, _ = _cli(args, tmp_path)
+    _one_line_error(p, "split 'random' has no questions")
+
+
+# ---------------------------------------------------------------- 5. unknown options: did-you-mean, fast
+@pytest.mark.parametrize(
+    ("arg", "needle"),
+    [
+        ("method=vra", "unknown method 'vra'; did you mean 'var'?"),
+        ("model=lava", "unknown model 'lava'; did you mean 'llava'"),
+        ("task=pop", "unknown task 'pop'; did you mean 'pope'?"),
+        ("limt=3", "unknown option 'limt'; did you mean 'limit'?"),
+        ("method.rhoo=0.3", "is not an option of method"),
+    ],
+)
+def test_unknown_option_did_you_mean_in_under_5_seconds(tmp_path, arg, needle):
+    args = [arg, "method=var"] if arg.startswith("method.") else [arg]
+    p, seconds = _cli([*args, f"output_root={tmp_path}"], tmp_path)
+    line = _one_line_error(p, needle)
+    assert seconds < 5, f"{seconds:.1f} s"
+    if arg.startswith("method."):
+        assert "did you mean 'rho'?" in line
+
+
+def test_multirun_sweep_with_an_unknown_option(tmp_path):
+    p, seconds = _cli(["-m", "method=none,fastvv", f"output_root={tmp_path}"], tmp_path)
+    _one_line_error(p, "unknown method 'fastvv'; did you mean 'fastv'")
+    assert seconds < 5 and not list(tmp_path.rglob("results.json"))
+
+
+def test_validation_happens_before_torch_is_imported():
+    code = (
+        "import sys; from harness.config import compose_config; from harness.schema import validate, ConfigError\n"
+        "try:\n    validate(compose_config(['method=var', 'method.p=1.5']))\n"
+        "except ConfigError as e:\n    print(e)\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    assert out.stdout.splitlines() == ["method.p=1.5 must be >= 0 and <= 1", "False False"]
+
+
+# ---------------------------------------------------------------- 6. model path, weights format, dtype, refusal
+def test_model_mistakes_are_one_line(tmp_path):
+    ckpt = tmp_path / "pickled"
+    ckpt.mkdir()
+    (ckpt / "pytorch_model.bin").write_bytes(b"\0")
+    (ckpt / "config.json").write_text("{}")
+    cases = [
+        ("model.path=/nonexistent/llava", "model.path='/nonexistent/llava' is not a directory"),
+        (f"model.path={ckpt}", "holds no *.safetensors weights (found: pytorch_model.bin)"),
+        ("model.dtype=float8", "model.dtype='float8' must be 'float32' or 'bfloat16' or 'float16' or 'auto'"),
+        ("model.attn_implementation=sdp", "did you mean 'sdpa'?"),
+    ]
+    for arg, needle in cases:
+        p, seconds = _cli([arg, f"output_root={tmp_path}"], tmp_path)
+        _one_line_error(p, needle)
+        assert seconds < 5, (arg, seconds)
+
+
+def test_unsupported_method_model_pair_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    p, _ = _cli(["method=fastervlm", "model=qwen_vl", f"output_root={tmp_path}", "limit=1"], tmp_path)
+    _one_line_error(p, "fastervlm")
+    d, _ = _cli(["method=fastervlm", "model=qwen_vl", f"output_root={tmp_path}", "limit=1", "debug=true"], tmp_path)
+    assert d.returncode != 0 and "Traceback" in d.stderr and "UnsupportedError" in d.stderr
+
+
+def test_debug_environment_variable_shows_the_traceback(tmp_path):
+    p, _ = _cli(["method=vra", f"output_root={tmp_path}"], tmp_path, env={"HARNESS_DEBUG": "1"})
+    assert p.returncode != 0 and "Traceback" in p.stderr and "UnknownOptionError" in p.stderr
+
+
+# ---------------------------------------------------------------- 7. W&B that cannot be reached
+def test_wandb_init_timeout_bounds_an_unreachable_server(tmp_path):
+    """An online-mode init against a closed local port: W&B's own default would wait 90 s.
+
+    In a subprocess: W&B keeps its settings (base URL, mode) in a process-wide singleton.
+    """
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(REPO_ROOT / "conf" / "logger" / "wandb.yaml").init_timeout <= 15
+    code = (
+        "import sys, time, warnings; from pathlib import Path; from harness.loggers import WandbLogger\n"
+        "logger = WandbLogger(project='p', init_timeout=1); t0 = time.perf_counter()\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always'); logger.start({'a': 1}, Path(sys.argv[1]))\n"
+        "print(round(time.perf_counter() - t0, 1), logger.run is None,\n"
+        "      any('W&B could not start' in str(w.message) for w in caught)); logger.finish()\n"
+    )
+    env = {
+        **os.environ,
+        "WANDB_MODE": "online",  # the setting path under test; never set by the harness itself
+        "WANDB_BASE_URL": "http://127.0.0.1:9",  # discard port: connection refused
+        "WANDB_API_KEY": "a" * 40,
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], env=env, cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    seconds, no_run, warned = p.stdout.split()
+    assert (no_run, warned) == ("True", "True"), p.stderr[-2000:]
+    assert float(seconds) < 45, f"wandb.init took {seconds} s with init_timeout=1"
+
+
+# ---------------------------------------------------------------- 8. two runs into one output directory
+def test_second_run_on_a_held_output_directory_stops_at_once(llava, pope_dir, tmp_path, make_task):
+    from filelock import FileLock
+
+    from harness.engine import OutputLockedError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    task = make_task(pope_dir, limit=1, gen_kwargs={"max_new_tokens": 2})
+    held = FileLock(str(out / ".lock"))  # what a first run holds while it generates
+    with held, pytest.raises(OutputLockedError, match="is in use by another run"):
+        _run(task, llava, out)
+    assert not (out / "samples_pope.jsonl").exists(), "nothing generated twice"
+    res = _run(task, llava, out)
+    assert res["n-samples"]["pope"]["effective"] == 3
+
+
+def test_lock_of_a_killed_run_does_not_block(tmp_path):
+    """An OS lock: the kernel drops it with its process, so a kill -9 leaves no stale lock."""
+    code = (
+        "import os, sys; from filelock import FileLock; l = FileLock(sys.argv[1]); l.acquire(); "
+        "print('held', flush=True); os.kill(os.getpid(), 9)"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / ".lock")], capture_output=True, text=True)
+    assert p.stdout.strip() == "held" and p.returncode == -9
+    from filelock import FileLock
+
+    with FileLock(str(tmp_path / ".lock"), timeout=0):
+        pass
+
+
+# ---------------------------------------------------------------- 9. a corrupt record in the middle of a samples file
+def test_resume_over_a_corrupt_middle_record(llava, pope_dir, tmp_path, make_task):
+    task = make_task(pope_dir, limit=2, gen_kwargs={"max_new_tokens": 2})
+    clean = _run(task, llava, tmp_path / "clean", batch_size=2)
+    out = tmp_path / "run"
+    _run(task, llava, out, batch_size=2)
+    path = out / "samples_pope.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2][: len(lines[2]) // 2]  # damaged in the middle
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"1 corrupt record line\(s\) \(line 3\) moved to"):
+        res = _run(task, llava, out, batch_size=2)
+    ids = [json.loads(x)["sample_id"] for x in path.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 6 and res["resumed"]["generated"] == 1
+    assert res["results"] == clean["results"]
+    assert (out / "samples_pope.jsonl.corrupt").read_text().startswith("3\t")
+
+
+# ---------------------------------------------------------------- 10. ids of invalid rows, errors grouped by reason
+def test_invalid_rows_keep_their_question_id_and_errors_group_by_reason(llava, pope_dir, tmp_path, make_task):
+    def edit(raw):
+        rows = [json.loads(x) for x in raw.decode().splitlines()]
+        del rows[1]["label"]  # invalid row, valid question_id
+        rows[2]["image"], rows[3]["image"] = "gone_a.png", "gone_b.png"  # two different missing images
+        return "".join(json.dumps(r) + "\n" for r in rows[:4]).encode()
+
+    d = _pope_copy(pope_dir, tmp_path, edit)
+    task = make_task(d, splits=["random"], gen_kwargs={"max_new_tokens": 2})
+    qid = json.loads((d / "shapes_pope_random.json").read_text().splitlines()[1])["question_id"]
+    assert next(s for s in task.samples() if s.error).sample_id == f"random/{qid}"
+    res = _run(task, llava, tmp_path / "out")
+    assert res["errors"]["by_reason"] == {"missing field 'label'": 1, "image not found": 2}
