@@ -35,8 +35,8 @@ Composition: methods attach with the resources they claim. ``positions``, ``scor
 ``tokens`` are exclusive (two methods editing the same probabilities compound in an order no paper defines), mask
 edits, hidden-state and sub-layer-output edits (``resid``, ``outputs``) compose in attach order. A method that
 removes or adds tokens (``tokens``) changes what every other site's positions mean, so it combines only with
-decoding-logit methods. A second attach by the same method, or an exclusive claim already held, raises :class:`CompositionError`
-before anything is installed.
+decoding-logit methods. A second attach by the same method, or an exclusive claim already held, raises
+:class:`CompositionError` before anything is installed.
 """
 
 from __future__ import annotations
