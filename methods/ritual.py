@@ -118,8 +118,11 @@ def _crop(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, di
             break
     if box is None:  # the central crop at the nearest allowed aspect ratio
         ratio = w_img / h_img
-        w, h = (w_img, round(w_img / (4 / 3))) if ratio > 4 / 3 else ((round(h_img * 3 / 4), h_img)
-                                                                        if ratio < 3 / 4 else (w_img, h_img))
+        w, h = (
+            (w_img, round(w_img / (4 / 3)))
+            if ratio > 4 / 3
+            else ((round(h_img * 3 / 4), h_img) if ratio < 3 / 4 else (w_img, h_img))
+        )
         left, top = (w_img - w) // 2, (h_img - h) // 2
         box = (left, top, left + w, top + h)
     return image.resize((w_img, h_img), Image.Resampling.BILINEAR, box=box), {"box": list(box)}
