@@ -350,7 +350,7 @@ class Adapter(abc.ABC):
         """Tokenise a batch with LEFT padding and preprocess its images (in order); tensors on the model's device.
 
         Every row must carry as many images as its prompt has placeholders; the images of all rows are flattened
-        in row order, as the processors expect. Two entries are for methods only and are stripped before the model
+        in row order, as the processors expect. Four entries are for methods only and are stripped before the model
         call (:data:`HARNESS_KEYS`): ``harness_images`` (the PIL images, flattened) and ``harness_image_sizes``
         (``[n_images, 2]`` original height and width); ``harness_images_per_row`` (how many of them each row
         has) and ``harness_prompts`` (the prompt texts).
