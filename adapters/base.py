@@ -89,6 +89,9 @@ Box = tuple[float, float, float, float]
 #: ``fn(default_position_ids, inputs) -> new_position_ids`` (same shape), see :meth:`Adapter.positions`
 PositionFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
+#: ``fn(inputs) -> inputs`` of ``k·batch`` rows whose first ``batch`` rows are ``inputs`` (see :meth:`Adapter.views`)
+ViewFn = Callable[[dict[str, Any]], dict[str, Any]]
+
 _SITE = re.compile(r"^(lm|vision)\.layers\.(\d+)(?:\.(attn|mlp))?$")
 
 
@@ -128,6 +131,41 @@ def box_overlap(cells: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     x1, y1 = torch.minimum(cells[:, 2], region[..., 2]), torch.minimum(cells[:, 3], region[..., 3])
     inter = (x1 - x0).clamp(min=0) * (y1 - y0).clamp(min=0)
     return inter / ((cells[:, 2] - cells[:, 0]) * (cells[:, 3] - cells[:, 1]))
+
+
+class _ViewTie:
+    """Keeps the extra views of a batch on the batch's own text during :meth:`Adapter.generate_ids`.
+
+    As the last logits processor, it makes rows ``rows..`` emit an end-of-sequence token at the first step (so they
+    count as finished and never hold generation open); :meth:`feed` overwrites their token at every cached decoding
+    step with the token of their row ``b mod rows``, so every view's KV cache continues the same text.
+    """
+
+    def __init__(self, rows: int, stop_ids: list[int]) -> None:
+        self.rows, self.stop = rows, stop_ids[0] if stop_ids else None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.stop is not None:
+            scores[self.rows :] = float("-inf")
+            scores[self.rows :, self.stop] = 0.0
+        return scores
+
+    @contextlib.contextmanager
+    def feed(self, embed: nn.Module) -> Iterator[None]:
+        """A pre-hook on the token embedding: at a cached decoding step, every view gets row ``b``'s token."""
+
+        def hook(_module: nn.Module, args: tuple) -> tuple | None:
+            ids = args[0]  # [views · batch, q]
+            if ids.shape[1] != 1:
+                return None  # the prefill: each view's own prompt
+            k = ids.shape[0] // self.rows
+            return (ids[: self.rows].repeat(k, 1), *args[1:])
+
+        handle = embed.register_forward_pre_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 class SiteError(LookupError):
@@ -193,6 +231,7 @@ class Adapter(abc.ABC):
         self._input_observers: list[Callable[[dict[str, torch.Tensor] | None], None]] = []
         self._turn_suffix: list[int] | None = None
         self._logits_processors: list[Any] = []
+        self._view_fn: ViewFn | None = None
 
     # ------------------------------------------------------------------ loading
     @property
@@ -325,18 +364,21 @@ class Adapter(abc.ABC):
         exactly as in the first step of :meth:`generate_ids`; the last position of every row is its real last
         token because padding is on the left.
         """
-        logits = self.forward(inputs, logits_to_keep=1).logits[:, -1, :]  # [batch, vocab]
+        rows = inputs["input_ids"].shape[0]
+        inputs = self._views(inputs)
+        logits = self.forward(inputs, logits_to_keep=1).logits[:, -1, :]  # [views · batch, vocab]
         for processor in self._logits_processors:  # decoding-logit methods act on this step too
             logits = processor(inputs["input_ids"], logits)
-        return torch.log_softmax(logits.float(), dim=-1)
+        return torch.log_softmax(logits[:rows].float(), dim=-1)
 
     def build_inputs(self, prompts: list[str], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
         """Tokenise a batch with LEFT padding and preprocess its images (in order); tensors on the model's device.
 
         Every row must carry as many images as its prompt has placeholders; the images of all rows are flattened
-        in row order, as the processors expect. Two entries are for methods only and are stripped before the model
+        in row order, as the processors expect. Four entries are for methods only and are stripped before the model
         call (:data:`HARNESS_KEYS`): ``harness_images`` (the PIL images, flattened) and ``harness_image_sizes``
-        (``[n_images, 2]`` original height and width).
+        (``[n_images, 2]`` original height and width); ``harness_images_per_row`` (how many of them each row
+        has) and ``harness_prompts`` (the prompt texts).
         """
         flat = [im for row in images for im in row]
         kwargs = self.image_kwargs() if flat else {}
@@ -347,6 +389,8 @@ class Adapter(abc.ABC):
         # harness-only entries (never passed to the model): the source images and their (height, width)
         out["harness_images"] = flat  # type: ignore[assignment]
         out["harness_image_sizes"] = torch.tensor([[im.height, im.width] for im in flat], dtype=torch.long)
+        out["harness_images_per_row"] = [len(row) for row in images]  # type: ignore[assignment]
+        out["harness_prompts"] = list(prompts)  # type: ignore[assignment]
         return out
 
     def image_kwargs(self) -> dict[str, Any]:
@@ -399,12 +443,61 @@ class Adapter(abc.ABC):
     @torch.inference_mode()
     def generate_ids(self, inputs: dict[str, torch.Tensor], **gen_kwargs: Any) -> torch.Tensor:
         """Generate continuations (active position replacement applied); the new token ids, ``[batch, new]``."""
-        if self._logits_processors:
+        rows = inputs["input_ids"].shape[0]
+        inputs = self._views(inputs)
+        tie = _ViewTie(rows, self._stop_ids()) if inputs["input_ids"].shape[0] != rows else None
+        processors = [*self._logits_processors, *([tie] if tie else [])]
+        if processors:
             extra = list(gen_kwargs.pop("logits_processor", None) or [])
-            gen_kwargs["logits_processor"] = LogitsProcessorList([*extra, *self._logits_processors])
-        with self._call(inputs) as prepared:
-            out = self._require_loaded().generate(**prepared, **gen_kwargs)  # [batch, prompt + new]
-        return out[:, inputs["input_ids"].shape[1] :]
+            gen_kwargs["logits_processor"] = LogitsProcessorList([*extra, *processors])
+        with contextlib.ExitStack() as stack:
+            if tie is not None:
+                if gen_kwargs.get("num_beams", 1) > 1:
+                    raise ValueError("several views of a batch cannot be decoded with beam search (num_beams > 1)")
+                stack.enter_context(tie.feed(self.site("lm.embed")))
+            prepared = stack.enter_context(self._call(inputs))
+            out = self._require_loaded().generate(**prepared, **gen_kwargs)  # [views · batch, prompt + new]
+        return out[:rows, inputs["input_ids"].shape[1] :]
+
+    def _stop_ids(self) -> list[int]:
+        """The generation config's end-of-sequence ids (empty when it has none)."""
+        eos = self._require_loaded().generation_config.eos_token_id
+        return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+    def _views(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The inputs the model call runs on: ``inputs`` itself, or the active view function's ``k·batch`` rows."""
+        if self._view_fn is None:
+            return inputs
+        rows = inputs["input_ids"].shape[0]
+        out = self._view_fn(inputs)
+        n = out["input_ids"].shape[0]
+        if n % rows or out["input_ids"].shape[1:] != inputs["input_ids"].shape[1:]:
+            raise ValueError(
+                f"a view function must return k x {rows} rows of the batch's length "
+                f"{inputs['input_ids'].shape[1]}, got {tuple(out['input_ids'].shape)}"
+            )
+        return out
+
+    @contextlib.contextmanager
+    def views(self, fn: ViewFn) -> Iterator[None]:
+        """Run every :meth:`generate_ids` / :meth:`next_token_logprobs` call on several views of the batch at once.
+
+        ``fn(inputs)`` returns the inputs of ``k·batch`` rows, the first ``batch`` of them ``inputs`` itself (e.g.
+        the same prompts with a distorted image: contrastive decoding). They run as ONE batched forward per step,
+        each view's rows with their own KV-cache rows. Decoding stays one text per sample: decoding-logit
+        processors (:meth:`decoding_logits`) see all ``k·batch`` rows' scores and choose from rows ``0..batch-1``;
+        the other views' rows are then fed the same token as their row ``b mod batch`` at every cached step (the
+        token embedding's input is overwritten, site ``lm.embed``) and are marked finished from the first step,
+        so generation stops with the batch's own rows. Only the first ``batch`` rows are returned. ``fn`` may
+        also run passes of its own and return ``inputs`` unchanged (``k = 1``). One view function at a time.
+        """
+        if self._view_fn is not None:
+            raise RuntimeError("a view function is already active on this adapter")
+        self._view_fn = fn
+        try:
+            yield
+        finally:
+            self._view_fn = None
 
     @contextlib.contextmanager
     def decoding_logits(self, processor: Any) -> Iterator[None]:
@@ -527,6 +620,24 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         """Vision-tower inputs (``pixel_values`` etc.) for a list of images, on the model's device."""
+
+    def pixel_rows(self, inputs: dict[str, Any]) -> list[int]:
+        """How many rows of ``pixel_values`` each image of the batch fills, in order (one per image by default).
+
+        Qwen-VL fills one row per ViT patch, InternVL one per tile; the processor's order is the images' order.
+        """
+        n_images, rows = len(inputs["harness_image_sizes"]), inputs["pixel_values"].shape[0]
+        if rows != n_images:
+            raise NotImplementedError(f"{self.family}: {rows} pixel rows for {n_images} images")
+        return [1] * n_images
+
+    def pixel_noise(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Standard normal noise shaped like one image's ``pixel_values`` rows (float32, on their device).
+
+        One draw per element of the normalised image the processor produced; families that repeat an image inside
+        their pixel tensor (Qwen-VL's temporal copies) repeat the draw too.
+        """
+        return torch.randn(pixels.shape, generator=generator, device=pixels.device, dtype=torch.float32)
 
     @abc.abstractmethod
     def vision_features(self, image_inputs: dict[str, torch.Tensor]) -> torch.Tensor:

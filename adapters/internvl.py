@@ -94,6 +94,10 @@ class InternVLAdapter(Adapter):
         return {"pixel_values": out["pixel_values"].to(self.device, self._require_loaded().dtype),
                 "num_patches": torch.as_tensor(out["num_patches"])}  # fmt: skip
 
+    def pixel_rows(self, inputs: dict[str, Any]) -> list[int]:
+        """One ``pixel_values`` row per tile: each image's run of visual tokens over ``tokens_per_tile``."""
+        return [(end - start) // self.tokens_per_tile for spans in self.image_spans(inputs) for start, end in spans]
+
     def vision_features(self, image_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pixel-shuffled tower features the projector reads, ``[n_tiles_total, tokens_per_tile, 4·d_vision]``."""
         model = self._require_loaded()

@@ -116,6 +116,22 @@ class QwenVLAdapter(Adapter):
             "image_grid_thw": out["image_grid_thw"].to(self.device),
         }
 
+    def pixel_rows(self, inputs: dict[str, Any]) -> list[int]:
+        """One ``pixel_values`` row per ViT patch: ``t·h·w`` of each image's ``image_grid_thw``."""
+        return inputs["image_grid_thw"].prod(-1).tolist()
+
+    def pixel_noise(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One draw per element of the image, shared by a still image's temporal copies.
+
+        Each patch row is ``[channel, temporal, p, p]`` and a still image is repeated ``temporal_patch_size`` times
+        along ``temporal``, so the copies share their draw.
+        """
+        vcfg = self._require_loaded().config.vision_config
+        t, p = int(vcfg.temporal_patch_size), int(vcfg.patch_size)
+        c = pixels.shape[1] // (t * p * p)
+        draw = torch.randn((pixels.shape[0], c, 1, p, p), generator=generator, device=pixels.device)
+        return draw.expand(-1, -1, t, -1, -1).reshape(pixels.shape)
+
     def vision_features(self, image_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The vision blocks' output the merger reads, ``[n_patches_total, d_vision]``.
 

@@ -29,7 +29,9 @@ In one run, interleaved, each figure the median of ``--repeats`` (≥ 5) runs:
    logits) of a batch of 8 under FastV and FasterVLM at R = 50/75/90 % over ``none``; peak memory above the weights
    (``max_memory_allocated`` on CUDA, resident set size on the CPU).
 
-Targets on one H200 (issue 25): VAR ≤ 1.15×, IRI ≤ 1.05×, CCA and MMA ≤ 1.05×, CARVE ≤ 3×; harness overhead
+Targets on one H200 (issue 25): VAR ≤ 1.15×, IRI ≤ 1.05×, CCA and MMA ≤ 1.05×, CARVE ≤ 3×, the two-view methods
+VCD and RITUAL ≤ 2.1× (both views in one batched forward; issue 29), VHR reported (one text-only prefill per batch,
+the paper: "negligible"); harness overhead
 ≤ 1.05× at batch 1 and 16; batch 16 ≥ 10× batch 1 throughput; FastV prefill ≥ 1.4× at R=50 % and ≥ 2.5× at
 R=90 %; FasterVLM ≥ 1.5× at R=75 % and ≥ 2.5× at R=90 % with peak memory ≤ 1.1× none's. Proxy targets (CPU,
 tests): no host sync per decoding step beyond none's for VAR, IRI, CCA, MMA, FastV, FasterVLM; ops per decoding
@@ -111,6 +113,9 @@ METHOD_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "carve": ("carve", {}),
     "fastv": ("fastv", {"ratio": 0.5}),
     "fastervlm": ("fastervlm", {"ratio": 0.9}),
+    "vcd": ("vcd", {}),
+    "ritual": ("ritual", {}),
+    "vhr": ("vhr", {}),
 }
 PRUNING_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("none", {}),

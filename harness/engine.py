@@ -328,6 +328,7 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
     t_start = time.perf_counter()
     torch.manual_seed(settings.seed)
     method.check(adapter)  # unsupported combinations fail before any weight is loaded
+    method.check_generation(dict(getattr(task, "gen_kwargs", None) or {}))
     check_backend(method, settings)
     ranks = settings.ranks
     ranks.init()

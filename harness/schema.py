@@ -444,6 +444,42 @@ class IRIConfig(MethodConfig):
     fcct_file: str | None
 
 
+@schema("methods.vcd.VCD")
+@dataclass
+class VCDConfig(MethodConfig):
+    """``conf/method/vcd.yaml``."""
+
+    alpha: Annotated[float, Range(ge=0)]
+    beta: Annotated[float, Range(gt=0, le=1)]
+    noise_step: Annotated[int, Range(ge=0, le=999)]
+    seed: int
+
+
+@schema("methods.ritual.RITUAL")
+@dataclass
+class RITUALConfig(MethodConfig):
+    """``conf/method/ritual.yaml``."""
+
+    alpha: Annotated[float, Range(ge=0)]
+    beta: Annotated[float, Range(gt=0, le=1)]
+    transforms: Annotated[
+        list[Literal["horizontal_flip", "vertical_flip", "rotation", "color_jitter", "gaussian_blur", "crop"]],
+        NonEmpty(),
+    ]
+    seed: int
+    log: bool
+
+
+@schema("methods.vhr.VHR")
+@dataclass
+class VHRConfig(MethodConfig):
+    """``conf/method/vhr.yaml``."""
+
+    alpha: Annotated[float, Range(ge=0)]
+    layers: Literal["auto"] | Annotated[list[NonNegInt], NonEmpty()]
+    outliers: bool
+
+
 # ---- tasks
 
 

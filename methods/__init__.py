@@ -1,3 +1,3 @@
 """Mitigation methods, one file each; importing the package registers them all."""
 
-from methods import carve, cca, embedlens, fastervlm, fastv, iri, mma, none, var  # noqa: F401  (registers them)
+from methods import carve, cca, embedlens, fastervlm, fastv, iri, mma, none, ritual, var, vcd, vhr  # noqa: F401

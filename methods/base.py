@@ -88,6 +88,12 @@ class Method(contextlib.AbstractContextManager):
                 f"it supports: {', '.join(self.families)}"
             )
 
+    def check_generation(self, gen_kwargs: dict[str, Any]) -> None:
+        """Raise :class:`UnsupportedError` when the task's decoding settings cannot work (default: all can).
+
+        Called with the task's ``gen_kwargs`` before the model loads (e.g. two-view decoding refuses beam search).
+        """
+
     def bind(self, adapter: Adapter) -> Method:
         """Attach to a (loaded) adapter; returns ``self`` for use in a ``with`` statement."""
         self.check(adapter)

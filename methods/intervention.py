@@ -17,6 +17,8 @@ site                            registered with                      tensor the 
 ``lm.layers.{l}.mlp_out``       :meth:`Handle.mlp_out`               MLP output before the residual add
 ``lm.layers.{l}.attn.scores``   :meth:`Handle.scores`                pre-softmax ``[batch, heads, q, k]``
 ``lm.layers.{l}.attn.probs``    :meth:`Handle.probs`                 post-softmax ``[batch, heads, q, k]``
+``lm.layers.{l}.attn.heads``    :meth:`Handle.heads`                 per-head outputs before the output
+                                                                     projection ``[batch, q, heads, head_dim]``
 ``lm.layers.{l}.tokens``        :meth:`Handle.drop_input`,           which prompt tokens enter layer l (see
                                 :meth:`Handle.drop_at`,              :mod:`methods.surgery`), ``[batch, prompt]``
                                 :meth:`Handle.enter_at`
@@ -29,12 +31,12 @@ the others run an eager softmax so the probabilities can be edited before they m
 the adapter's inputs before every ``generate``/``forward``; callbacks get a :class:`Step` telling them the layer
 and whether this call is the prefill (query length = key length) or one cached decoding step.
 
-Composition: methods attach with the resources they claim. ``positions``, ``scores``, ``probs`` and ``tokens``
-are exclusive (two methods editing the same probabilities compound in an order no paper defines), mask edits,
-hidden-state and sub-layer-output edits (``resid``, ``outputs``) compose in attach order. A method that removes or
-adds tokens (``tokens``) changes what every other site's positions mean, so it combines only with decoding-logit
-methods. A second attach by the same method, or an exclusive claim already held, raises :class:`CompositionError`
-before anything is installed.
+Composition: methods attach with the resources they claim. ``positions``, ``scores``, ``probs``, ``heads`` and
+``tokens`` are exclusive (two methods editing the same probabilities compound in an order no paper defines), mask
+edits, hidden-state and sub-layer-output edits (``resid``, ``outputs``) compose in attach order. A method that
+removes or adds tokens (``tokens``) changes what every other site's positions mean, so it combines only with
+decoding-logit methods. A second attach by the same method, or an exclusive claim already held, raises
+:class:`CompositionError` before anything is installed.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from methods.surgery import InputSelect, LayerSelect, Surgery
 #: the name the attention function and its mask function are registered under
 ATTENTION = "harness"
 #: resources at most one attached method may hold
-EXCLUSIVE = frozenset({"positions", "scores", "probs", "tokens"})
+EXCLUSIVE = frozenset({"positions", "scores", "probs", "heads", "tokens"})
 #: every resource a method may claim
 RESOURCES = EXCLUSIVE | {"mask", "resid", "outputs", "logits"}
 #: resources another method's ``tokens`` claim cannot coexist with (their per-position state would be stale)
@@ -139,6 +141,7 @@ class Intervention:
         self.mask_fns: list[tuple[str, MaskFn]] = []
         self.score_fns: dict[int, list[tuple[str, AttnFn, RowFn | None]]] = {}
         self.prob_fns: dict[int, list[tuple[str, AttnFn, RowFn | None]]] = {}
+        self.head_fns: dict[int, list[tuple[str, AttnFn]]] = {}
         self._stack: contextlib.ExitStack | None = None
         self._edited: tuple[torch.Tensor | None, torch.Tensor] | None = None  # (mask received, mask edited)
         self.surgery: Surgery | None = None
@@ -191,6 +194,23 @@ class Intervention:
         kwargs: dict[str, Any],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run one LM attention call with this layer's callbacks (fused SDPA where none needs probabilities)."""
+        out, probs = self._attend(layer, module, query, key, value, mask, scaling, dropout, kwargs)
+        for _owner, fn in self.head_fns.get(layer, []):  # out: [batch, q, heads, head_dim]
+            out = fn(out, Step(layer, key.shape[2] - query.shape[2], query.shape[2], key.shape[2], self.batch))
+        return out, probs
+
+    def _attend(
+        self,
+        layer: int,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        scaling: float,
+        dropout: float,
+        kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         q_len, kv_len = query.shape[2], key.shape[2]
         if self.batch is None:
             raise RuntimeError(
@@ -299,7 +319,7 @@ class Intervention:
             self.surgery = None
         self.batch_fns = [(o, f) for o, f in self.batch_fns if o != owner]
         self.mask_fns = [(o, f) for o, f in self.mask_fns if o != owner]
-        for table in (self.score_fns, self.prob_fns):
+        for table in (self.score_fns, self.prob_fns, self.head_fns):
             for layer in list(table):
                 table[layer] = [entry for entry in table[layer] if entry[0] != owner]
                 if not table[layer]:
@@ -364,6 +384,16 @@ class Handle:
         self._need("probs")
         for layer in self._layers(layers):
             self.iv.prob_fns.setdefault(layer, []).append((self.owner, fn, first_row))
+
+    def heads(self, layers: list[int] | range, fn: AttnFn) -> None:
+        """Read or replace each head's output before the output projection (site ``lm.layers.{l}.attn.heads``).
+
+        ``fn(out [batch, q, heads, head_dim], step) -> out``, prefill and every decoding step (``step`` as in
+        :meth:`scores`); the returned tensor goes into the attention module's output projection.
+        """
+        self._need("heads")
+        for layer in self._layers(layers):
+            self.iv.head_fns.setdefault(layer, []).append((self.owner, fn))
 
     def logits(self, processor: Any) -> None:
         """Edit each decoding step's next-token scores (site ``dec_logits``; contrastive decoding and the like).

@@ -155,7 +155,8 @@ class Change:
 
 def _close(a: Any, b: Any, atol: float, rtol: float) -> bool:
     if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
-        return abs(a - b) <= atol + rtol * abs(b)
+        # equal infinities are equal (a log-probability of -inf: a token a contrastive decoder masks out)
+        return a == b or abs(a - b) <= atol + rtol * abs(b)
     return a == b
 
 

@@ -1,8 +1,8 @@
 """The CPU proxy for GPU cost (harness.opcount) and the proxy targets every method must meet (issue 25).
 
 Targets, per cached decoding step, against ``none`` on the same batch: no host sync beyond none's for VAR, IRI, CCA,
-MMA, FastV and FasterVLM; ATen ops at most 2x none's (VAR at most 3x). Counted on every family's 4-layer random
-model with a padded batch of 3 (prefill + cached decoding), so the counts are deterministic.
+MMA, FastV, FasterVLM, VCD, RITUAL and VHR; ATen ops at most 2x none's (VAR at most 3x). Counted on every family's
+4-layer random model with a padded batch of 3 (prefill + cached decoding), so the counts are deterministic.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ TARGETS = {
     "mma": ({}, 2.0),
     "fastv": ({"ratio": 0.5, "layer": 1}, 2.0),
     "fastervlm": ({"ratio": 0.75}, 2.0),
+    "vcd": ({}, 2.0),  # two views in one batched forward: the same kernels on twice the rows
+    "ritual": ({}, 2.0),
+    "vhr": ({}, 2.0),
 }
 
 
@@ -112,6 +115,8 @@ def none_counts(loaded):
     return {f: count_method(loaded(f), METHODS.get("none")(), _batch(), GEN) for f in FAMILIES}
 
 
+#: model calls a method adds per generate: VHR's text-only probe (a prefill; decoding steps are unchanged)
+EXTRA_CALLS = {"vhr": 1}
 #: fastervlm needs a vision [CLS] (LLaVA, InternVL); every other method claims every family
 CASES = [(f, n) for f in FAMILIES for n in TARGETS if n != "fastervlm" or f in ("llava", "internvl")]
 
@@ -128,7 +133,7 @@ def test_method_meets_the_decoding_proxy_targets(loaded, none_counts, family, na
         kw = {"fcct_file": str(tmp_path / "fcct.json"), "sources": 1, "targets": 2}
     method = METHODS.get(name)(**kw)
     got, none = count_method(adapter, method, _batch(), GEN), none_counts[family]
-    assert got["calls"] == none["calls"] == 4
+    assert got["calls"] == none["calls"] + EXTRA_CALLS.get(name, 0) and none["calls"] == 4
     assert got["syncs_per_step"] <= none["syncs_per_step"], got["sync_sites"]
     assert own_sites(got["sync_sites"]) == {}  # the harness itself waits on the device nowhere in decoding
     assert got["ops_per_step"] <= max_ratio * none["ops_per_step"]
