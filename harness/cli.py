@@ -16,12 +16,12 @@ Anything it does not understand is left to Hydra.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
+from harness.registry import close_matches
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "task", "logger")
@@ -37,7 +37,7 @@ def options(group: str, conf: Path = CONF) -> list[str]:
 
 
 def _did_you_mean(value: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(value, list(choices), n=2, cutoff=0.5)
+    close = close_matches(value, choices, n=2)
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 

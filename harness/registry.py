@@ -11,12 +11,30 @@ Example:
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from harness.errors import UserError
 
 T = TypeVar("T")
+
+
+def close_matches(value: object, choices: Iterable[object], n: int = 3, cutoff: float = 0.5) -> list[str]:
+    """The choices closest to ``value`` for a "did you mean": difflib's ratio, a transposition typo ranked first.
+
+    Only the best and those tied with it (within 0.05) are returned, at most ``n``: ``vra`` gives ``['var']``, not
+    ``['vhr', 'var']`` (both share two letters with it; ``var`` has exactly its letters).
+    """
+    value = str(value)
+    scored = []
+    for choice in map(str, choices):
+        score = difflib.SequenceMatcher(None, value, choice).ratio()
+        if score >= cutoff:
+            scored.append((score + (0.5 if sorted(choice) == sorted(value) else 0.0), choice))
+    if not scored:
+        return []
+    best = max(score for score, _ in scored)
+    return [c for score, c in sorted(scored, key=lambda sc: (-sc[0], sc[1])) if score >= best - 0.05][:n]
 
 
 class UnknownNameError(UserError, KeyError):
@@ -52,7 +70,7 @@ class Registry(Generic[T]):
             raise UnknownNameError(self._unknown_message(name)) from None
 
     def _unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(str(name), list(self._items), n=3, cutoff=0.5)
+        close = close_matches(name, self._items)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         return f"unknown {self.kind} {name!r}{hint} Known: {', '.join(sorted(self._items))}"
 

@@ -28,7 +28,6 @@ has no schema or does not pass it.
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 import types
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from harness.errors import UserError
+from harness.registry import close_matches
 
 
 class ConfigError(UserError):
@@ -111,7 +111,7 @@ class Local:
 
 
 def _closest(value: Any, choices: list[Any]) -> str:
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+    close = close_matches(value, choices, n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 

@@ -161,7 +161,7 @@ def test_batched_padded_generation_equals_one_row_at_a_time(loaded, family, tmp_
 
 def test_missing_or_mismatched_calibration_fails_with_the_command(loaded, tmp_path):
     adapter = loaded("llava")
-    with pytest.raises(UnsupportedError, match=r"python -m methods\.fcct"):
+    with pytest.raises(UnsupportedError, match=r"python -m methods\.calibrate fcct"):
         IRI(fcct_file=None).check(type(adapter)(name="x", path=str(tmp_path), device="cpu"))
     method = IRI(fcct_file=_calibrate(tmp_path, layers=7))
     method.check(adapter)

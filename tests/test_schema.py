@@ -49,8 +49,8 @@ def test_wrong_values_are_one_line(overrides, message):
 
 
 def test_unknown_target_asks_for_a_schema():
-    with pytest.raises(ConfigError, match=r"method: no schema for _target_ 'methods\.vcd\.VCD'; add one"):
-        validate(compose_config(["method._target_=methods.vcd.VCD"]))
+    with pytest.raises(ConfigError, match=r"method: no schema for _target_ 'methods\.mine\.Mine'; add one"):
+        validate(compose_config(["method._target_=methods.mine.Mine"]))
 
 
 @pytest.mark.parametrize(
