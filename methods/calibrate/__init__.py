@@ -12,6 +12,8 @@ command lines that run them on a model and write the file.
 
 from __future__ import annotations
 
+import argparse
+
 #: calibration name -> (module with ``main(argv)``, file it writes)
 CALIBRATIONS: dict[str, tuple[str, str]] = {
     "var": ("methods.calibrate.var", "var_sinks.json"),
@@ -19,3 +21,14 @@ CALIBRATIONS: dict[str, tuple[str, str]] = {
     "debias": ("methods.calibrate.debias", "attn_debias.json"),
     "embedlens": ("methods.calibrate.embedlens", "embedlens_markers.json"),
 }
+
+
+def parser(
+    name: str, description: str, out_file: str, model_help: str = "conf/model option"
+) -> argparse.ArgumentParser:
+    """The options every calibration shares: ``--model``, ``--path`` and ``--out`` (default: beside the checkpoint)."""
+    ap = argparse.ArgumentParser(prog=f"python -m methods.calibrate {name}", description=description)
+    ap.add_argument("--model", default="llava", help=model_help)
+    ap.add_argument("--path", default=None, help="checkpoint directory or hub id (default: the option's)")
+    ap.add_argument("--out", default=None, help=f"output file (default: <checkpoint>/{out_file})")
+    return ap

@@ -14,7 +14,6 @@ real checkpoint).
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from PIL import Image
 
 from adapters.base import Adapter
+from methods.calibrate import parser
 from methods.debias import FAMILIES, TREND_FILE, PositionalTrend, fit_trend, save_trend, trend_key
 
 QUESTIONS = ("Describe this image.", "Is there a circle in the image?", "What colour is the largest object?")
@@ -80,18 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     import adapters  # noqa: F401  (registers adapters)
     from harness.config import calibration_target
 
-    ap = argparse.ArgumentParser(
-        prog="python -m methods.calibrate debias", description="Fit a pruner's positional attention trend for debiasing"
-    )
-    ap.add_argument("--model", default="llava", help="conf/model option")
-    ap.add_argument("--path", default=None, help="checkpoint directory or hub id (default: the option's)")
+    ap = parser("debias", "Fit a pruner's positional attention trend for debiasing", TREND_FILE)
     ap.add_argument("--pruner", choices=("fastv", "fastervlm"), default="fastv")
     ap.add_argument("--layer", default="auto", help="FastV K (as method.layer)")
     ap.add_argument("--rule", choices=("last", "mean"), default="last", help="FastV score rule")
     ap.add_argument("--family", choices=FAMILIES, default="exp", help="curve family")
     ap.add_argument("--images", default=None, help="folder of calibration images (default: fresh shapes scenes)")
     ap.add_argument("--n", type=int, default=256, help="calibration images")
-    ap.add_argument("--out", default=None, help=f"output file (default: <checkpoint>/{TREND_FILE})")
     args = ap.parse_args(argv)
     adapter, out = calibration_target(args.model, args.path, args.out, TREND_FILE, "debias_file")
     adapter.load()

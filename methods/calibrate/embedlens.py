@@ -19,12 +19,12 @@ marker and is never assigned. Writes ``embedlens_markers.json`` beside the check
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 
 from adapters.base import Adapter, model_inputs
+from methods.calibrate import parser
 from methods.calibrate.debias import QUESTIONS, calibration_images
 from methods.embedlens import MARKER_FILE
 from methods.embedlens_probe import calibrate_markers, nearest_vocab
@@ -85,17 +85,14 @@ def main(argv: list[str] | None = None) -> None:
     import adapters  # noqa: F401  (registers adapters)
     from harness.config import calibration_target
 
-    ap = argparse.ArgumentParser(
-        prog="python -m methods.calibrate embedlens", description="Calibrate EmbedLens marker token ids"
+    ap = parser(
+        "embedlens", "Calibrate EmbedLens marker token ids", MARKER_FILE, model_help="conf/model option (LLaVA family)"
     )
-    ap.add_argument("--model", default="llava", help="conf/model option (LLaVA family)")
-    ap.add_argument("--path", default=None, help="checkpoint directory or hub id (default: the option's)")
     ap.add_argument("--images", default=None, help="folder of calibration images (default: fresh shapes scenes)")
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=3, help="nearest ids per token (use the same as method.top_k)")
     ap.add_argument("--norm-ratio", type=float, default=3.0)
     ap.add_argument("--flat-std", type=float, default=1e-3)
-    ap.add_argument("--out", default=None, help=f"output file (default: <checkpoint>/{MARKER_FILE})")
     args = ap.parse_args(argv)
     adapter, out = calibration_target(args.model, args.path, args.out, MARKER_FILE, "markers_file")
     adapter.load()

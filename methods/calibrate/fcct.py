@@ -6,9 +6,9 @@ Traces per-layer recovery rates (:func:`methods.fcct.trace`) on fresh shapes-wor
 
 from __future__ import annotations
 
-import argparse
 import json
 
+from methods.calibrate import parser
 from methods.fcct import FCCT_FILE, heatmap, shapes_probes, trace
 
 
@@ -17,17 +17,12 @@ def main(argv: list[str] | None = None) -> None:
     import adapters  # noqa: F401  (registers adapters)
     from harness.config import calibration_target
 
-    ap = argparse.ArgumentParser(
-        prog="python -m methods.calibrate fcct", description="FCCT causal tracing: per-layer recovery rates for IRI"
-    )
-    ap.add_argument("--model", default="llava", help="conf/model option")
-    ap.add_argument("--path", default=None, help="checkpoint directory or hub id (default: the option's)")
+    ap = parser("fcct", "FCCT causal tracing: per-layer recovery rates for IRI", FCCT_FILE)
     ap.add_argument("--n", type=int, default=64, help="probes (fresh shapes-world scenes)")
     ap.add_argument("--noise", type=float, default=3.0, help="noise σ in units of the pixel values' std")
     ap.add_argument("--answer", default="Yes", help="the correct answer whose probability is traced")
     ap.add_argument("--min-gap", type=float, default=0.1, help="minimum P_clean - P_corrupted of a used probe")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--out", default=None, help=f"output file (default: <checkpoint>/{FCCT_FILE})")
     args = ap.parse_args(argv)
     adapter, out = calibration_target(args.model, args.path, args.out, FCCT_FILE, "fcct_file")
     adapter.load()

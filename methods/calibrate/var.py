@@ -8,27 +8,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from methods.calibrate import parser
 from methods.var import SINK_FILE, choose_sinks, measure_channels
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: calibrate a model's sink dimensions and write ``var_sinks.json``."""
-    import argparse
-
     from PIL import Image
 
     import adapters  # noqa: F401  (registers adapters)
     from harness.config import REPO_ROOT, calibration_target
 
-    ap = argparse.ArgumentParser(
-        prog="python -m methods.calibrate var", description="Measure massive-activation channels for VAR"
-    )
-    ap.add_argument("--model", default="llava", help="conf/model option")
-    ap.add_argument("--path", default=None, help="checkpoint directory or hub id (default: the option's)")
+    ap = parser("var", "Measure massive-activation channels for VAR", SINK_FILE)
     ap.add_argument("--images", default=str(REPO_ROOT / "assets" / "shapes-world" / "pope" / "images"))
     ap.add_argument("--n", type=int, default=32, help="calibration images")
     ap.add_argument("--outlier", type=float, default=3.0)
-    ap.add_argument("--out", default=None, help=f"output file (default: <checkpoint>/{SINK_FILE})")
     args = ap.parse_args(argv)
     adapter, out = calibration_target(args.model, args.path, args.out, SINK_FILE, "sink_file")
     adapter.load()
