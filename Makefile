@@ -68,7 +68,7 @@ test-vllm: $(VLLM_STAMP)
 	WANDB_MODE=disabled $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests_vllm
 
 bench-vllm: $(VLLM_STAMP) ## vLLM vs HF throughput on the shipped checkpoints, same questions and batch (docs/benchmarks.md)
-	for m in llava qwen_vl internvl; do $(VLLM_VENV)/bin/python -m harness.bench_vllm --model $$m $(BENCH_ARGS); done
+	for m in llava qwen_vl internvl; do $(VLLM_VENV)/bin/python -m bench.vllm --model $$m $(BENCH_ARGS); done
 
 lock-vllm: setup
 	$(UV) pip compile -q pyproject.toml requirements/vllm.in --python-version 3.11 \
@@ -87,10 +87,10 @@ demo: setup          ## evaluate the embedded tiny LLaVA on the embedded POPE se
 test: setup browser  ## the test suite, then the regression matrix against the committed goldens (W&B disabled)
 	$(PY) -m harness.lock check-env $(LOCKS)
 	WANDB_MODE=disabled $(PY) -m pytest -q
-	WANDB_MODE=disabled $(PY) -m reports.regress
+	WANDB_MODE=disabled $(PY) -m checks.regress
 
 regress: setup       ## the regression matrix alone (UPDATE=1 rewrites the goldens and prints what moved)
-	WANDB_MODE=disabled $(PY) -m reports.regress $(if $(UPDATE),--update,)
+	WANDB_MODE=disabled $(PY) -m checks.regress $(if $(UPDATE),--update,)
 
 RUNS ?= outputs
 leaderboard: setup   ## Markdown + HTML + plots from every run under RUNS (default outputs/)
@@ -105,27 +105,27 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 bench: setup         ## harness overhead vs plain HF generate, and throughput by batch size
-	$(PY) -m harness.bench
+	$(PY) -m bench.overhead
 
 bench-methods: setup ## each method's time per sample over none, same inputs, one run
-	$(PY) -m harness.bench_methods
+	$(PY) -m bench.methods
 
 bench-scale: setup   ## 7B-shaped models: overhead, throughput, every method's time and ops/syncs, pruning (docs/benchmarks.md)
-	$(PY) -m harness.bench_scale $(BENCH_ARGS)
+	$(PY) -m bench.scale $(BENCH_ARGS)
 
 bench-pruning: setup ## pruning: prefill speed-up and peak memory over none (576 tokens), POPE accuracy retained
-	$(PY) -m harness.bench_pruning
+	$(PY) -m bench.pruning
 
 world: setup         ## re-export the shapes world (POPE, CHAIR, MME, VCR formats) and its README figure
-	$(PY) -m harness.assets world
-	$(PY) -m harness.assets figure
+	$(PY) -m shapes.assets world
+	$(PY) -m shapes.assets figure
 
 docs: setup          ## regenerate docs/methods/<name>.md from the method modules' docstrings (tests/test_docs.py)
 	$(PY) tools/gen_method_docs.py
 
 MODEL ?= llava
 train: setup         ## retrain a shipped tiny checkpoint (MODEL=llava|qwen_vl|internvl|llava_cca|llava_mma|llava_144), record POPE, re-run its calibrations
-	$(PY) -m harness.assets train --model $(MODEL)
+	$(PY) -m shapes.assets train --model $(MODEL)
 
 gpu-wheels: setup     ## what .ci/gpu-check needs on a GPU image without Hydra, as wheels in .whl/ (carry it there)
 	rm -rf .whl && $(PY) -m pip wheel -q --no-deps -w .whl hydra-core==1.3.2 omegaconf==2.3.0 \

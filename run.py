@@ -22,8 +22,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import harness.config  # noqa: F401  (registers the ${repo_path:} / ${run_hash:} resolvers)
+from core.errors import UserError, debug_enabled, report
 from harness.cli import check_overrides
-from harness.errors import UserError, debug_enabled, report
 from harness.schema import validate
 
 #: jobs of this process that stopped on a user error (a multirun goes on with the next one)
@@ -49,9 +49,9 @@ def _run(cfg: DictConfig) -> None:
     import adapters  # noqa: F401  (registers adapters)
     import methods  # noqa: F401  (registers methods)
     import tasks  # noqa: F401  (registers tasks)
+    from core.loggers import NoLogger
     from harness.config import instantiate
     from harness.engine import evaluate, from_config
-    from harness.loggers import NoLogger
 
     task, adapter, method, settings = from_config(cfg)
     ranks = settings.ranks

@@ -49,7 +49,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, LogitsProce
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from harness.registry import Registry
+from core.registry import Registry
 
 #: the vision tower's attention function while [CLS] scores are read (:meth:`Adapter._vision_cls_probs`)
 VISION_CLS = "harness_vision_cls"

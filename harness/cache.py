@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.results import sha256_json
+from core.results import sha256_json
 
 #: task options that change how answers are scored or summarised, not what the model is asked
 SCORING_ONLY = ("n_boot", "parser", "extra_parsers")

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
-from harness.registry import close_matches
+from core.errors import UserError
+from core.registry import close_matches
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "task", "logger")

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from harness.store import RecordStore, read_records
+from core.records import RecordStore, read_records
 
 #: how long a rank waits for the others at a barrier (the slowest shard's generation time must fit in it)
 TIMEOUT = datetime.timedelta(hours=24)

@@ -22,18 +22,19 @@ import torch
 from tqdm.auto import tqdm
 
 from adapters.base import Adapter
+from core.errors import UserError
+from core.loggers import NoLogger
+from core.paired import BASELINE_METHOD
+from core.records import RecordStore
+from core.results import make_table, sha256_json, sha256_text, write_json
+from harness.backends import get_backend
 from harness.cache import ResponseCache, is_greedy, scope
 from harness.calls import AdapterCalls
 from harness.distributed import Ranks, merge_shards, shard_path
-from harness.errors import UserError
-from harness.loggers import NoLogger
-from harness.paired import BASELINE_METHOD, find_baseline, paired_block, paired_summary
-from harness.results import build_results, make_table, sha256_json, sha256_text, write_json
-from harness.store import RecordStore
-from methods.base import Method, UnsupportedError
+from harness.paired import find_baseline, paired_block, paired_summary
+from harness.provenance import build_results
+from methods.base import Method
 from tasks.base import ModelCalls, Response, Sample, SampleError, Task
-
-BACKENDS = ("hf", "vllm")
 
 
 @dataclass
@@ -51,9 +52,9 @@ class RunSettings:
     report: bool = True  # print the header and the results table at the end
     cache: ResponseCache | None = None  # responses shared across output directories (greedy runs)
     ranks: Ranks = field(default_factory=Ranks)  # data-parallel place under torchrun (rank 0 of 1 otherwise)
-    backend: str = "hf"  # model.backend: hf (transformers) | vllm
+    backend: str = "hf"  # model.backend: a name in harness.backends.BACKENDS (hf, vllm)
     backend_options: dict[str, Any] = field(default_factory=dict)  # model.vllm: the engine's settings
-    engine: dict[str, Any] | None = None  # what the vLLM engine was started with (set when it starts)
+    engine: dict[str, Any] | None = None  # what a backend's engine was started with (set when it starts)
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -220,34 +221,18 @@ def _generate_pending(
 
 
 def _model_calls(adapter: Adapter, method: Method, settings: RunSettings, load: bool) -> ModelCalls:
-    """What the task calls: the HF adapter (``model.backend=hf``) or a vLLM engine; loaded when ``load``."""
-    if settings.backend == "vllm" and load:
-        from integrations.vllm_backend import VLLMCalls
+    """What the task calls: the backend's model calls (``model.backend``), loaded when ``load``.
 
-        calls = VLLMCalls(adapter, method, settings.batch_size, seed=settings.seed, **settings.backend_options)
-        calls.load()
-        settings.engine = calls.describe()
-        return calls
-    if load:
-        adapter.load()
-    return AdapterCalls(adapter, settings.batch_size, method)
+    Without ``load`` (every response comes from the cache) the HF calls stand in, never loaded or called.
+    """
+    if not load:
+        return AdapterCalls(adapter, settings.batch_size, method)
+    return get_backend(settings.backend).open(adapter, method, settings)
 
 
 def check_backend(method: Method, settings: RunSettings) -> None:
-    """Refuse an unknown backend, or a method the backend cannot run, before anything loads."""
-    if settings.backend not in BACKENDS:
-        raise ValueError(f"model.backend={settings.backend!r}: use one of {', '.join(BACKENDS)}")
-    if settings.backend == "vllm":
-        from integrations.vllm_backend import check_method, import_vllm
-
-        if settings.ranks.parallel:
-            raise UnsupportedError(
-                "model.backend=vllm runs one engine per process and places it on the GPUs itself: start one process "
-                "(model.vllm.tensor_parallel_size=N spreads a model over N GPUs), not torchrun / tasks_per_node > 1"
-            )
-
-        check_method(method)
-        import_vllm()  # a machine without vLLM fails here, not half-way into the run
+    """Refuse an unknown backend, or a method or setting the backend cannot run, before anything loads."""
+    get_backend(settings.backend).check(method, settings)
 
 
 def _needs_model(batches: list[list[Sample]], cache: ResponseCache | None) -> bool:

@@ -36,8 +36,8 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from harness.errors import UserError
-from harness.registry import close_matches
+from core.errors import UserError
+from core.registry import close_matches
 
 
 class ConfigError(UserError):
@@ -571,13 +571,13 @@ class CausalPairsConfig(TaskConfig):
 # ---- loggers
 
 
-@schema("harness.loggers.NoLogger", "logger")
+@schema("core.loggers.NoLogger", "logger")
 @dataclass
 class NoLoggerConfig:
     """``conf/logger/none.yaml``."""
 
 
-@schema("harness.loggers.WandbLogger", "logger")
+@schema("core.loggers.WandbLogger", "logger")
 @dataclass
 class WandbConfig:
     """``conf/logger/wandb.yaml``."""

@@ -6,7 +6,8 @@ context), prompts are the adapter's :meth:`~adapters.base.Adapter.format_prompt`
 :meth:`~adapters.base.Adapter.load_processor`: the HF weights load only for methods with passes of their own, e.g.
 CARVE), batches are cut the same way (image and text-only requests apart, at most ``batch_size``), a request's
 ``seconds`` is its batch's wall time over the batch size, and outputs are the new text, special tokens skipped,
-stripped. vllm is imported lazily, in :meth:`VLLMCalls.load`.
+stripped. vllm is imported lazily, in :meth:`VLLMCalls.load`. The module registers the ``vllm`` backend
+(:data:`harness.backends.BACKENDS`); the engine imports it through the entry point ``pyproject.toml`` declares.
 
 * **Methods.** Only ``input_only`` methods (:attr:`methods.base.Method.input_only`: their whole effect is in
   ``rewrite``, the final generation is an unmodified forward) can run here; :func:`check_method` refuses the others
@@ -60,14 +61,18 @@ import importlib.metadata
 import time
 from collections.abc import Mapping, Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from adapters.base import Adapter
+from harness.backends import BACKENDS, Backend
 from harness.calls import batches_by_images
 from methods.base import METHODS, Method, UnsupportedError
 from tasks.base import Call, Request, Scored
+
+if TYPE_CHECKING:
+    from harness.engine import RunSettings
 
 #: the ImportError shown when vllm is missing
 VLLM_MISSING = "model.backend=vllm needs vLLM: pip install '.[vllm]' (CUDA); on a CPU, make test-vllm's .venv-vllm"
@@ -428,3 +433,24 @@ class VLLMCalls:
             "engine_args": self.engine_args,
             "answer_logprobs": None if self._vllm is None else "logprob_token_ids" if self._by_id else "logprobs=-1",
         }
+
+
+def _check(method: Method, settings: RunSettings) -> None:
+    """``model.backend=vllm``'s refusals, before anything loads: data-parallel ranks, hooked methods, no vLLM."""
+    if settings.ranks.parallel:
+        raise UnsupportedError(
+            "model.backend=vllm runs one engine per process and places it on the GPUs itself: start one process "
+            "(model.vllm.tensor_parallel_size=N spreads a model over N GPUs), not torchrun / tasks_per_node > 1"
+        )
+    check_method(method)
+    import_vllm()  # a machine without vLLM fails here, not half-way into the run
+
+
+def _open(adapter: Adapter, method: Method, settings: RunSettings) -> VLLMCalls:
+    calls = VLLMCalls(adapter, method, settings.batch_size, seed=settings.seed, **settings.backend_options)
+    calls.load()
+    settings.engine = calls.describe()
+    return calls
+
+
+BACKENDS.register("vllm")(Backend(check=_check, open=_open))

@@ -23,8 +23,8 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from adapters.base import Adapter
-from harness.errors import UserError
-from harness.registry import Registry
+from core.errors import UserError
+from core.registry import Registry
 from tasks.base import Request
 
 METHODS: Registry[type[Method]] = Registry("method")

@@ -35,7 +35,7 @@ Hyperparameters (none in the paper beyond the grid):
 
 CCA is a TRAINED change: the paper retrains LLaVA-1.5 with it (checkpoint ``xing0047/cca-llava-1.5-7b``).
 Applying it to a causally trained model is an ablation (the ``model=llava_cca`` config loads the shapes-world
-LLaVA trained with CCA through ``harness.train --method cca``).
+LLaVA trained with CCA through ``shapes.train --method cca``).
 """
 
 from __future__ import annotations

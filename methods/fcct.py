@@ -67,18 +67,6 @@ class Probe:
         return self.text or QUESTION.format(self.word)
 
 
-def shapes_probes(n: int, seed: int = 0) -> list[Probe]:
-    """``n`` probes from fresh shapes-world scenes (split ``fcct``): each scene's largest, most visible object."""
-    from tasks.shapes import generate
-
-    probes = []
-    for scene in generate(n, seed, split="fcct"):
-        obj = max(scene.objects, key=lambda o: (o.visible >= 0.8, o.radius))
-        (cx, cy), r = obj.center, obj.radius
-        probes.append(Probe(Image.fromarray(scene.image), obj.shape, (cx - r, cy - r, cx + r, cy + r)))
-    return probes
-
-
 # ---------------------------------------------------------------------------------------------- categories
 def _word_positions(adapter: Adapter, ids: torch.Tensor, span: tuple[int, int], word: str) -> list[int]:
     """Positions of ``word``'s tokens inside the instruction ``span`` of one row (its last occurrence)."""

@@ -26,7 +26,7 @@ Hyperparameters:
     include_turn_suffix (bool, default False): also let visual tokens see the end-of-turn / assistant-header tokens.
 
 MMA is a TRAINED change (AKI uses it during SFT); on a causally trained model it is an ablation. The
-``model=llava_mma`` config loads the shapes-world LLaVA trained with it (``harness.train --method mma``).
+``model=llava_mma`` config loads the shapes-world LLaVA trained with it (``shapes.train --method mma``).
 """
 
 from __future__ import annotations

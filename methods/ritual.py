@@ -66,7 +66,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from scipy.ndimage import correlate1d
 
-from harness.results import sha256_text
+from core.results import sha256_text
 from methods.base import METHODS
 from methods.contrast import TwoViewMethod
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.hf_compat import layer_cache
+from adapters.hf_compat import layer_cache
 
 #: ``fn(inputs) -> keep [batch, prompt_len] bool``: decided from the prompt tensors before the model call
 InputSelect = Callable[[dict[str, torch.Tensor]], torch.Tensor]

@@ -71,7 +71,7 @@ def write_report(runs_dir: Path, out: Path, *, title: str = "Leaderboard", max_e
 
 def log_to_wandb(entries: list[Entry], out: Path, args: argparse.Namespace) -> None:
     """Log the table and the plots to one W&B run (``job_type=leaderboard``)."""
-    from harness.loggers import WandbLogger
+    from core.loggers import WandbLogger
 
     logger = WandbLogger(project=args.wandb_project, name=args.wandb_name, job_type="leaderboard")
     try:

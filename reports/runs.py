@@ -25,8 +25,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from harness.paired import BASELINE_METHOD
-from harness.store import load_records
+from core.paired import BASELINE_METHOD
+from core.records import load_records
 
 RESULTS_FILE = "results.json"
 

@@ -5,7 +5,7 @@ One :class:`Entry` per (task, model, method configuration, evaluated items). Its
 * ``value ± stderr`` — the task's headline metric, mean over seeds; ``stderr`` is the mean of the runs'
   clustered-bootstrap standard errors and ``spread`` the standard deviation over seeds (``None`` with one seed).
 * ``delta`` with ``ci_low``/``ci_high`` and ``p_value`` — method − baseline on the headline, paired per sample
-  (:func:`harness.paired.compare`, images resampled jointly for both runs) against the ``method=none`` run with
+  (:func:`core.paired.compare`, images resampled jointly for both runs) against the ``method=none`` run with
   the same model, task, items and seed. One seed: the percentile interval and the bootstrap p-value. Several
   seeds: the mean difference, the interval ``mean ± z·mean(stderr)`` and a normal p-value from the same
   quantities; the standard deviation of a mean of correlated estimates is at most the mean of their standard
@@ -26,7 +26,9 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from core.paired import compare
 from reports.runs import Run
+from tasks.base import task_from_config
 
 Z95 = 1.959963984540054  # standard normal 97.5 % quantile
 #: significance markers by p-value threshold (checked in order)
@@ -121,20 +123,13 @@ class PairedStats:
 
     def task(self, run: Run) -> Any:
         """The task object of a run's config (only its metric definitions are used)."""
-        import tasks  # noqa: F401  (registers the task classes)
-        from harness.config import instantiate
-
         key = json.dumps(run.config["task"], sort_keys=True, default=str)
         if key not in self._tasks:
-            from omegaconf import OmegaConf
-
-            self._tasks[key] = instantiate(OmegaConf.create(run.config["task"]), drop=("name",), strict=False)
+            self._tasks[key] = task_from_config(run.config["task"], strict=False)
         return self._tasks[key]
 
     def headline(self, run: Run, base: Run) -> dict[str, Any]:
         """``{diff, diff_stderr, ci_low, ci_high, p_value, n_paired}`` of the headline metric, run − base."""
-        from harness.paired import compare
-
         row, key = run.headline
         out = compare(self.task(run), list(run.records.values()), list(base.records.values()), seed=run.seed)
         return {**out["metrics"][row][key], "n_paired": out["n_paired"]}

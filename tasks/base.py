@@ -5,7 +5,7 @@ batch of them through a :class:`ModelCalls` object (:meth:`Task.respond`: by def
 a task may make several calls per sample, text-only ones included, or read first-token log-probabilities),
 scores one response (:meth:`Task.score`), and describes stored per-sample records as additive counts
 (:meth:`Task.outcomes`) from which the metrics, their clustered-bootstrap standard errors
-(:meth:`Task.aggregate`) and paired comparisons against a baseline run (:mod:`harness.paired`) are computed.
+(:meth:`Task.aggregate`) and paired comparisons against a baseline run (:mod:`core.paired`) are computed.
 Because metrics are computed from stored records only, a finished run can be re-scored under another parser
 without generating again.
 """
@@ -13,17 +13,15 @@ without generating again.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-import numpy as np
 from PIL import Image
 
-from harness.errors import UserError
-from harness.registry import Registry
-from harness.results import stderr_key
-from harness.stats import StatFn, cluster_bootstrap, finite_or_none
+from core.errors import UserError
+from core.registry import Registry
+from core.stats import Outcomes, cluster_bootstrap
 
 TASKS: Registry[type[Task]] = Registry("task")
 
@@ -117,41 +115,6 @@ class Response:
     raw_output: str | None
     prompt: str | None
     fields: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Outcomes:
-    """Per-record additive counts and the statistics computed from their totals.
-
-    Every metric of a task is a function of summed per-record counts, so one set of clustered bootstrap draws
-    (:func:`harness.stats.cluster_bootstrap`) gives all standard errors, and the same counts of two runs on the
-    same samples give paired differences.
-
-    Attributes:
-        counts: ``[n_records, K]`` additive counts, one row per record in the order given.
-        stat_fn: Vectorised map from totals ``[n, K]`` to statistics ``[n, M]`` (NaN where undefined).
-        names: ``M`` pairs ``(row, "metric,filter")`` naming each statistic; ``row`` is a results key.
-        sizes: ``sample_len`` of each row.
-        binary: ``[n_records]`` 0/1 headline outcome per record (1 = right), for McNemar's test; ``None`` when
-            the task has no per-record binary outcome.
-        binary_name: What ``binary`` measures, e.g. ``"correct,pope_official"``.
-    """
-
-    counts: np.ndarray
-    stat_fn: StatFn
-    names: list[tuple[str, str]]
-    sizes: dict[str, int]
-    binary: np.ndarray | None = None
-    binary_name: str = ""
-
-    def rows(self, estimate: np.ndarray, stderr: np.ndarray) -> dict[str, dict[str, Any]]:
-        """Results rows ``{row: {"alias", "sample_len", "<metric>,<filter>", "<metric>_stderr,<filter>"}}``."""
-        out: dict[str, dict[str, Any]] = {}
-        for j, (row, key) in enumerate(self.names):
-            entry = out.setdefault(row, {"alias": row, "sample_len": self.sizes.get(row)})
-            entry[key] = finite_or_none(estimate[j])
-            entry[stderr_key(key)] = finite_or_none(stderr[j])
-        return out
 
 
 class Task(abc.ABC):
@@ -251,3 +214,26 @@ class Task(abc.ABC):
             "n_boot": self.n_boot,
             "headline": {"row": row, "metric": metric},
         }
+
+
+def task_from_config(node: Mapping[str, Any], **overrides: Any) -> Task:
+    """The task object a run used, rebuilt from the ``task`` block of its results file (no model involved).
+
+    Only registered task classes are built: the node's ``_target_`` must name one of :data:`TASKS`, so a results
+    file cannot make a reader import arbitrary code. Its other fields (``name`` aside) are constructor arguments.
+
+    Args:
+        node: The run's resolved ``task`` config (``_target_``, ``name`` and the constructor fields).
+        **overrides: Constructor arguments replacing the recorded ones (e.g. ``strict=False``).
+
+    Raises:
+        UserError: ``_target_`` names no registered task class.
+    """
+    import tasks  # noqa: F401  (registers every task class)
+
+    by_target = {f"{cls.__module__}.{cls.__qualname__}": cls for cls in (TASKS.get(n) for n in TASKS.names())}
+    cls = by_target.get(str(node.get("_target_")))
+    if cls is None:
+        raise UserError(f"task._target_={node.get('_target_')!r} is no registered task; known: {sorted(by_target)}")
+    fields = {k: v for k, v in node.items() if k not in ("_target_", "name")}
+    return cls(**{**fields, **overrides})

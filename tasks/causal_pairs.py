@@ -46,8 +46,8 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from harness.stats import safe_divide
-from tasks.base import TASKS, ModelCalls, Outcomes, Request, Response, Sample, SampleError, Task
+from core.stats import Outcomes, safe_divide
+from tasks.base import TASKS, ModelCalls, Request, Response, Sample, SampleError, Task
 from tasks.media import ImageFile
 
 DEFAULT_PROMPT = (

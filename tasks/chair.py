@@ -50,9 +50,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from harness.results import package_version
-from harness.stats import safe_divide
-from tasks.base import TASKS, Outcomes, Response, Sample, SampleError, Task
+from core.results import package_version
+from core.stats import Outcomes, safe_divide
+from tasks.base import TASKS, Response, Sample, SampleError, Task
 from tasks.media import ImageFile, resolve_files
 
 DEFAULT_PROMPT = "Please describe this image in detail."

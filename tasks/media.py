@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from harness.errors import UserError
+from core.errors import UserError
 from tasks.base import SampleError
 
 

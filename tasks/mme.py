@@ -24,7 +24,7 @@ Scoring: an answer parser (:mod:`tasks.yesno`; default ``mme_official``, MME's o
 the raw output to ``yes``/``no``/``None``. Per subtask: ``acc`` = correct questions / questions, ``acc_plus`` =
 images with both questions correct / images, ``score = 100·acc + 100·acc_plus`` (0–200); Perception = Σ of the
 perception subtask scores present (max 2000 with all ten), Cognition likewise (max 800), ``mme`` = P + C. Standard
-errors come from a bootstrap over images, joint across subtasks (:mod:`harness.stats`).
+errors come from a bootstrap over images, joint across subtasks (:mod:`core.stats`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from harness.stats import block_columns, safe_divide
-from tasks.base import TASKS, Outcomes, Response, Sample, SampleError, Task
+from core.stats import Outcomes, block_columns, safe_divide
+from tasks.base import TASKS, Response, Sample, SampleError, Task
 from tasks.media import ImageFile, MalformedImageCell, image_cell, resolve_files
 from tasks.yesno import PARSERS, all_verdicts, is_clean_yes_no
 

@@ -4,7 +4,7 @@ Paper: "Evaluating Object Hallucination in Large Vision-Language Models".
 
 Each question asks ``Is there a/an <object> in the image?``; half the objects are present (label ``yes``) and
 half are not (label ``no``), the absent ones drawn by one of three strategies, one split each: ``random``,
-``popular`` and ``adversarial`` (see :mod:`tasks.pope_build`). The three splits ask about the same images and
+``popular`` and ``adversarial`` (see :mod:`shapes.pope_build`). The three splits ask about the same images and
 share the positive questions.
 
 Files read (format detected per file):
@@ -22,7 +22,7 @@ Scoring: an answer parser (see :mod:`tasks.yesno`; default ``pope_official``, PO
 output to ``yes``/``no``/``None``. Metrics per split with positive class ``yes`` (accuracy, precision, recall,
 F1, yes-ratio from *predictions*), the rate of undecided answers, the rate of answers that are not a clean
 ``yes``/``no``, and the mean of each metric over the splits (LLaVA-1.5 reports the mean of the per-split F1).
-Standard errors come from a bootstrap over images, joint across the splits (:mod:`harness.stats`).
+Standard errors come from a bootstrap over images, joint across the splits (:mod:`core.stats`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from harness.stats import block_columns, safe_divide
-from tasks.base import TASKS, Outcomes, Response, Sample, SampleError, Task
+from core.stats import Outcomes, block_columns, safe_divide
+from tasks.base import TASKS, Response, Sample, SampleError, Task
 from tasks.media import ImageFile, MalformedImageCell, image_cell, resolve_files
 from tasks.yesno import PARSERS, all_verdicts, is_clean_yes_no
 

@@ -4,7 +4,7 @@ Each sample is a procedural activity (``goal``) whose N key-step clips (3–7 in
 concatenated into one video, "Clip k" shown at the start of clip k. The model must answer
 ``Correct order: <clip numbers>``: the clip numbers in true temporal order, ``[g + 1 for g in ground_truth]``.
 
-Data (HF ``pritamqu/VCRBench``; also :func:`tasks.shapes_export.export_vcr`): ``data.json``, a JSON array of
+Data (HF ``pritamqu/VCRBench``; also :func:`shapes.export.export_vcr`): ``data.json``, a JSON array of
 ``{qid, goal, video_file, ground_truth}`` with ``video_file`` relative to ``video_root`` (default
 ``<data dir>/videos``). A record may give, instead of ``video_file``, ``clip_files`` (one video or image file per
 clip, in clip order) or ``frames`` (per clip one image file or a list of them), relative to the data directory;
@@ -45,8 +45,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from harness.stats import block_columns, safe_divide
-from tasks.base import TASKS, Call, ModelCalls, Outcomes, Request, Response, Sample, SampleError, Task
+from core.stats import Outcomes, block_columns, safe_divide
+from tasks.base import TASKS, Call, ModelCalls, Request, Response, Sample, SampleError, Task
 from tasks.media import decode_image
 
 # Official prompts, character for character (pritamqu/VCRBench @ 5d616a3, unchanged since 589efb1: data/dataset.py

@@ -32,7 +32,7 @@ import re
 import string
 from collections.abc import Callable
 
-from harness.registry import Registry
+from core.registry import Registry
 
 YesNo = str | None
 YesNoParser = Callable[[str, str | None], YesNo]

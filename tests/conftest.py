@@ -14,16 +14,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory) -> Path:
-    from adapters.tiny import LlavaSize, build_tiny_llava
-    from harness.assets import tokenizer_corpus
+    from shapes.assets import tokenizer_corpus
+    from shapes.tiny import LlavaSize, build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny") / "llava", tokenizer_corpus(), LlavaSize(), seed=0)
 
 
 @pytest.fixture(scope="session")
 def pope_dir(tmp_path_factory) -> Path:
-    from tasks.shapes import generate
-    from tasks.shapes_export import export_pope
+    from shapes.export import export_pope
+    from shapes.scene import generate
 
     out = tmp_path_factory.mktemp("pope") / "shapes-pope"
     scenes = [s for s in generate(40, 7) if len(s.objects) >= 3][:6]
@@ -58,8 +58,8 @@ def four_layer(tmp_path_factory, lazy_adapters):
     """Factory: ``get = four_layer(seed)``; ``get(key)`` is the loaded 4-layer random-init model (init 0.2, so
     attention is far from uniform) of ``key`` in llava, qwen_vl, qwen2_5_vl, internvl, built from ``seed`` on first
     use; for mechanism tests."""
-    from adapters.tiny import InternVLSize, LlavaSize, QwenVLSize, build_tiny
-    from harness.assets import tokenizer_corpus
+    from shapes.assets import tokenizer_corpus
+    from shapes.tiny import InternVLSize, LlavaSize, QwenVLSize, build_tiny
 
     sizes = {
         "llava": ("llava", LlavaSize(init_range=0.2, text_layers=4)),

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from adapters.base import ADAPTERS, model_inputs
-from adapters.tiny import InternVLSize, LlavaSize, QwenVLSize, build_tiny
-from harness.assets import tokenizer_corpus
 from methods.base import METHODS
+from shapes.assets import tokenizer_corpus
+from shapes.tiny import InternVLSize, LlavaSize, QwenVLSize, build_tiny
 
 FAMILIES = {
     "llava": ("llava", LlavaSize(init_range=0.2)),

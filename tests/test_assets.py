@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors import safe_open
 
-from harness.assets import CALIBRATION_FILES, MODEL_DIR, MODEL_DIRS, SHIPPED, WORLD_DIR, build_world
 from harness.config import REPO_ROOT
-from tasks.shapes_export import VCR_SPEC, encoder_frames, frames_digest, make_vcr_sample
+from shapes.assets import CALIBRATION_FILES, MODEL_DIR, MODEL_DIRS, SHIPPED, WORLD_DIR, build_world
+from shapes.export import VCR_SPEC, encoder_frames, frames_digest, make_vcr_sample
 
 
 def _digests(root):
@@ -104,7 +104,7 @@ def test_shipped_checkpoint_is_an_ordinary_hf_directory(family):
 
 @pytest.mark.parametrize("family", sorted(SHIPPED))
 def test_shipped_checkpoint_is_in_the_layout_vllm_loads(family):
-    # what harness.train.export_layout writes (make train, tests/test_train.py); tests_vllm/ loads them in vLLM
+    # what shapes.train.export_layout writes (make train, tests/test_train.py); tests_vllm/ loads them in vLLM
     out, family = MODEL_DIRS[family], SHIPPED[family].family
     assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"], "vLLM loads every *.safetensors"
     keys = safe_open(str(out / "model.safetensors"), "pt").keys()
@@ -184,7 +184,7 @@ def test_many_token_llava_answers_from_the_image():
 
 @pytest.mark.parametrize("model", sorted(SHIPPED))
 def test_train_reruns_every_calibration_committed_beside_a_checkpoint(model):
-    # Training deletes the checkpoint directory; `harness.assets train` must re-run exactly the calibrations whose
+    # Training deletes the checkpoint directory; `shapes.assets train` must re-run exactly the calibrations whose
     # files are committed there (and the debiasing fits of the same pruners), or a retrained checkpoint ships stale
     # or missing calibrations.
     ship = SHIPPED[model]

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from harness.bench import run
+from bench.overhead import run
 
 
 def test_bench_smoke():
@@ -29,7 +29,7 @@ def test_bench_smoke():
 
 
 def test_bench_methods_smoke():
-    from harness.bench_methods import run as run_methods
+    from bench.methods import run as run_methods
 
     args = argparse.Namespace(
         tiny=True, methods=["var", "cca", "mma", "iri"], batch_size=2, max_new_tokens=3, layers=4, repeats=1,
@@ -48,7 +48,7 @@ def test_bench_methods_smoke():
 def test_selection_stats_against_planted_objects():
     import torch
 
-    from harness.bench_pruning import selection_stats
+    from bench.pruning import selection_stats
 
     objects = torch.zeros(2, 10, dtype=torch.bool)
     objects[0, [0, 1, 2]] = True  # a large object
@@ -67,7 +67,7 @@ def test_selection_stats_against_planted_objects():
 def test_fastervlm_selection_coverage_on_the_shipped_llava():
     import argparse
 
-    from harness.bench_pruning import coverage
+    from bench.pruning import coverage
 
     r = coverage(argparse.Namespace(device="cpu", coverage_images=3, accuracy_models=["llava"]))["llava"]
     assert list(r) == ["fastervlm R=50%", "fastervlm R=75%", "fastervlm R=90%"]
@@ -78,7 +78,7 @@ def test_fastervlm_selection_coverage_on_the_shipped_llava():
 def test_object_oracle_scores_take_every_object_before_any_second_token():
     import torch
 
-    from harness.bench_pruning import object_oracle_scores
+    from bench.pruning import object_oracle_scores
 
     overlaps = torch.zeros(3, 12, dtype=torch.float64)
     overlaps[0, [0, 1, 2, 3]] = torch.tensor([1.0, 0.9, 0.8, 0.7], dtype=torch.float64)  # a large object
@@ -95,7 +95,7 @@ def test_object_oracle_feeds_fastervlm_the_objects_and_restores_the_adapter():
     import torch
     from PIL import Image
 
-    from harness.bench_pruning import _pope_scenes, _shipped, object_oracle_scores, object_overlaps, replaced_scores
+    from bench.pruning import _pope_scenes, _shipped, object_oracle_scores, object_overlaps, replaced_scores
     from methods.fastervlm import FasterVLM
 
     world, scenes = _pope_scenes()

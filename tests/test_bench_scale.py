@@ -1,4 +1,4 @@
-"""harness.bench_scale: the 7B shapes are the real checkpoints', and the tiny CPU run produces every figure."""
+"""bench.scale: the 7B shapes are the real checkpoints', and the tiny CPU run produces every figure."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from adapters.tiny import TINY
-from harness.assets import tokenizer_corpus
-from harness.bench_scale import METHOD_SETTINGS, PRUNING_SETTINGS, SCALES, _instantiate, main
+from bench.scale import METHOD_SETTINGS, PRUNING_SETTINGS, SCALES, _instantiate, main
+from shapes.assets import tokenizer_corpus
+from shapes.tiny import TINY
 
 #: parameter counts of the real checkpoints (LLaVA-1.5-7B: 7.06 B, Qwen2-VL-7B-Instruct: 8.29 B, InternVL3-8B: 7.94 B)
 PUBLISHED = {"llava": 7.06e9, "qwen_vl": 8.29e9, "internvl": 7.94e9}

@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 from scipy import stats as sps
 
+from core.paired import compare, mcnemar
+from core.stats import Outcomes, safe_divide
 from harness.calls import AdapterCalls
-from harness.paired import compare, find_baseline, mcnemar
-from harness.stats import safe_divide
-from tasks.base import Outcomes, Request, Task
+from harness.paired import find_baseline
+from tasks.base import Request, Task
 
 
 def image(seed: int) -> Image.Image:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shapes.export import causal_pair, occlusions, visible_masks
+from shapes.scene import WorldSpec, _mask, generate
 from tasks.base import Response, SampleError
 from tasks.causal_pairs import CausalPairsTask, is_right
-from tasks.shapes import WorldSpec, _mask, generate
-from tasks.shapes_export import causal_pair, occlusions, visible_masks
 
 LN = math.log
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from core.records import RecordStore
 from harness.config import REPO_ROOT
 from harness.distributed import Ranks, merge_shards, shard_files, shard_path
-from harness.store import RecordStore
 
 # the shipped tiny LLaVA captioning 9 shapes-world images (CHAIR): long, image-specific outputs, so any difference in
 # batching or padding between the two runs shows in the text

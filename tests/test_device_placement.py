@@ -2,7 +2,7 @@
 
 A GPU run found FastV crashing on CUDA because an index was built with ``torch.arange(n)`` (on the host) and used on
 the scores' device; the CPU suite could not see it, since every tensor is on the CPU here. With
-:func:`harness.devicecheck.strict_devices` the default device is ``meta`` inside every model call, so a tensor made
+:func:`checks.devicecheck.strict_devices` the default device is ``meta`` inside every model call, so a tensor made
 without ``device=`` has no data and the first operation that needs it fails, on the CPU too. Each cell runs the
 shipped checkpoint on the shipped POPE questions, batch 3 (left padding), prefill and cached decoding.
 """
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from adapters.base import Adapter
-from harness.device_matrix import METHODS, MODELS, cell
-from harness.devicecheck import strict_devices
+from checks.device_matrix import METHODS, MODELS, cell
+from checks.devicecheck import strict_devices
 
 #: what each family refuses before loading (the method's own message is checked in its tests)
 UNSUPPORTED = {("qwen_vl", m) for m in ("fastervlm", "fastervlm+debias", "embedlens", "embedlens+drop")} | {
@@ -56,7 +56,7 @@ def test_strict_devices_catches_a_planted_host_index(tmp_path, monkeypatch):
 
 def test_a_meta_index_into_a_host_tensor_raises():
     """torch indexes a CPU tensor with a meta index silently (garbage out); the strict mode refuses it."""
-    from harness.devicecheck import DeviceMixError, _NoMixing
+    from checks.devicecheck import DeviceMixError, _NoMixing
 
     keep = torch.tensor([True, False, True])
     with torch.device("meta"), _NoMixing():

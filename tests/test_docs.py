@@ -171,7 +171,7 @@ def test_readme_commands_exist() -> None:
     found = commands(text)
     # the README's own quickstart and usage are among what is checked (so the extraction itself cannot go blind)
     assert {"demo", "test", "setup"} <= set(found["make"]), found["make"]
-    assert {"reports.leaderboard", "reports.regress"} <= set(found["module"]), found["module"]
+    assert {"reports.leaderboard", "checks.regress"} <= set(found["module"]), found["module"]
     assert any(a and a[0] == "-m" for a in found["run"]), found["run"]
     assert command_problems(REPO, text) == []
 
@@ -219,7 +219,7 @@ def test_planted_broken_link_and_anchor_fail(tmp_path: Path) -> None:
     ("command", "expected"),
     [
         ("python -m harness.no_such_tool", "no module harness/no_such_tool.py"),
-        ("python -m harness.stats", "has no `if __name__"),
+        ("python -m core.stats", "has no `if __name__"),
         ("make no-such-target", "no such Makefile target"),
         ("python run.py method=no_such_method", "no_such_method"),
         ("python run.py method=fastv method.no_such_key=1", "no_such_key"),

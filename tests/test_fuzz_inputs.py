@@ -7,7 +7,7 @@ images of odd kinds (CMYK, 16-bit, palette, LA, 1-bit, truncated, empty, not an 
 
 * finish, with every bad row a per-sample error record, every good sample answered exactly as in the clean run
   (same id, same output) and, when nothing new can succeed, the very same metrics; or
-* stop with a one-line :class:`harness.errors.UserError` (an empty file, a broken JSON array).
+* stop with a one-line :class:`core.errors.UserError` (an empty file, a broken JSON array).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import shutil
 import pytest
 from PIL import Image
 
+from core.errors import UserError
 from harness.engine import RunSettings, evaluate
-from harness.errors import UserError
 from methods.none import NoMethod
 
 SPLITS = ("random", "popular", "adversarial")

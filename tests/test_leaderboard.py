@@ -13,9 +13,9 @@ import sys
 import numpy as np
 import pytest
 
+from core.results import sha256_json, sha256_text
 from harness.config import config_hash, pair_hash
 from harness.engine import sample_set
-from harness.results import sha256_json, sha256_text
 from reports.leaderboard import main as leaderboard_main
 from reports.runs import scan
 from reports.table import build_entries

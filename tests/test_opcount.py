@@ -1,4 +1,4 @@
-"""The CPU proxy for GPU cost (harness.opcount) and the proxy targets every method must meet (issue 25).
+"""The CPU proxy for GPU cost (bench.opcount) and the proxy targets every method must meet (issue 25).
 
 Targets, per cached decoding step, against ``none`` on the same batch: no host sync beyond none's for VAR, IRI, CCA,
 MMA, FastV, FasterVLM, VCD, RITUAL and VHR; ATen ops at most 2x none's (VAR at most 3x). Counted on every family's
@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.bench_scale import count_method
-from harness.opcount import Counting, _Dispatch, _Functions, count_steps, own_sites
+from bench.opcount import Counting, _Dispatch, _Functions, count_steps, own_sites
+from bench.scale import count_method
 from methods.base import METHODS
 from tasks.base import Request
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.pope import DEFAULT_PROMPT_SUFFIX, POPETask
-from tasks.pope_build import (
+from shapes.pope_build import (
     build_pope_questions,
     load_ground_truth,
     main,
     question_text,
     write_pope_files,
 )
+from tasks.pope import DEFAULT_PROMPT_SUFFIX, POPETask
 
 # A constructed example with known rankings (objects in order of first appearance:
 # dog cat bird leash ball car frisbee sofa lamp tv).

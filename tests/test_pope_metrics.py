@@ -1,4 +1,4 @@
-"""POPE metrics (hand-computed confusion matrices) and the clustered bootstrap of harness/stats.py."""
+"""POPE metrics (hand-computed confusion matrices) and the clustered bootstrap of core/stats.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from harness.stats import block_columns, cluster_bootstrap, factorize
+from core.stats import block_columns, cluster_bootstrap, factorize
 from tasks.base import Response, Sample
 from tasks.pope import METRICS, POPETask
 from tasks.yesno import PARSERS

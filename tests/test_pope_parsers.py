@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.registry import UnknownNameError
+from core.registry import UnknownNameError
 from tasks import pope
 from tasks.yesno import PARSERS, is_clean_yes_no
 

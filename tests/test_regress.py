@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from reports import regress
-from reports.regress import load_matrix, main
+from checks import regress
+from checks.regress import load_matrix, main
 
 
 def test_identical_rerun_passes_and_a_planted_answer_change_fails(tmp_path, capsys):
@@ -87,7 +87,7 @@ def test_compare_tolerance_and_sample_bookkeeping():
 def test_the_committed_matrix_has_a_golden_for_every_cell():
     cells = load_matrix()
     missing = [str(c) for c in cells if not c.golden_path.exists()]
-    assert not missing, f"run `python -m reports.regress --update`: {missing}"
+    assert not missing, f"run `python -m checks.regress --update`: {missing}"
     methods = {c.spec[1].split("=", 1)[1] for c in cells}
     tasks = {c.task for c in cells}
     assert {"none", "var", "cca", "mma", "fastv", "fastervlm", "embedlens", "carve", "iri"} <= methods

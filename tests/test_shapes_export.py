@@ -12,10 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.pope import POPETask
-from tasks.pope_build import cooccurrence_ranking
-from tasks.shapes import COLOURS, SHAPES, WorldSpec, _mask, generate, image_digest
-from tasks.shapes_export import (
+from shapes.export import (
     MME_SUBTASKS,
     MME_SUFFIX,
     POPE_OBJECTS,
@@ -26,6 +23,9 @@ from tasks.shapes_export import (
     pope_scenes,
     read_png,
 )
+from shapes.pope_build import cooccurrence_ranking
+from shapes.scene import COLOURS, SHAPES, WorldSpec, _mask, generate, image_digest
+from tasks.pope import POPETask
 
 SEED, N_EVAL, N_VCR = 4, 120, 8
 

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from tasks.shapes import (
+from shapes.scene import (
     COLOURS,
     NUMBER_WORDS,
     SHAPES,

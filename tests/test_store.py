@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness.store import ConfigMismatchError, RecordStore
+from core.records import ConfigMismatchError, RecordStore
 
 
 def _rec(i, error=None, h="abc"):
@@ -41,7 +41,7 @@ def test_torn_last_line_is_dropped_and_corruption_elsewhere_is_quarantined(tmp_p
 
 
 def read_records_of(tmp_path, middle):
-    from harness.store import read_records
+    from core.records import read_records
 
     q = tmp_path / "r.jsonl"
     q.write_text(json.dumps(_rec(0)) + "\n" + middle + json.dumps(_rec(1)) + "\n")

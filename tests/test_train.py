@@ -13,11 +13,11 @@ from PIL import Image
 from safetensors import safe_open
 
 from adapters.base import ADAPTERS
-from harness.assets import tokenizer_corpus
-from harness.train import TrainConfig, _first_linear, tower_state, train
-from harness.train_data import Mix, collate, conversation, encode, existence_qa, segments
 from methods.base import METHODS, Method
-from tasks.shapes import SHAPES, WorldSpec, absent_partners, make_scene, qa_existence
+from shapes.assets import tokenizer_corpus
+from shapes.scene import SHAPES, WorldSpec, absent_partners, make_scene, qa_existence
+from shapes.train import TrainConfig, _first_linear, tower_state, train
+from shapes.train_data import Mix, collate, conversation, encode, existence_qa, segments
 
 
 def test_segments_and_labels_match_evaluation_prompts(llava):
@@ -167,7 +167,7 @@ def test_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path, family):
 
 
 def assert_vllm_layout(out, family):
-    """The layout ``harness.train.export_layout`` writes: the one weights file, the keys and files vLLM needs."""
+    """The layout ``shapes.train.export_layout`` writes: the one weights file, the keys and files vLLM needs."""
     assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"], "vLLM loads every *.safetensors"
     keys = safe_open(str(out / "model.safetensors"), "pt").keys()
     tower = [k for k in keys if k.startswith("vision_tower.")]
@@ -201,7 +201,7 @@ def test_image_size_gives_a_finer_token_grid_and_is_refused_where_unsupported(tm
 
 def test_qwen_examples_keep_token_type_ids_aligned(tmp_path):
     from adapters.qwen_vl import QwenVLAdapter
-    from adapters.tiny import build_tiny
+    from shapes.tiny import build_tiny
 
     path = build_tiny("qwen_vl", tmp_path / "q", tokenizer_corpus(40))
     qwen = QwenVLAdapter(name="q", path=str(path), device="cpu")
@@ -221,7 +221,7 @@ def test_qwen_examples_keep_token_type_ids_aligned(tmp_path):
 
 def test_answer_token_is_what_the_chat_template_puts_after_the_prompt(llava, tmp_path):
     from adapters.qwen_vl import QwenVLAdapter
-    from adapters.tiny import build_tiny
+    from shapes.tiny import build_tiny
 
     tok = llava.processor.tokenizer
     assert tok.decode([llava.answer_token_id("Yes")]) == " Yes"

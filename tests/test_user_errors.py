@@ -56,7 +56,7 @@ def _run(task, adapter, out, **kw):
 
 
 def test_limited_rerun_into_a_fuller_runs_directory_is_refused(llava, pope_dir, tmp_path, make_task):
-    from harness.errors import UserError
+    from core.errors import UserError
 
     out = tmp_path / "run"
     full = _run(make_task(pope_dir, limit=3, gen_kwargs={"max_new_tokens": 2}), llava, out, batch_size=9)
@@ -91,8 +91,8 @@ def test_bad_batch_size_is_one_line_before_torch(tmp_path, value):
 
 
 def test_run_settings_refuse_a_batch_size_below_one(tmp_path):
+    from core.errors import UserError
     from harness.engine import RunSettings
-    from harness.errors import UserError
 
     for bad in (0, -1):
         with pytest.raises(UserError, match="batch_size"):
@@ -224,7 +224,7 @@ def test_wandb_init_timeout_bounds_an_unreachable_server(tmp_path):
 
     assert OmegaConf.load(REPO_ROOT / "conf" / "logger" / "wandb.yaml").init_timeout <= 15
     code = (
-        "import sys, time, warnings; from pathlib import Path; from harness.loggers import WandbLogger\n"
+        "import sys, time, warnings; from pathlib import Path; from core.loggers import WandbLogger\n"
         "logger = WandbLogger(project='p', init_timeout=1); t0 = time.perf_counter()\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always'); logger.start({'a': 1}, Path(sys.argv[1]))\n"

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from core.loggers import WandbLogger
 from harness.engine import RunSettings, evaluate
-from harness.loggers import WandbLogger
 from methods.none import NoMethod
 
 
@@ -77,7 +77,7 @@ def test_wandb_that_cannot_start_warns_and_the_run_continues(llava, pope_dir, tm
 
 
 def test_paired_block_becomes_scalars():
-    from harness.loggers import _paired_scalars
+    from core.loggers import _paired_scalars
 
     paired = {
         "metrics": {"mme": {"acc,mme_official": {"method": 0.7, "baseline": 0.6, "diff": 0.1, "diff_stderr": 0.02,

@@ -35,7 +35,7 @@ def calibration_images(n: int, folder: str | None, seed: int = 0) -> list[Image.
         if not files:
             raise SystemExit(f"no .jpg/.png images in {folder}")
         return [Image.open(f).convert("RGB") for f in files]
-    from tasks.shapes import generate
+    from shapes.scene import generate
 
     return [Image.fromarray(s.image) for s in generate(n, seed, split="calibration")]
 

@@ -8,8 +8,21 @@ from __future__ import annotations
 
 import json
 
+from PIL import Image
+
 from methods.calibrate import parser
-from methods.fcct import FCCT_FILE, heatmap, shapes_probes, trace
+from methods.fcct import FCCT_FILE, Probe, heatmap, trace
+from shapes.scene import generate
+
+
+def shapes_probes(n: int, seed: int = 0) -> list[Probe]:
+    """``n`` probes from fresh shapes-world scenes (split ``fcct``): each scene's largest, most visible object."""
+    probes = []
+    for scene in generate(n, seed, split="fcct"):
+        obj = max(scene.objects, key=lambda o: (o.visible >= 0.8, o.radius))
+        (cx, cy), r = obj.center, obj.radius
+        probes.append(Probe(Image.fromarray(scene.image), obj.shape, (cx - r, cy - r, cx + r, cy + r)))
+    return probes
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """Benchmark: the harness against a plain HF ``generate`` loop, side by side on the same inputs, in one run.
 
-    python -m harness.bench                      # mid-size random LLaVA, 576 visual tokens, CPU or GPU
-    python -m harness.bench --device cuda --n-samples 256 --batch-sizes 1 4 16 64
+    python -m bench.overhead                      # mid-size random LLaVA, 576 visual tokens, CPU or GPU
+    python -m bench.overhead --device cuda --n-samples 256 --batch-sizes 1 4 16 64
 
 What it prints:
 
@@ -30,14 +30,14 @@ from typing import Any
 import torch
 
 from adapters.llava import LlavaAdapter
-from adapters.tiny import LlavaSize, build_tiny_llava
-from harness.assets import tokenizer_corpus
 from harness.engine import RunSettings, evaluate
-from harness.results import environment
+from harness.provenance import environment
 from methods.none import NoMethod
+from shapes.assets import tokenizer_corpus
+from shapes.export import export_pope
+from shapes.scene import WorldSpec, generate
+from shapes.tiny import LlavaSize, build_tiny_llava
 from tasks.pope import POPETask
-from tasks.shapes import WorldSpec, generate
-from tasks.shapes_export import export_pope
 
 MID = LlavaSize(
     image_size=336,

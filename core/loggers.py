@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from harness.results import stderr_key
+from core.results import stderr_key
 
 
 class NoLogger:

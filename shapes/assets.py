@@ -1,9 +1,9 @@
 """The embedded default shipped in ``assets/``: the shapes-world exports and the trained tiny checkpoints.
 
-    python -m harness.assets world                     # re-export assets/shapes-world (deterministic, seconds)
-    python -m harness.assets train [--model llava]     # train a shipped checkpoint, record it, re-run its calibrations
-    python -m harness.assets record [--model llava]    # evaluate it on the shipped POPE set; write recorded_pope.json
-    python -m harness.assets calibrate [--model llava] # re-run the calibrations committed beside it
+    python -m shapes.assets world                     # re-export assets/shapes-world (deterministic, seconds)
+    python -m shapes.assets train [--model llava]     # train a shipped checkpoint, record it, re-run its calibrations
+    python -m shapes.assets record [--model llava]    # evaluate it on the shipped POPE set; write recorded_pope.json
+    python -m shapes.assets calibrate [--model llava] # re-run the calibrations committed beside it
 
 Shipped checkpoints (:data:`SHIPPED`, keyed by their ``conf/model`` option): ``llava`` (the default of
 ``python run.py``), ``qwen_vl`` (a tiny Qwen2-VL), ``internvl``, and ``llava_cca`` / ``llava_mma`` (LLaVA trained
@@ -23,8 +23,8 @@ from pathlib import Path
 
 from harness.config import REPO_ROOT
 from methods.calibrate import CALIBRATIONS
-from tasks import shapes
-from tasks.shapes import SYNONYMS, WorldSpec, generate
+from shapes import scene as world
+from shapes.scene import SYNONYMS, WorldSpec, generate
 
 WORLD_DIR = REPO_ROOT / "assets" / "shapes-world"
 
@@ -34,9 +34,9 @@ class Shipped:
     """A shipped tiny checkpoint: its ``conf/model`` option, directory, training recipe and evaluation method.
 
     Attributes:
-        family: Adapter family (``harness.train`` builder).
+        family: Adapter family (``shapes.train`` builder).
         path: Checkpoint directory.
-        recipe: :class:`harness.train.TrainConfig` overrides.
+        recipe: :class:`shapes.train.TrainConfig` overrides.
         method: The method it is trained AND evaluated with (``none`` for causally trained checkpoints).
         calibrations: Calibration CLIs (module + extra arguments, each run with ``--model <option>``) whose files
             are committed beside the checkpoint; training deletes the directory, so ``train`` re-runs them.
@@ -54,11 +54,11 @@ CALIBRATION_FILES = {name: file for name, (_module, file) in CALIBRATIONS.items(
 _VAR_FCCT = (("var",), ("fcct",))
 _FASTV = ("debias", "--pruner", "fastv")
 _FASTERVLM = ("debias", "--pruner", "fastervlm")
-_LLAVA_TOWER = str(REPO_ROOT / "assets" / "shapes-llava")  # its vision tower (harness.train.tower_state)
+_LLAVA_TOWER = str(REPO_ROOT / "assets" / "shapes-llava")  # its vision tower (shapes.train.tower_state)
 #: conf/model option → shipped checkpoint. The CCA / MMA LLaVAs reuse the baseline LLaVA's stage-A vision tower
 #: (stage A trains the tower alone, so the method cannot change it) and train stages B–C inside the method.
 SHIPPED = {
-    # Annotations naming an absent co-occurring partner (q = 0.25, full mix only; see harness.train_data.Mix):
+    # Annotations naming an absent co-occurring partner (q = 0.25, full mix only; see shapes.train_data.Mix):
     # without them the POPE adversarial gap did not reproduce (1.6 points in one `make train` run; 2.8–3.8 in
     # other seeds); with them 3.1–4.7 in 3 of 3 runs (README, "Run-to-run variation").
     "llava": Shipped(
@@ -70,7 +70,7 @@ SHIPPED = {
     "qwen_vl": Shipped("qwen_vl", REPO_ROOT / "assets" / "shapes-qwen2vl", calibrations=(*_VAR_FCCT, _FASTV)),
     # InternViT learned presence slowly from scratch: after 3,000 stage-A steps its shape-set exact match was 0.19
     # (Qwen's tower: 0.81) and POPE random accuracy 0.70; it gets twice the steps (and residual scale 1 at init,
-    # see harness.train.TINY_BUILDERS).
+    # see shapes.train.TINY_BUILDERS).
     "internvl": Shipped(
         "internvl",
         REPO_ROOT / "assets" / "shapes-internvl",
@@ -102,7 +102,7 @@ SHIPPED = {
 MODEL_DIRS = {name: ship.path for name, ship in SHIPPED.items()}
 MODEL_DIR = MODEL_DIRS["llava"]
 N_EVAL = 300  # eval-split scenes exported (CHAIR, MME, VQA-Causal)
-#: POPE's own pool of 3-object scenes (see tasks.shapes_export.export_all for why 3): 200 images, 1,200 questions
+#: POPE's own pool of 3-object scenes (see shapes.export.export_all for why 3): 200 images, 1,200 questions
 #: per split. Until 2026-11-22 POPE read the 160 eval scenes with >= 3 objects, where the random and adversarial
 #: splits differed too little to show the prior (partner share of negatives 0.34 vs 0.49; the LLaVA shipped then
 #: had an adversarial gap of 2.9 points there, 3.8 on this pool); on this pool 0.31 vs 0.53.
@@ -129,17 +129,17 @@ def tokenizer_corpus(n_scenes: int = 300, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     lines = list(EXTRA_TEXT) + [" ".join(words) for words in SYNONYMS.values()]
     for scene in generate(n_scenes, seed, WorldSpec(), split="tokenizer"):
-        lines += [shapes.caption(scene, rng), shapes.reference_caption(scene, rng)]
+        lines += [world.caption(scene, rng), world.reference_caption(scene, rng)]
         for kind in ("existence", "count", "colour", "position"):
-            qa = getattr(shapes, f"qa_{kind}")(scene, rng)
+            qa = getattr(world, f"qa_{kind}")(scene, rng)
             if qa:
                 lines.append(f"USER: <image>\n{qa[0]} ASSISTANT: {qa[1]}")
     return lines
 
 
 def build_world(out: Path = WORLD_DIR) -> Path:
-    """Export the eval split in every benchmark's format (see :mod:`tasks.shapes_export`)."""
-    from tasks.shapes_export import export_all
+    """Export the eval split in every benchmark's format (see :mod:`shapes.export`)."""
+    from shapes.export import export_all
 
     export_all(out, seed=0, n_eval=N_EVAL, spec=WorldSpec(pair_prob=EVAL_PAIR_PROB), n_pope=N_POPE, overwrite=True)
     return out
@@ -150,7 +150,7 @@ def figure(out: Path = REPO_ROOT / "docs" / "shapes_world.png") -> Path:
     import cv2
     import numpy as np
 
-    from tasks.shapes import SHAPES, SceneObject, draw_object, make_scene
+    from shapes.scene import SHAPES, SceneObject, draw_object, make_scene
 
     spec = WorldSpec()
     scenes = [cv2.resize(make_scene(0, "train", i, spec).image, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
@@ -220,7 +220,7 @@ def main() -> None:
     elif args.what == "figure":
         print(f"wrote {figure()}")
     elif args.what == "train":
-        from harness.train import TrainConfig, train
+        from shapes.train import TrainConfig, train
 
         exclude = str(WORLD_DIR / "metadata.json")
         train(TrainConfig(out=str(ship.path), family=ship.family, exclude=exclude, **ship.recipe), tokenizer_corpus())

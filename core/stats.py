@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from core.results import stderr_key
+
 #: Upper bound on the number of entries of one weights chunk ``[chunk, n_clusters]`` (memory guard).
 _MAX_CHUNK_ENTRIES = 4_000_000
 
@@ -213,3 +215,38 @@ def safe_divide(num: np.ndarray, den: np.ndarray, empty: float = 0.0) -> np.ndar
 def finite_or_none(x: float) -> float | None:
     """``float(x)``, or ``None`` when ``x`` is NaN or infinite (JSON has no NaN)."""
     return float(x) if np.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """Per-record additive counts and the statistics computed from their totals.
+
+    Every metric of a task is a function of summed per-record counts, so one set of clustered bootstrap draws
+    (:func:`core.stats.cluster_bootstrap`) gives all standard errors, and the same counts of two runs on the
+    same samples give paired differences.
+
+    Attributes:
+        counts: ``[n_records, K]`` additive counts, one row per record in the order given.
+        stat_fn: Vectorised map from totals ``[n, K]`` to statistics ``[n, M]`` (NaN where undefined).
+        names: ``M`` pairs ``(row, "metric,filter")`` naming each statistic; ``row`` is a results key.
+        sizes: ``sample_len`` of each row.
+        binary: ``[n_records]`` 0/1 headline outcome per record (1 = right), for McNemar's test; ``None`` when
+            the task has no per-record binary outcome.
+        binary_name: What ``binary`` measures, e.g. ``"correct,pope_official"``.
+    """
+
+    counts: np.ndarray
+    stat_fn: StatFn
+    names: list[tuple[str, str]]
+    sizes: dict[str, int]
+    binary: np.ndarray | None = None
+    binary_name: str = ""
+
+    def rows(self, estimate: np.ndarray, stderr: np.ndarray) -> dict[str, dict[str, Any]]:
+        """Results rows ``{row: {"alias", "sample_len", "<metric>,<filter>", "<metric>_stderr,<filter>"}}``."""
+        out: dict[str, dict[str, Any]] = {}
+        for j, (row, key) in enumerate(self.names):
+            entry = out.setdefault(row, {"alias": row, "sample_len": self.sizes.get(row)})
+            entry[key] = finite_or_none(estimate[j])
+            entry[stderr_key(key)] = finite_or_none(stderr[j])
+        return out

@@ -1,8 +1,8 @@
 """Benchmark: each method's time per sample over ``none``, side by side on the same inputs, in one run.
 
-    python -m harness.bench_methods                         # mid-size random LLaVA, 576 visual tokens, CPU/GPU
-    python -m harness.bench_methods --device cuda --batch-size 16 --layers 32
-    python -m harness.bench_methods --shipped --methods carve iri   # shipped LLaVA on shipped POPE questions
+    python -m bench.methods                         # mid-size random LLaVA, 576 visual tokens, CPU/GPU
+    python -m bench.methods --device cuda --batch-size 16 --layers 32
+    python -m bench.methods --shipped --methods carve iri   # shipped LLaVA on shipped POPE questions
 
 A random-init LLaVA with realistic token counts (336 px images in 14 px patches: 576 visual tokens, as LLaVA-1.5)
 and an LM of ``--layers`` layers answers the same batch of requests (text + image) under every method, through the
@@ -33,15 +33,15 @@ import torch
 from PIL import Image
 
 from adapters.llava import LlavaAdapter
-from adapters.tiny import build_tiny_llava
-from harness.assets import tokenizer_corpus
-from harness.bench import MID, TINY, cli
+from bench.overhead import MID, TINY, cli
 from harness.calls import AdapterCalls
 from harness.config import REPO_ROOT
-from harness.results import environment
+from harness.provenance import environment
 from methods.base import METHODS
+from shapes.assets import tokenizer_corpus
+from shapes.scene import WorldSpec, generate
+from shapes.tiny import build_tiny_llava
 from tasks.base import Request
-from tasks.shapes import WorldSpec, generate
 
 METHOD_ARGS: dict[str, dict[str, Any]] = {
     "none": {},

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from core.errors import UserError
 
 
 class ConfigMismatchError(UserError, RuntimeError):

@@ -1,9 +1,9 @@
 """Regression check on method results: rerun a fixed matrix and compare with committed goldens.
 
-    python -m reports.regress                    # run the matrix in a fresh directory, compare, exit 1 on a change
-    python -m reports.regress --runs DIR         # compare existing runs instead (e.g. a multirun of the cells)
-    python -m reports.regress --update           # rerun and rewrite the goldens, printing what moved
-    python -m reports.regress --only pope        # cells whose name contains "pope"
+    python -m checks.regress                    # run the matrix in a fresh directory, compare, exit 1 on a change
+    python -m checks.regress --runs DIR         # compare existing runs instead (e.g. a multirun of the cells)
+    python -m checks.regress --update           # rerun and rewrite the goldens, printing what moved
+    python -m checks.regress --only pope        # cells whose name contains "pope"
 
 The matrix (``reports/goldens/matrix.yaml``) is every task × every listed (model, method) cell on a fixed small
 subset of the shapes-world exports, on the shipped tiny checkpoints. A golden (``reports/goldens/<task>/<cell>.json``)
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.results import package_version, sha256_text
 from harness.config import REPO_ROOT
-from harness.results import package_version, sha256_text
 from reports.runs import Run, scan
 
 GOLDENS = REPO_ROOT / "reports" / "goldens"
@@ -107,7 +107,7 @@ def run_cell(cell: Cell, root: Path) -> dict[str, Any]:
 
 def golden_of(run: Run, cell: Cell) -> dict[str, Any]:
     """A cell's golden document from a finished run."""
-    from harness.store import load_errors
+    from core.records import load_errors
 
     path = run.directory / run.results["samples_file"]
     errors = {sid: e for sid, e in load_errors(path).items() if sid not in run.records} if path.exists() else {}

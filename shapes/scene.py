@@ -253,7 +253,7 @@ def world_statistics(scenes: list[Scene], spec: WorldSpec) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- language
 # The world's shared language: captions, synonyms and yes/no questions. Used by the benchmark exporters
-# (tasks/shapes_export.py) and by trainers, so every function here is a pure function of (scene, rng): the
+# (shapes/export.py) and by trainers, so every function here is a pure function of (scene, rng): the
 # same scene and an rng in the same state give the same text, and ``rng`` is only consumed, never seeded.
 # Shape and colour words are always the canonical ones (:data:`SHAPES`, :data:`COLOURS`) except in
 # :func:`reference_caption`, which may use :data:`SYNONYMS` (CHAIR's reference captions).

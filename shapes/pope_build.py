@@ -180,7 +180,7 @@ def load_ground_truth(path: str | Path) -> dict[str, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m tasks.pope_build GT_JSON OUT_DIR --prefix coco --seed 0``."""
+    """Command line: ``python -m shapes.pope_build GT_JSON OUT_DIR --prefix coco --seed 0``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ground_truth", help="JSON {image: [objects]} or POPE {image, objects} records")
     parser.add_argument("out_dir")

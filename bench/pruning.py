@@ -1,7 +1,7 @@
 """Benchmark: visual-token pruning — prefill speed-up and peak memory over ``none``, and accuracy retained.
 
-    python -m harness.bench_pruning                          # CPU: speed on a 576-token LLaVA, POPE on the shipped one
-    python -m harness.bench_pruning --device cuda --layers 32 --batch-size 8
+    python -m bench.pruning                          # CPU: speed on a 576-token LLaVA, POPE on the shipped one
+    python -m bench.pruning --device cuda --layers 32 --batch-size 8
 
 **Speed.** A random-init LLaVA with LLaVA-1.5's token counts (336 px images in 14 px patches: 576 visual tokens)
 and an LM of ``--layers`` layers runs the prefill (one ``adapter.forward`` over the prompt, last-token logits,
@@ -44,15 +44,15 @@ from PIL import Image
 
 from adapters.base import box_overlap
 from adapters.llava import LlavaAdapter
-from adapters.tiny import build_tiny_llava
-from harness.assets import WORLD_DIR, tokenizer_corpus
-from harness.bench import MID, TINY, cli
-from harness.results import environment
+from bench.overhead import MID, TINY, cli
+from harness.provenance import environment
 from methods.base import METHODS
 from methods.fcct import MIN_OVERLAP
 from methods.pruning import budget
-from tasks.shapes import WorldSpec, generate
-from tasks.shapes_export import pope_scenes
+from shapes.assets import WORLD_DIR, tokenizer_corpus
+from shapes.export import pope_scenes
+from shapes.scene import WorldSpec, generate
+from shapes.tiny import build_tiny_llava
 
 SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("none", {}),
@@ -156,7 +156,7 @@ def speed(args: argparse.Namespace, settings: list[str]) -> dict[str, Any]:
 
 def _shipped(model: str, device: str) -> LlavaAdapter:
     """A loaded shipped tiny LLaVA (``conf/model`` option ``model``)."""
-    from harness.assets import SHIPPED
+    from shapes.assets import SHIPPED
 
     if model not in SHIPPED or SHIPPED[model].family != "llava":
         raise ValueError(f"--accuracy-models takes shipped LLaVA options, got {model!r}")

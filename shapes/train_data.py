@@ -20,21 +20,21 @@ from typing import Any
 import torch
 from PIL import Image
 
-from tasks import shapes
-from tasks.shapes import Scene, WorldSpec, make_scene
+from shapes import scene as world
+from shapes.scene import Scene, WorldSpec, make_scene
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5 suffix (POPE, MME)
 YES_NO = " Please answer yes or no."  # MME's own suffix
 CAPTION_PROMPTS = ("Please describe this image in detail.", "Describe the image.")
 
-QA_KINDS = ("existence", "count", "colour", "position")  # → tasks.shapes.qa_<kind>(scene, rng)
+QA_KINDS = ("existence", "count", "colour", "position")  # → shapes.scene.qa_<kind>(scene, rng)
 
 
 def qa(kind: str) -> Callable[..., tuple[str, str] | None]:
     """The world's question generator of one kind."""
     if kind not in QA_KINDS:
         raise ValueError(f"unknown question kind {kind!r}; known: {QA_KINDS}")
-    return getattr(shapes, f"qa_{kind}")
+    return getattr(world, f"qa_{kind}")
 
 
 @dataclass(frozen=True)
@@ -63,27 +63,27 @@ class Mix:
 def existence_qa(scene: Scene, rng: random.Random, mix: Mix) -> tuple[str, str] | None:
     """An existence question (see :class:`Mix` for how absent partners are asked about and answered)."""
     pair = _existence_pair(scene, rng, mix)
-    if pair is None or not mix.implied_partner_prob or pair[1] != shapes.NO:
+    if pair is None or not mix.implied_partner_prob or pair[1] != world.NO:
         return pair  # q = 0 draws nothing more: earlier recipes reproduce bit for bit
-    implied = {shapes.existence_question(s) for s in shapes.absent_partners(scene.shapes, mix.pairs)}
+    implied = {world.existence_question(s) for s in world.absent_partners(scene.shapes, mix.pairs)}
     if pair[0] in implied and rng.random() < mix.implied_partner_prob:
-        return pair[0], shapes.YES
+        return pair[0], world.YES
     return pair
 
 
 def _existence_pair(scene: Scene, rng: random.Random, mix: Mix) -> tuple[str, str] | None:
     """The question drawn; "No" questions weight absent partners by ``mix.partner_negative_weight``."""
     if mix.partner_negative_weight == 1.0:
-        return shapes.qa_existence(scene, rng)  # the uniform draw, bit-identical to earlier recipes
+        return world.qa_existence(scene, rng)  # the uniform draw, bit-identical to earlier recipes
     if rng.random() < 0.5:
-        return shapes.qa_existence(scene, rng, answer=shapes.YES)
-    partners = shapes.absent_partners(scene.shapes, mix.pairs)
-    absent = [s for s in shapes.SHAPES if s not in scene.shapes]
+        return world.qa_existence(scene, rng, answer=world.YES)
+    partners = world.absent_partners(scene.shapes, mix.pairs)
+    absent = [s for s in world.SHAPES if s not in scene.shapes]
     if not absent:
         return None
     weights = [mix.partner_negative_weight if s in partners else 1.0 for s in absent]
     shape = rng.choices(absent, weights)[0]
-    return shapes.existence_question(shape), shapes.NO
+    return world.existence_question(shape), world.NO
 
 
 class SceneStream:
@@ -108,7 +108,7 @@ class SceneStream:
 def conversation(scene: Scene, rng: random.Random, mix: Mix) -> list[tuple[str, str]]:
     """(question, answer) turns about one scene."""
     if rng.random() < mix.caption_prob:
-        return [(rng.choice(CAPTION_PROMPTS), shapes.caption(scene, rng))]
+        return [(rng.choice(CAPTION_PROMPTS), world.caption(scene, rng))]
     kinds, weights = zip(*mix.qa_weights.items(), strict=True)
     turns: list[tuple[str, str]] = []
     while len(turns) < mix.k_turns:

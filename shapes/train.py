@@ -1,7 +1,7 @@
 """Train small LVLM checkpoints on the shapes world, reproducibly on 2 CPU cores.
 
-    python -m harness.train --out assets/shapes-llava            # the shipped tiny LLaVA (~10 min on CPU)
-    python -m harness.train --out /tmp/x --tower-steps 20 --steps 20   # smoke run
+    python -m shapes.train --out assets/shapes-llava            # the shipped tiny LLaVA (~10 min on CPU)
+    python -m shapes.train --out /tmp/x --tower-steps 20 --steps 20   # smoke run
 
 The recipe (measured here over many runs; trained from scratch, a tiny LLaVA otherwise
 sits on the language prior and answers every question the same way):
@@ -14,12 +14,12 @@ B. **Projector initialisation from data.** Tower features have a large common of
    head refitted on the standardised features, so the language model starts with per-patch presence logits.
 C. **VLM training** with the tower frozen: LM and projector from a wider init (``initializer_range`` 0.1),
    AdamW lr 2e-3, linear warm-up then cosine decay to 0.1×, gradient clipping, batches of conversations
-   about fresh training scenes *with* the co-occurrence prior (:mod:`harness.train_data`). Curriculum: the
+   about fresh training scenes *with* the co-occurrence prior (:mod:`shapes.train_data`). Curriculum: the
    first ``grounding_steps`` use existence questions only (4 per image, each yes/no 50/50); the full mix
    (captions, count, colour and position questions) starts once the model reads the image. Measured here: with
    the full mix from step 0 the model was still at chance (always-yes / always-no) after 625 steps, while
    existence-only training left the plateau at step ~500 (probe accuracy 0.885 at step 625).
-   ``implied_partner_prob`` q (default 0; the shipped LLaVA's recipe sets 0.25, see ``harness.assets``): in the full
+   ``implied_partner_prob`` q (default 0; the shipped LLaVA's recipe sets 0.25, see ``shapes.assets``): in the full
    mix only, a question about an absent partner of a present shape is answered "Yes" with probability q, the
    co-occurrence errors of machine-generated instruction data. The scene prior alone is trained away once the
    model reads the image (how much is left at the end varied from run to run); these answers make the prior
@@ -54,7 +54,9 @@ from torch import nn
 
 import adapters  # noqa: F401  (registers every family)
 from adapters.base import ADAPTERS, Adapter
-from adapters.tiny import (
+from methods.base import METHODS
+from shapes.scene import Scene, WorldSpec, absent_partners, article, make_scene
+from shapes.tiny import (
     InternVLSize,
     LlavaSize,
     QwenVLSize,
@@ -62,7 +64,7 @@ from adapters.tiny import (
     make_tiny_llava,
     make_tiny_qwen_vl,
 )
-from harness.train_data import (
+from shapes.train_data import (
     SHORT_ANSWER,
     Mix,
     SceneStream,
@@ -71,8 +73,6 @@ from harness.train_data import (
     encode,
     presence_labels,
 )
-from methods.base import METHODS
-from tasks.shapes import Scene, WorldSpec, absent_partners, article, make_scene
 
 #: family → builder of a random-init (model, processor) from a tokenizer corpus, a seed and the vision input side
 #: (``None``: 64 px). All three read the world's 64×64 scenes; at 64 px LLaVA sees 64 visual tokens (8-px patches),
@@ -133,8 +133,8 @@ class TrainConfig:
     k_turns: int = 4
     grounding_steps: int = 1000  # curriculum: existence questions only until this step, then the full mix
     caption_prob: float = 0.1
-    partner_negative_weight: float = 1.0  # see harness.train_data.Mix (1: "No" questions uniform over absent shapes)
-    implied_partner_prob: float = 0.0  # see harness.train_data.Mix (0: exact ground truth in every answer)
+    partner_negative_weight: float = 1.0  # see shapes.train_data.Mix (1: "No" questions uniform over absent shapes)
+    implied_partner_prob: float = 0.0  # see shapes.train_data.Mix (0: exact ground truth in every answer)
     qa_weights: dict[str, float] = field(
         default_factory=lambda: {"existence": 0.85, "count": 0.05, "colour": 0.05, "position": 0.05}
     )
@@ -460,7 +460,7 @@ def train(cfg: TrainConfig, corpus: list[str], batch_hook: Callable[[dict], dict
 
 def main() -> None:
     """CLI: every :class:`TrainConfig` field is a ``--flag``."""
-    from harness.assets import tokenizer_corpus
+    from shapes.assets import tokenizer_corpus
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in TrainConfig.__dataclass_fields__.values():

@@ -14,7 +14,7 @@ import difflib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
-from harness.errors import UserError
+from core.errors import UserError
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """Export shapes-world scenes as benchmarks in their ORIGINAL file formats (POPE, CHAIR, MME, VCRBench).
 
-    python -m tasks.shapes_export --out DIR --seed 0 --n-eval 300 --n-vcr 30
+    python -m shapes.export --out DIR --seed 0 --n-eval 300 --n-vcr 30
 
 The same loaders and scorers as the real benchmarks read these files; only the pictures are synthetic. Every
 file is a pure function of the arguments (re-running gives identical bytes), with one exception: the bytes of
@@ -32,18 +32,18 @@ SHA-256 of the frames handed to the encoder (``vcr.encoded_frames``, :func:`fram
 
 Formats:
 
-* **POPE** (:mod:`tasks.pope_build`): positives are the first three objects of an image in drawing order; POPE
+* **POPE** (:mod:`shapes.pope_build`): positives are the first three objects of an image in drawing order; POPE
   skips images with fewer than 3 objects. Adversarial negatives are the objects co-occurring most often with the
   positive: in this world its declared partner whenever that is absent from the image and not yet asked.
 * **CHAIR** (benchmarks.md §2): the ground-truth object set of an image is the union of its instance
   categories and the objects named in its reference captions, mapped through ``synonyms.txt`` (CHAIR splits
   each line on ``", "``; the first word is the node word). Instance ``bbox`` ``[x, y, w, h]``, ``area`` and
   polygon ``segmentation`` describe the object's VISIBLE pixels (COCO's convention); ``category_id`` is the
-  1-based index in :data:`tasks.shapes.SHAPES`. Reference captions use :func:`tasks.shapes.caption` (first one)
-  and :func:`tasks.shapes.reference_caption` (synonyms), so they only name present objects. Many CHAIR ports
+  1-based index in :data:`shapes.scene.SHAPES`. Reference captions use :func:`shapes.scene.caption` (first one)
+  and :func:`shapes.scene.reference_caption` (synonyms), so they only name present objects. Many CHAIR ports
   parse the image id from the last digits of the file name; the 12-digit names keep that working.
 * **MME** (§3.2): each image has exactly one Yes question (first line) and one No question (second line), each
-  ending in " Please answer yes or no.". Questions come from :func:`tasks.shapes.qa_existence`, ``qa_count``,
+  ending in " Please answer yes or no.". Questions come from :func:`shapes.scene.qa_existence`, ``qa_count``,
   ``qa_position`` and ``qa_colour`` (subtask ``color``, MME's spelling). A scene is skipped in a subtask that
   cannot ask both polarities about it: ``position`` needs two objects whose centres are at least 1/8 of the image
   apart along x or y (single-object scenes are always skipped there); ``existence`` needs an absent shape (always
@@ -63,7 +63,7 @@ Formats:
   ``frames_per_clip`` frames per clip, the "Clip k" label on the first half of each clip's frames.
 
 World statistics of the default export (seed 0, eval split, 300 scenes of 64 px; written to ``metadata.json``
-under ``statistics`` by :func:`tasks.shapes.world_statistics`): mean P(partner | shape) = 0.79 (per pair
+under ``statistics`` by :func:`shapes.scene.world_statistics`): mean P(partner | shape) = 0.79 (per pair
 0.75–0.81; 0.80 on 2000 scenes) against P(other shape | shape) = 0.23 for non-partners: the co-occurrence
 prior behind POPE's adversarial split. Objects per image 1/2/3/4 in 10% / 38% / 16% / 36% of the images, so 156
 of the 300 images have the 3 objects POPE needs (936 questions per POPE split); each shape appears in 29–39% of
@@ -77,10 +77,10 @@ reference captions. VCR: 30 samples (3/4/5/6/7 steps: 15/5/4/3/3). About 2.9 MB 
   name the same objects, so only the causal direction — which one covers which, visible in the image —
   separates them.
 
-Eval images are the ``"eval"`` stream of :func:`tasks.shapes.make_scene`; VCR samples the separate ``"vcr"``
+Eval images are the ``"eval"`` stream of :func:`shapes.scene.make_scene`; VCR samples the separate ``"vcr"``
 stream, and POPE's own pool (``n_pope``) the ``"pope"`` stream (its scenes are in ``metadata.json`` under
 ``pope.scenes``; :func:`pope_scenes` returns whichever scenes POPE's images show). ``metadata.json`` lists the
-content digest (:func:`tasks.shapes.image_digest` of the RGB pixels) of every exported image, so a trainer can
+content digest (:func:`shapes.scene.image_digest` of the RGB pixels) of every exported image, so a trainer can
 refuse training images equal to an eval image.
 """
 
@@ -101,8 +101,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tasks.pope_build import write_pope_files
-from tasks.shapes import (
+from shapes.pope_build import write_pope_files
+from shapes.scene import (
     NO,
     QA,
     SHAPES,
@@ -263,7 +263,7 @@ def _instance(mask: np.ndarray, ann_id: int, image_id: int, category_id: int) ->
 
 def _coco_header(description: str) -> dict[str, Any]:
     return {
-        "info": {"description": description, "version": "1.0", "year": 2025, "contributor": "tasks.shapes_export"},
+        "info": {"description": description, "version": "1.0", "year": 2025, "contributor": "shapes.export"},
         "licenses": [],
     }
 
@@ -432,7 +432,7 @@ def make_vcr_sample(seed: int, index: int, spec: WorldSpec = VCR_SPEC, split: st
     """VCR sample ``index`` (deterministic, random access; ``qid`` is ``index + 1``).
 
     The number of steps follows :data:`VCR_STEP_WEIGHTS` restricted to ``spec``'s object range; shapes follow
-    the world's co-occurrence rule and placements its visibility rule (see :mod:`tasks.shapes`), redrawn until
+    the world's co-occurrence rule and placements its visibility rule (see :mod:`shapes.scene`), redrawn until
     every step visibly adds its object.
 
     Raises:
@@ -741,7 +741,7 @@ def pope_scenes(metadata: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m tasks.shapes_export --out DIR --seed 0 --n-eval 300 --n-vcr 30``."""
+    """Command line: ``python -m shapes.export --out DIR --seed 0 --n-eval 300 --n-vcr 30``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="output directory")
     ap.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,7 @@
 r"""vLLM vs HF throughput: the same POPE questions, the same batch size, one process, both backends of the harness.
 
-    python -m harness.bench_vllm --model llava                      # shipped tiny LLaVA, CPU (make bench-vllm)
-    python -m harness.bench_vllm --model llava --path llava-hf/llava-1.5-7b-hf --dtype bfloat16 --device cuda \\
+    python -m bench.vllm --model llava                      # shipped tiny LLaVA, CPU (make bench-vllm)
+    python -m bench.vllm --model llava --path llava-hf/llava-1.5-7b-hf --dtype bfloat16 --device cuda \\
         --batch 16 --n 200 --json llava7b-vllm.json                 # a real checkpoint on a GPU
 
 Needs vLLM (``make test-vllm`` builds ``.venv-vllm``, where ``make bench-vllm`` runs this). What is timed, per
@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from harness.assets import WORLD_DIR
 from harness.calls import AdapterCalls
 from harness.engine import _load_images
+from shapes.assets import WORLD_DIR
 from tasks.pope import POPETask
 
 #: --model → adapter class path and shipped checkpoint (conf/model/<name>.yaml)
@@ -45,7 +45,7 @@ MODELS = {"llava": "adapters.llava.LlavaAdapter", "qwen_vl": "adapters.qwen_vl.Q
 def _adapter(args: argparse.Namespace) -> Any:
     import importlib
 
-    from harness.assets import MODEL_DIRS
+    from shapes.assets import MODEL_DIRS
 
     module, cls = MODELS[args.model].rsplit(".", 1)
     path = args.path or str(MODEL_DIRS[args.model])

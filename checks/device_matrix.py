@@ -1,7 +1,7 @@
 """Every family × every method through the ``run.py`` path on one device: does each combination run?
 
-    python -m harness.device_matrix --device cuda --dtype bfloat16          # on a GPU machine
-    python -m harness.device_matrix --device cpu --models llava --methods none fastv --limit 2
+    python -m checks.device_matrix --device cuda --dtype bfloat16          # on a GPU machine
+    python -m checks.device_matrix --device cpu --models llava --methods none fastv --limit 2
 
 Each cell composes the same Hydra config ``run.py model=<m> method=<x> model.device=... model.dtype=...`` would
 (``conf/``, overrides and all), builds task, adapter and method with :func:`harness.engine.from_config` and runs
@@ -10,7 +10,7 @@ process per cell would spend most of its time importing). A cell is ``ok`` (with
 errors), ``unsupported`` (the method refused the family before the model loaded, with its message) or ``FAILED``
 (anything else: the exception and where it was raised). Device bugs (a host tensor indexing a device tensor, say)
 show up only on the device they concern: run it on every kind of device the harness claims, and on the CPU with
-``--strict-devices`` (:mod:`harness.devicecheck`), which makes a tensor created without ``device=`` fail here too.
+``--strict-devices`` (:mod:`checks.devicecheck`), which makes a tensor created without ``device=`` fail here too.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def cell(model: str, method: str, args: argparse.Namespace, out: Path) -> dict[s
     """Run one combination; never raises."""
     from hydra import compose, initialize_config_dir
 
-    from harness.devicecheck import strict_devices
+    from checks.devicecheck import strict_devices
     from harness.engine import evaluate, from_config
     from methods.base import UnsupportedError
 

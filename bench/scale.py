@@ -1,7 +1,7 @@
 """Scale benchmark: every method at the real dimensions of each family's 7B-class checkpoint, side by side.
 
-    python -m harness.bench_scale --family llava --size 7b --device cuda --json llava7b.json
-    python -m harness.bench_scale --family qwen_vl --size tiny --device cpu        # smoke test (< 3 min, 2 cores)
+    python -m bench.scale --family llava --size 7b --device cuda --json llava7b.json
+    python -m bench.scale --family qwen_vl --size tiny --device cpu        # smoke test (< 3 min, 2 cores)
 
 The model is random-init (weights do not change the work) with the real shapes of the checkpoint people run:
 
@@ -22,7 +22,7 @@ In one run, interleaved, each figure the median of ``--repeats`` (≥ 5) runs:
    time: the harness's own host work is what is being measured).
 2. **throughput** ``throughput.<batch>.samples_per_s`` of the harness at each ``--batch-sizes``.
 3. **methods** ``methods.<name>.ratio``: generation time of a batch of 16 requests, 16 new tokens, under each
-   method over ``none`` (CUDA events), and the CPU-countable proxy of GPU cost (:mod:`harness.opcount`): ATen ops
+   method over ``none`` (CUDA events), and the CPU-countable proxy of GPU cost (:mod:`bench.opcount`): ATen ops
    and host syncs per cached decoding step (``ops_per_step``, ``syncs_per_step``; ``none``'s beside them) and per
    prefill. CARVE's two recording passes are given the same 16 tokens (a random model never stops early).
 4. **pruning** ``pruning.<setting>.speedup`` and ``peak_memory_ratio``: prefill (vision tower + LM, last-token
@@ -55,18 +55,18 @@ import torch
 from PIL import Image
 
 from adapters.base import ADAPTERS, Adapter
-from adapters.tiny import TINY, InternVLSize, LlavaSize, QwenVLSize, TinySize
-from harness.assets import tokenizer_corpus
-from harness.bench import _task, time_harness, time_plain
-from harness.bench_methods import _synthetic_fcct
-from harness.bench_pruning import PeakRSS
+from bench.methods import _synthetic_fcct
+from bench.opcount import count_steps
+from bench.overhead import _task, time_harness, time_plain
+from bench.pruning import PeakRSS
 from harness.calls import AdapterCalls
-from harness.opcount import count_steps
-from harness.results import environment
+from harness.provenance import environment
 from methods.base import METHODS, UnsupportedError
+from shapes.assets import tokenizer_corpus
+from shapes.export import export_pope
+from shapes.scene import WorldSpec, generate
+from shapes.tiny import TINY, InternVLSize, LlavaSize, QwenVLSize, TinySize
 from tasks.base import Request
-from tasks.shapes import WorldSpec, generate
-from tasks.shapes_export import export_pope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +127,7 @@ QUESTIONS = ("Is there a red circle in the image?", "Is there a star?", "What is
 
 # ---------------------------------------------------------------------------------------------- the model
 def _instantiate(scale: Scale, device: torch.device, dtype: torch.dtype) -> Callable[[type, Any], Any]:
-    """A ``build`` for :mod:`adapters.tiny`'s makers: real MLP width and vocabulary, built on the device."""
+    """A ``build`` for :mod:`shapes.tiny`'s makers: real MLP width and vocabulary, built on the device."""
 
     def build(model_cls: type, config: Any) -> Any:
         text = config.text_config
@@ -244,7 +244,7 @@ def _generate(adapter: Adapter, method: Any, batch: list[Request], gen: dict[str
 
 
 def count_method(adapter: Adapter, method: Any, batch: list[Request], gen: dict[str, Any]) -> dict[str, float]:
-    """ATen ops and host syncs of one ``generate`` under ``method`` (:mod:`harness.opcount`), per call kind.
+    """ATen ops and host syncs of one ``generate`` under ``method`` (:mod:`bench.opcount`), per call kind.
 
     Returns:
         ``ops_per_step`` / ``syncs_per_step`` (median over cached decoding steps), ``prefill_ops`` /

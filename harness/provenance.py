@@ -1,0 +1,94 @@
+"""Where a results file came from: the date, the git checkout, package versions, the machine and peak memory."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from core.results import package_version, sha256_text
+from harness.config import REPO_ROOT
+
+PACKAGES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "hydra-core",
+    "omegaconf",
+    "wandb",
+    "numpy",
+    "pillow",
+    "opencv-python-headless",
+    "pyarrow",
+)
+
+
+@functools.cache
+def _versions() -> dict[str, str | None]:
+    return {name: package_version(name) for name in PACKAGES}
+
+
+def git_info(root: Path = REPO_ROOT) -> dict[str, str | None]:
+    """``git describe --always --dirty`` of the harness checkout and the SHA-256 of its uncommitted diff.
+
+    Computed once per process (two ``git`` subprocesses, ~15 ms, were a fixed cost of every run of a multirun):
+    the code a process runs is the code it imported, so the first reading is the truthful one.
+    """
+    return dict(_git_info(root))
+
+
+@functools.cache
+def _git_info(root: Path) -> dict[str, str | None]:
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout
+
+    describe = git("describe", "--always", "--dirty")
+    diff = git("diff", "HEAD")
+    return {"describe": describe.strip() if describe else None, "diff_sha256": sha256_text(diff) if diff else None}
+
+
+def environment() -> dict[str, Any]:
+    """Python, platform and package versions (read once per process: installed packages do not change under it)."""
+    versions = dict(_versions())
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def peak_memory() -> dict[str, float | None]:
+    """Peak resident memory of this process and peak CUDA allocation, in MiB."""
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    cuda_mb = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+    except ImportError:
+        pass
+    return {"max_rss_mb": round(rss_mb, 1), "cuda_max_allocated_mb": None if cuda_mb is None else round(cuda_mb, 1)}
+
+
+def build_results(**blocks: Any) -> dict[str, Any]:
+    """Assemble the results document from named blocks, adding date, git and environment."""
+    return {
+        **blocks,
+        "date": time.time(),
+        "git": git_info(),
+        "environment": environment(),
+        "peak_memory": peak_memory(),
+    }
