@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from core.errors import UserError
-from core.registry import Registry
-from harness.calls import AdapterCalls
+from core.registry import Registry, UnknownNameError, close_matches
 
 if TYPE_CHECKING:
     from adapters.base import Adapter
@@ -51,6 +50,8 @@ def _hf_check(method: Method, settings: RunSettings) -> None:
 
 
 def _hf_open(adapter: Adapter, method: Method, settings: RunSettings) -> ModelCalls:
+    from harness.calls import AdapterCalls  # here: the config check names backends before torch is imported
+
     adapter.load()
     return AdapterCalls(adapter, settings.batch_size, method)
 
@@ -63,13 +64,19 @@ def get_backend(name: str) -> Backend:
 
     Raises:
         core.registry.UnknownNameError: no backend of that name is registered or declared (with suggestions).
+        core.errors.UserError: an entry point declares the name but its module registers nothing under it.
     """
     if name not in BACKENDS:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             if ep.name == name:
                 importlib.import_module(ep.value)
-    if name not in BACKENDS and name in declared():
-        raise UserError(f"model.backend={name}: its module did not register it (entry point {ENTRY_POINT_GROUP})")
+    if name not in BACKENDS:
+        known = declared()
+        if name in known:
+            raise UserError(f"model.backend={name}: its module did not register it (entry point {ENTRY_POINT_GROUP})")
+        close = close_matches(name, known)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownNameError(f"unknown model.backend {name!r}{hint} Known: {', '.join(known)}")
     return BACKENDS.get(name)
 
 

@@ -107,6 +107,21 @@ class Local:
         return None
 
 
+class Backend:
+    """A ``model.backend`` name: registered in :data:`harness.backends.BACKENDS` or declared by an entry point."""
+
+    def __call__(self, value: Any) -> str | None:
+        """``None`` for a known backend, else the known ones (and the closest)."""
+        from harness.backends import declared
+
+        known = declared()
+        if value in known:
+            return None
+        close = close_matches(value, known)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        return f"is no generation backend; {hint}known: {', '.join(known)}"
+
+
 # ----------------------------------------------------------------------------------------------- the checker
 
 
@@ -296,7 +311,7 @@ class AdapterConfig:
     revision: str | None
     prompt_template: str
     system_prompt: str | None
-    backend: Literal["hf", "vllm"]
+    backend: Annotated[str, Backend()]  # harness/backends.py
     vllm: dict[str, Any]  # vLLM engine arguments (integrations/vllm_backend.py checks them)
 
 

@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from adapters.base import Adapter
+from core.errors import UserError
 from harness.backends import BACKENDS, Backend
 from harness.calls import batches_by_images
 from methods.base import METHODS, Method, UnsupportedError
@@ -92,12 +93,16 @@ GEN_KWARGS = ("max_new_tokens", "do_sample", *HF_SAMPLING_DEFAULTS, "seed")
 
 
 # ---------------------------------------------------------------------------------------------- import, checks
+class VLLMMissingError(UserError, ImportError):
+    """``model.backend=vllm`` on a machine without vLLM: a setup matter, reported in one line."""
+
+
 def import_vllm() -> ModuleType:
-    """``import vllm``, or an ImportError saying how to install it."""
+    """``import vllm``, or a :class:`VLLMMissingError` saying how to install it."""
     try:
         return importlib.import_module("vllm")
     except ImportError as e:
-        raise ImportError(f"{VLLM_MISSING} ({e})") from e
+        raise VLLMMissingError(f"{VLLM_MISSING} ({e})") from e
 
 
 def vllm_version(module: ModuleType | None = None) -> str | None:

@@ -195,11 +195,23 @@ def test_model_mistakes_are_one_line(tmp_path):
         (f"model.path={ckpt}", "holds no *.safetensors weights (found: pytorch_model.bin)"),
         ("model.dtype=float8", "model.dtype='float8' must be 'float32' or 'bfloat16' or 'float16' or 'auto'"),
         ("model.attn_implementation=sdp", "did you mean 'sdpa'?"),
+        ("model.backend=vlm", "model.backend='vlm' is no generation backend; did you mean 'vllm'?"),
     ]
     for arg, needle in cases:
         p, seconds = _cli([arg, f"output_root={tmp_path}"], tmp_path)
         _one_line_error(p, needle)
         assert seconds < 5, (arg, seconds)
+
+
+def test_backend_without_its_package_is_one_line(tmp_path):
+    """``model.backend=vllm`` where vLLM cannot be imported (``sys.modules['vllm'] = None`` makes sure of it)."""
+    code = (
+        f"import sys, runpy; sys.modules['vllm'] = None; sys.argv = ['run.py', 'model.backend=vllm', "
+        f"'output_root={tmp_path}', 'limit=1']; runpy.run_path({RUN!r}, run_name='__main__')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HARNESS_DEBUG"} | {"WANDB_MODE": "disabled"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    _one_line_error(p, "model.backend=vllm needs vLLM: pip install")
 
 
 def test_unsupported_method_model_pair_is_one_line_and_debug_shows_the_traceback(tmp_path):
