@@ -15,13 +15,20 @@
   text with their whitespace;
 * "Plots": the given image files, by path relative to the page.
 
-Why every value is escaped in Python: the examples hold raw model outputs (and task, model and method labels come
-from configs), so any of them may contain ``<script>``, ``</script>``, quotes or event-handler attributes. All rows
-are therefore rendered server-side, each text through :func:`html.escape` with ``quote=True`` (safe in element text
-and in quoted attributes alike); the page's script only reorders and hides existing DOM rows and reads
-``data-sort`` / ``data-*`` attributes and ``textContent``, never parsing data as markup, and no data is embedded in
-a script. The page works without JavaScript (rows are plain HTML), and as defence in depth its Content Security
-Policy admits only the page's own inline script and style (by SHA-256 hash) and no network access.
+Where things live: the markup is the Jinja2 template ``reports/templates/leaderboard.html.j2``, the style and script
+are ``leaderboard.css`` and ``leaderboard.js`` beside it (package data, loaded with :class:`jinja2.PackageLoader`, so
+an installed package finds them too). This module only prepares the data: :class:`Row` and :class:`Cell` (text,
+sort key, class, tooltip, link), the filter options, the plot paths and the changed-answer examples.
+
+Why every value is escaped: the examples hold raw model outputs (and task, model and method labels come from
+configs), so any of them may contain ``<script>``, ``</script>``, quotes or event-handler attributes. All rows are
+therefore rendered server-side by a template with autoescaping on (:func:`environment`): every ``{{ value }}`` goes
+through MarkupSafe, which escapes ``& < > " '`` and so is safe in element text and in quoted attributes alike. The
+only text inserted unescaped is the page's own CSS and JavaScript files. The page's script only reorders and hides
+existing DOM rows and reads ``data-sort`` / ``data-*`` attributes and ``textContent``, never parsing data as markup,
+and no data is embedded in a script. The page works without JavaScript (rows are plain HTML), and as defence in
+depth its Content Security Policy admits only the page's own inline script and style (by SHA-256 hash of those
+files) and no network access.
 """
 
 from __future__ import annotations
@@ -32,84 +39,19 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from html import escape
+from functools import cache
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
 
 if TYPE_CHECKING:
     from reports.table import Entry
 
 MISSING = "—"
-
-CSS = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #1d1d1f; }
-table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; }
-th, td { border-bottom: 1px solid #ddd; padding: 0.25rem 0.6rem; text-align: left; vertical-align: top; }
-th button { font: inherit; font-weight: 600; background: none; border: 0; padding: 0; cursor: pointer; }
-th[aria-sort="ascending"] button::after { content: " ▲"; }
-th[aria-sort="descending"] button::after { content: " ▼"; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-tr.baseline td { background: #f4f4f6; }
-tr.better td.delta { color: #11772d; font-weight: 600; }
-tr.worse td.delta { color: #b3261e; font-weight: 600; }
-#controls { display: flex; gap: 0.8rem; flex-wrap: wrap; align-items: center; }
-table.examples td { white-space: pre-wrap; word-break: break-word; max-width: 32rem; }
-table.examples td { font-family: ui-monospace, monospace; }
-img { max-width: 100%; display: block; margin: 0.5rem 0 1.5rem; }
-[hidden] { display: none !important; }
-"""
-
-SCRIPT = """
-(() => {
-  "use strict";
-  const table = document.getElementById("leaderboard");
-  const body = table.tBodies[0];
-  const rows = Array.from(body.rows);
-  const headers = Array.from(table.tHead.rows[0].cells);
-  const texts = new Map(rows.map((r) => [r, Array.from(r.cells, (c) => c.textContent).join("\\n").toLowerCase()]));
-  const collator = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
-  const sortKey = (row, col) => (row.cells[col].dataset.sort ?? row.cells[col].textContent).trim();
-  const isNumber = (key) => key !== "" && Number.isFinite(Number(key));
-
-  function sortBy(col) {
-    const dir = headers[col].getAttribute("aria-sort") === "ascending" ? -1 : 1;
-    headers.forEach((h) => h.removeAttribute("aria-sort"));
-    headers[col].setAttribute("aria-sort", dir === 1 ? "ascending" : "descending");
-    const current = Array.from(body.rows);
-    const keys = new Map(current.map((r) => [r, sortKey(r, col)]));
-    const numeric = [...keys.values()].every((k) => k === "" || isNumber(k));
-    const compare = (a, b) => (numeric ? Number(a) - Number(b) : collator.compare(a, b));
-    current.sort((ra, rb) => {
-      const a = keys.get(ra), b = keys.get(rb);
-      if (a === "" || b === "") return (a === "" ? 1 : 0) - (b === "" ? 1 : 0);  // missing last, both ways
-      return dir * compare(a, b);
-    });
-    body.append(...current);
-  }
-
-  const filter = document.getElementById("filter");
-  const selects = ["task", "model", "method"].map((name) => [name, document.getElementById("filter-" + name)]);
-  const count = document.getElementById("row-count");
-
-  function applyFilters() {
-    const needle = filter.value.trim().toLowerCase();
-    let shown = 0;
-    for (const row of rows) {
-      const keep = texts.get(row).includes(needle) &&
-        selects.every(([name, select]) => select.value === "" || row.dataset[name] === select.value);
-      row.hidden = !keep;
-      shown += keep ? 1 : 0;
-    }
-    count.textContent = `${shown} of ${rows.length} rows`;
-  }
-
-  headers.forEach((th, col) => th.querySelector("button").addEventListener("click", () => sortBy(col)));
-  filter.addEventListener("input", applyFilters);
-  selects.forEach(([, select]) => select.addEventListener("change", applyFilters));
-  applyFilters();  // the browser may restore form values on reload
-})();
-"""
+TEMPLATE = "leaderboard.html.j2"
 
 
 @dataclass(frozen=True)
@@ -131,9 +73,74 @@ class Cell:
     title: str = ""
 
 
-def esc(value: Any) -> str:
-    """``str(value)`` escaped for HTML element text and double- or single-quoted attribute values."""
-    return escape(str(value), quote=True)
+@dataclass(frozen=True)
+class Row:
+    """One leaderboard row before escaping.
+
+    Attributes:
+        cells: One cell per :data:`COLUMNS` entry.
+        classes: CSS classes of the ``<tr>`` (``baseline``, ``better``, ``worse``), space-separated, or empty.
+        task: ``data-task``, matched by the task filter.
+        model: ``data-model``, matched by the model filter.
+        method: ``data-method``, matched by the method filter.
+    """
+
+    cells: tuple[Cell, ...]
+    classes: str
+    task: str
+    model: str
+    method: str
+
+
+@dataclass(frozen=True)
+class Filter:
+    """One ``<select>`` filter: the ``data-*`` attribute it matches and its options (besides "all").
+
+    Attributes:
+        name: ``task``, ``model`` or ``method``.
+        options: The distinct values, sorted case-insensitively.
+    """
+
+    name: str
+    options: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        """The ``<label>`` text."""
+        return self.name.capitalize()
+
+
+@dataclass(frozen=True)
+class ExampleRow:
+    """One changed answer: its prompt (the row's tooltip, or empty) and one displayed text per example column."""
+
+    prompt: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Examples:
+    """An entry's changed answers.
+
+    Attributes:
+        anchor: The heading's ``id``, the target of the entry's "Changed" link.
+        heading: ``task / model / method``.
+        changed: How many answers changed (``None``: not counted, no count line).
+        rows: The examples shown.
+    """
+
+    anchor: str
+    heading: str
+    changed: int | None
+    rows: tuple[ExampleRow, ...]
+
+
+@dataclass(frozen=True)
+class Plot:
+    """An image of the "Plots" section: its URL-quoted ``src`` and its file name (alt text and caption)."""
+
+    src: str
+    name: str
 
 
 def number_key(value: float | None) -> str:
@@ -205,40 +212,17 @@ COLUMNS: tuple[tuple[str, Callable[[Entry, int], Cell]], ...] = (
 )
 
 
-def _td(cell: Cell) -> str:
-    attrs = "" if cell.sort is None else f' data-sort="{esc(cell.sort)}"'
-    attrs += f' class="{esc(cell.cls)}"' if cell.cls else ""
-    attrs += f' title="{esc(cell.title)}"' if cell.title else ""
-    body = f'<a href="{esc(cell.href)}">{esc(cell.text)}</a>' if cell.href else esc(cell.text)
-    return f"<td{attrs}>{body}</td>"
-
-
-def _row(e: Entry, index: int) -> str:
+def _row(e: Entry, index: int) -> Row:
     classes = ["baseline"] if e.is_baseline else []
     if e.improves is not None:
         classes.append("better" if e.improves else "worse")
-    attrs = f' class="{" ".join(classes)}"' if classes else ""
-    attrs += f' data-task="{esc(e.task)}" data-model="{esc(e.model)}" data-method="{esc(e.method)}"'
-    return f"<tr{attrs}>" + "".join(_td(cell(e, index)) for _, cell in COLUMNS) + "</tr>"
+    cells = tuple(cell(e, index) for _, cell in COLUMNS)
+    return Row(cells, " ".join(classes), e.task, e.model, e.method)
 
 
-def _leaderboard(entries: Sequence[Entry]) -> str:
-    head = "".join(f'<th scope="col"><button type="button">{esc(name)}</button></th>' for name, _ in COLUMNS)
-    rows = "\n".join(_row(e, i) for i, e in enumerate(entries))
-    return f'<table id="leaderboard">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>'
-
-
-def _select(name: str, values: Sequence[str]) -> str:
-    options = "".join(f'<option value="{esc(v)}">{esc(v)}</option>' for v in sorted(set(values), key=str.casefold))
-    label = f'<label for="filter-{name}">{name.capitalize()}</label>'
-    return f'{label} <select id="filter-{name}"><option value="">all</option>{options}</select>'
-
-
-def _controls(entries: Sequence[Entry]) -> str:
-    selects = [_select(name, [getattr(e, name) for e in entries]) for name in ("task", "model", "method")]
-    search = '<label for="filter">Filter</label> <input id="filter" type="search" placeholder="substring…">'
-    count = f'<span id="row-count" aria-live="polite">{len(entries)} of {len(entries)} rows</span>'
-    return f'<div id="controls">{search} {" ".join(selects)} {count}</div>'
+def _filters(entries: Sequence[Entry]) -> list[Filter]:
+    values = {name: {getattr(e, name) for e in entries} for name in ("task", "model", "method")}
+    return [Filter(name, tuple(sorted(v, key=str.casefold))) for name, v in values.items()]
 
 
 def shown(value: Any) -> str:
@@ -259,57 +243,61 @@ EXAMPLE_COLUMNS = (
 )
 
 
-def _examples_table(e: Entry, index: int) -> str:
-    head = "".join(f'<th scope="col">{name}</th>' for name, _ in EXAMPLE_COLUMNS)
-    rows = "\n".join(
-        (f'<tr title="{esc(ex["prompt"])}">' if ex.get("prompt") else "<tr>")
-        + "".join(f"<td>{esc(shown(ex.get(key)))}</td>" for _, key in EXAMPLE_COLUMNS)
-        + "</tr>"
+def _examples(e: Entry, index: int) -> Examples:
+    rows = tuple(
+        ExampleRow(str(ex.get("prompt") or ""), tuple(shown(ex.get(key)) for _, key in EXAMPLE_COLUMNS))
         for ex in e.examples
     )
-    heading = f'<h3 id="examples-{index}">{esc(e.task)} / {esc(e.model)} / {esc(e.method)}</h3>'
-    count = f"<p>{esc(e.changed)} changed answers; the first {len(e.examples)}:</p>" if e.changed is not None else ""
-    table = f'<table class="examples">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>'
-    return f"{heading}\n{count}\n{table}"
+    return Examples(f"examples-{index}", f"{e.task} / {e.model} / {e.method}", e.changed, rows)
 
 
-def _examples(entries: Sequence[Entry]) -> str:
-    tables = [_examples_table(e, i) for i, e in enumerate(entries) if e.examples]
-    if not tables:
-        return ""
-    intro = "<p>Samples whose parsed answer differs from the baseline's (hover a row for its prompt).</p>"
-    return '<section id="changed">\n<h2>Changed answers</h2>\n' + intro + "\n" + "\n".join(tables) + "\n</section>"
-
-
-def _plots(plots: Sequence[str]) -> str:
-    if not plots:
-        return ""
-    images = "\n".join(
-        f'<figure><img src="{esc(quote(PurePath(p).as_posix(), safe="/"))}" alt="{esc(PurePath(p).name)}">'
-        f"<figcaption>{esc(PurePath(p).name)}</figcaption></figure>"
-        for p in plots
-    )
-    return f'<section id="plots">\n<h2>Plots</h2>\n{images}\n</section>'
+def _plot(path: str) -> Plot:
+    pure = PurePath(path)
+    return Plot(src=quote(pure.as_posix(), safe="/"), name=pure.name)
 
 
 def _csp_hash(source: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
 
 
-def _csp() -> str:
+def _csp(css: str, script: str) -> str:
     """Content Security Policy: this page's own script and style only, images from files, no network."""
     return (
-        f"default-src 'none'; script-src {_csp_hash(SCRIPT)}; style-src {_csp_hash(CSS)}; "
+        f"default-src 'none'; script-src {_csp_hash(script)}; style-src {_csp_hash(css)}; "
         "img-src 'self' file: data:; base-uri 'none'; form-action 'none'"
     )
 
 
-LEGEND = (
-    "<p>Value: headline metric, mean over seeds ± bootstrap standard error (sd: over seeds). Δ: paired difference "
-    "to the <code>method=none</code> run with the same model, task, items and seed, with its 95 % interval; "
-    "* p &lt; 0.05, ** p &lt; 0.01, *** p &lt; 0.001. ↑/↓: higher/lower is better. Time ×: wall time per sample "
-    "relative to the baseline. Changed: answers that differ from the baseline's.</p>"
-)
+@cache
+def environment() -> Environment:
+    """The Jinja2 environment of ``reports/templates`` (package data), autoescaping every template.
+
+    Returns:
+        An environment whose templates escape every ``{{ value }}`` for HTML text and quoted attributes, and whose
+        undefined names raise instead of rendering empty.
+    """
+    return Environment(
+        loader=PackageLoader("reports", "templates"),
+        autoescape=select_autoescape(enabled_extensions=("html", "html.j2"), default=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def asset(name: str) -> str:
+    """The text of a file in ``reports/templates`` (the page's CSS or JavaScript), exactly as stored.
+
+    Args:
+        name: File name inside the templates folder.
+
+    Returns:
+        The file's text.
+    """
+    env = environment()
+    assert env.loader is not None
+    return env.loader.get_source(env, name)[0]
 
 
 def render_html(entries: Sequence[Entry], *, title: str = "Leaderboard", plots: Sequence[str] = ()) -> str:
@@ -323,22 +311,19 @@ def render_html(entries: Sequence[Entry], *, title: str = "Leaderboard", plots: 
     Returns:
         A complete HTML document.
     """
-    return "\n".join(
-        [
-            "<!DOCTYPE html>",
-            '<html lang="en">\n<head>\n<meta charset="utf-8">',
-            f'<meta http-equiv="Content-Security-Policy" content="{esc(_csp())}">',
-            '<meta name="viewport" content="width=device-width, initial-scale=1">',
-            f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>",
-            f"<h1>{esc(title)}</h1>",
-            LEGEND,
-            _controls(entries),
-            "<noscript><p>Sorting and filtering need JavaScript.</p></noscript>",
-            _leaderboard(entries),
-            _plots(plots),
-            _examples(entries),
-            f"<script>{SCRIPT}</script>\n</body>\n</html>\n",
-        ]
+    css, script = asset("leaderboard.css"), asset("leaderboard.js")
+    template = environment().get_template(TEMPLATE)
+    return template.render(
+        title=title,
+        csp=_csp(css, script),
+        css=Markup(css),  # the page's own files, trusted: inserted as they are, which is what the CSP hashes
+        script=Markup(script),
+        filters=_filters(entries),
+        headers=[name for name, _ in COLUMNS],
+        rows=[_row(e, i) for i, e in enumerate(entries)],
+        plots=[_plot(p) for p in plots],
+        example_headers=[name for name, _ in EXAMPLE_COLUMNS],
+        examples=[_examples(e, i) for i, e in enumerate(entries) if e.examples],
     )
 
 

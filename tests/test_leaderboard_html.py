@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
-from reports.html import write_html
+from reports.html import render_html, write_html
 from reports.table import Entry
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -148,12 +149,46 @@ def test_written_html_escapes_model_output(tmp_path):
     path = tmp_path / "out" / "index.html"
     write_html(_entries(), path, title="<Board>")
     html = path.read_text(encoding="utf-8")
-    assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;&lt;b&gt;bold&lt;/b&gt; &amp; &quot;quotes&quot;" in html
+    assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;&lt;b&gt;bold&lt;/b&gt; &amp; &#34;quotes&#34;" in html
     assert "<script>window.__pwned" not in html
-    assert "&lt;/script&gt;&lt;img src=x onerror=&quot;window.__pwned=2&quot;&gt;" in html
+    assert "&lt;/script&gt;&lt;img src=x onerror=&#34;window.__pwned=2&#34;&gt;" in html
     assert html.count("<script") == 1 and 'onerror="' not in html
     assert "<title>&lt;Board&gt;</title>" in html
     assert 'id="plots"' not in html  # no plots given, no section
+
+
+class _Tags(HTMLParser):
+    """Every start tag with its (unescaped) attributes, and the text of each element."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.texts: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.texts.append(data)
+
+
+def test_template_escapes_every_user_string():
+    evil = """x"'><script>window.__pwned = 3</script><b onclick="f()">"""
+    image = """a"><img src=x onerror="f()">.png"""  # a file name: no "/"
+    example = {"sample_id": evil, "prompt": evil, "target": evil, "method_output": evil}
+    entry = _entry("pope", evil, evil, note=evil, changed=1, examples=[example])
+    html = render_html([entry], title=evil, plots=[f"plots/{image}"])
+    parsed = _Tags()
+    parsed.feed(html)
+    assert [tag for tag, _ in parsed.tags].count("script") == 1 and "<script>window" not in html
+    assert "<b onclick" not in html and 'onerror="' not in html
+    row = next(attrs for tag, attrs in parsed.tags if tag == "tr" and "data-model" in attrs)
+    assert row["data-model"] == row["data-method"] == evil  # attributes stay closed and round-trip
+    assert {"value": evil} in [attrs for tag, attrs in parsed.tags if tag == "option"]
+    assert next(attrs for tag, attrs in parsed.tags if tag == "tr" and "title" in attrs)["title"] == evil
+    assert next(attrs for tag, attrs in parsed.tags if tag == "img")["alt"] == image
+    assert parsed.texts.count(evil) == 10  # title, h1; 2 options, 3 cells (model, method, note); 3 example cells
+    assert parsed.texts.count(image) == 1  # the caption
 
 
 def test_page_loads_without_errors(opened):
