@@ -5,8 +5,8 @@
     python -m checks.regress --update           # rerun and rewrite the goldens, printing what moved
     python -m checks.regress --only pope        # cells whose name contains "pope"
 
-The matrix (``reports/goldens/matrix.yaml``) is every task × every listed (model, method) cell on a fixed small
-subset of the shapes-world exports, on the shipped tiny checkpoints. A golden (``reports/goldens/<task>/<cell>.json``)
+The matrix (``checks/goldens/matrix.yaml``) is every task × every listed (model, method) cell on a fixed small
+subset of the shapes-world exports, on the shipped tiny checkpoints. A golden (``checks/goldens/<task>/<cell>.json``)
 holds the cell's per-sample parsed answers and errors, a hash of every raw output, the answer log-probabilities
 of first-token scoring tasks, the evaluated items' hash and all metrics. A check fails on
 
@@ -39,7 +39,7 @@ from core.results import package_version, sha256_text
 from harness.config import REPO_ROOT
 from reports.runs import Run, scan
 
-GOLDENS = REPO_ROOT / "reports" / "goldens"
+GOLDENS = REPO_ROOT / "checks" / "goldens"
 MATRIX = GOLDENS / "matrix.yaml"
 ATOL = RTOL = 1e-6
 LOGPROB_ATOL = 1e-4  # recorded answer log-probabilities (first-token scoring tasks): CPU float noise is ~1e-6
