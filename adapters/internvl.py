@@ -25,7 +25,9 @@ from torch import nn
 from transformers import InternVLForConditionalGeneration, InternVLProcessor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-from adapters.base import ADAPTERS, CHATML, CHATML_SYSTEM, Adapter, Box
+from adapters.base import ADAPTERS, Adapter
+from adapters.generation import CHATML, CHATML_SYSTEM
+from adapters.geometry import Box
 from adapters.processors import load_processor
 
 

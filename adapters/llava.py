@@ -18,7 +18,8 @@ from PIL import Image
 from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from adapters.base import ADAPTERS, Adapter, Box
+from adapters.base import ADAPTERS, Adapter
+from adapters.geometry import Box
 
 
 @ADAPTERS.register("llava")

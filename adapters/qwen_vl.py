@@ -11,8 +11,9 @@ Loads hub ids such as ``Qwen/Qwen2-VL-7B-Instruct`` / ``Qwen/Qwen2.5-VL-7B-Instr
 * **Positions (M-RoPE).** The LM's position ids are ``[3, batch, seq]`` (temporal, height, width): text tokens
   share one increasing index in all three rows; an image's tokens get ``t = start``, ``h = start + row``,
   ``w = start + col``, and the text after it resumes at ``start + max(rows, cols)``. :meth:`position_ids` returns
-  them as the model's own generation builder computes them (``get_rope_index``), and :meth:`Adapter.positions`
-  replaces them in prefill; decoding continues at each row's last position + 1.
+  them as the model's own generation builder computes them (``get_rope_index``), and
+  :meth:`~adapters.generation.Generation.positions` replaces them in prefill; decoding continues at each row's last
+  position + 1.
 * **Vision tower.** No [CLS] token. The projector's input (:meth:`vision_features`) is the last block's output,
   ``[n_patches_total, d_vision]``, patches ordered so that each 2×2 merge window is contiguous.
 """
@@ -33,7 +34,8 @@ from transformers import (
 )
 from transformers.vision_utils import get_vision_window_index
 
-from adapters.base import ADAPTERS, CHATML, CHATML_SYSTEM, Adapter, model_inputs
+from adapters.base import ADAPTERS, Adapter
+from adapters.generation import CHATML, CHATML_SYSTEM, model_inputs
 from adapters.processors import load_processor
 
 #: config.model_type → (model class, stock processor class)

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from adapters.base import box_overlap
+from adapters.geometry import box_overlap
 from adapters.llava import LlavaAdapter
 from bench.overhead import MID, TINY, cli
 from harness.provenance import environment

@@ -3,7 +3,7 @@
 On CUDA, a tensor created without ``device=`` lands on the CPU, and indexing or combining it with the model's
 tensors fails (``indices should be either on cpu or on the same device``) or, worse, silently runs on the host.
 On the CPU the same code works, because every tensor is on the CPU. :func:`strict_devices` makes it fail here too:
-inside every adapter model call (:meth:`adapters.base.Adapter._call`: input preparation, the methods' hooks,
+inside every adapter model call (:meth:`adapters.generation.Generation._call`: input preparation, the methods' hooks,
 generation), torch's default device is ``meta``, so a tensor created without an explicit device is a data-less
 meta tensor, and the first operation that needs its values, or mixes it with real tensors, raises. Mixing is
 checked by a dispatch mode on every ATen operation: torch itself lets a CPU tensor be indexed or gathered with a
@@ -27,7 +27,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from adapters.base import Adapter
+from adapters.generation import Generation
 
 
 class DeviceMixError(RuntimeError):
@@ -51,15 +51,15 @@ class _NoMixing(TorchDispatchMode):
 @contextlib.contextmanager
 def strict_devices(default: str = "meta") -> Iterator[None]:
     """Run every adapter model call with torch's default device set to ``default`` (restored on exit)."""
-    original = Adapter._call
+    original = Generation._call
 
     @contextlib.contextmanager
-    def strict(self: Adapter, inputs: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    def strict(self: Generation, inputs: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
         with torch.device(default), _NoMixing(), original(self, inputs) as prepared:
             yield prepared
 
-    Adapter._call = strict
+    Generation._call = strict
     try:
         yield
     finally:
-        Adapter._call = original
+        Generation._call = original

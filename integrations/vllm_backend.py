@@ -2,7 +2,7 @@ r"""vLLM as the generation backend (``model.backend=vllm``): the harness's model
 
 :class:`VLLMCalls` implements :class:`tasks.base.ModelCalls` as :class:`harness.calls.AdapterCalls` does on the HF
 model: the method's :meth:`~methods.base.Method.rewrite` sees every batch first (inside the caller's method
-context), prompts are the adapter's :meth:`~adapters.base.Adapter.format_prompt` (its processor only, loaded by
+context), prompts are the adapter's :meth:`~adapters.generation.Generation.format_prompt` (its processor only, loaded by
 :meth:`~adapters.base.Adapter.load_processor`: the HF weights load only for methods with passes of their own, e.g.
 CARVE), batches are cut the same way (image and text-only requests apart, at most ``batch_size``), a request's
 ``seconds`` is its batch's wall time over the batch size, and outputs are the new text, special tokens skipped,

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adapters.base import TileFrame
+from adapters.geometry import TileFrame
 from methods.base import METHODS, Method
 from methods.carve_mask import overlay, paint, refine, select_regions
 from methods.intervention import Step, attach

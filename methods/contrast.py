@@ -12,11 +12,11 @@ in ``vcd_utils/vcd_sample.py``). The task's own logits processors run before (HF
 built-in ones), the sampling warpers (temperature, top-k, top-p) after, as in the official samplers, which call
 ``logits_processor`` then ``logits_warper`` on the combined scores.
 
-Both views run as ONE batched forward per step (:meth:`adapters.base.Adapter.views`): the batch is doubled, rows
-``0..B-1`` the original, rows ``B..2B-1`` the second view, each with its own KV-cache rows; left padding and cached
-decoding are the adapter's, and the second view's rows are fed the chosen token at every step. The second view's
-image is always the same size as the original's, so both views have the same tokens (Qwen-VL's dynamic resolution
-and InternVL's tiling give the same grid) and the second view differs only in ``pixel_values``.
+Both views run as ONE batched forward per step (:meth:`adapters.generation.Generation.views`): the batch is
+doubled, rows ``0..B-1`` the original, rows ``B..2B-1`` the second view, each with its own KV-cache rows; left
+padding and cached decoding are the adapter's, and the second view's rows are fed the chosen token at every step.
+The second view's image is always the same size as the original's, so both views have the same tokens (Qwen-VL's
+dynamic resolution and InternVL's tiling give the same grid) and the second view differs only in ``pixel_values``.
 
 Seeding: every image's randomness (VCD's noise, RITUAL's transformation) comes from its own generator, seeded with
 ``sha256(seed, prompt text, image index in the row, image pixels)``, so a sample's second view does not depend on

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adapters.base import Adapter, box_overlap
+from adapters.base import Adapter
+from adapters.geometry import box_overlap
 from methods.intervention import Step, attach
 
 COMPONENTS = ("hidden", "attn", "mlp")

@@ -13,7 +13,7 @@ and everything else is unchanged — text rows stay causal, image↔image stays 
 (M-RoPE stays M-RoPE), and decoding uses the ordinary mask (the image keys/values in the cache were computed
 with the question visible). With several images, every visual token may see the instruction after the last one.
 
-**Which tokens are the instruction** (``adapters.base.Adapter.instruction_spans``): every token after the last
+**Which tokens are the instruction** (``adapters.geometry.Geometry.instruction_spans``): every token after the last
 visual token up to the first assistant-turn suffix — the user's question plus the template tokens between the
 image and it (LLaVA's ``\n``, Qwen's ``<|vision_end|>``, InternVL's ``</img>\n``), excluding the end-of-turn and
 assistant-header tokens. The official code ends the window at ``marker_index + n_visual`` in the expanded sequence,

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from adapters.base import ADAPTERS, model_inputs
+from adapters.base import ADAPTERS
+from adapters.generation import model_inputs
 from methods.base import METHODS
 from shapes.assets import tokenizer_corpus
 from shapes.tiny import InternVLSize, LlavaSize, QwenVLSize, build_tiny

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adapters.base import SiteError
+from adapters.anatomy import SiteError
 from adapters.llava import LlavaAdapter
 
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from adapters.base import model_inputs
+from adapters.generation import model_inputs
 from harness.calls import AdapterCalls
 from methods.carve import CARVE, auto_layers, contrast, image_saliency
 from methods.carve_mask import refine, select_regions

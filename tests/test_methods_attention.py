@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from adapters.base import ADAPTERS, model_inputs
+from adapters.base import ADAPTERS
+from adapters.generation import model_inputs
 from methods.base import METHODS, Method
 from methods.cca import CCA, concentric_allowed, concentric_positions, ring_layout
 from methods.intervention import CompositionError, attach

@@ -7,7 +7,7 @@ from typing import ClassVar
 import pytest
 from PIL import Image
 
-from adapters.base import model_inputs
+from adapters.generation import model_inputs
 from adapters.llava import LlavaAdapter
 from methods.base import METHODS, Method, UnsupportedError
 

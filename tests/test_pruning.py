@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adapters.base import model_inputs
+from adapters.generation import model_inputs
 from methods.base import UnsupportedError
 from methods.fastervlm import FasterVLM
 from methods.fastv import FastV, received_attention, resolve_layer

@@ -23,7 +23,8 @@ import json
 
 import torch
 
-from adapters.base import Adapter, model_inputs
+from adapters.base import Adapter
+from adapters.generation import model_inputs
 from methods.calibrate import parser
 from methods.calibrate.debias import QUESTIONS, calibration_images
 from methods.embedlens import MARKER_FILE
