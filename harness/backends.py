@@ -16,8 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from core.errors import UserError
-from core.registry import Registry, UnknownNameError, close_matches
+from core.registry import Registry
 
 if TYPE_CHECKING:
     from adapters.base import Adapter
@@ -63,20 +62,12 @@ def get_backend(name: str) -> Backend:
     """The backend filed under ``name``, importing the module an entry point names for it on first use.
 
     Raises:
-        core.registry.UnknownNameError: no backend of that name is registered or declared (with suggestions).
-        core.errors.UserError: an entry point declares the name but its module registers nothing under it.
+        core.registry.UnknownNameError: no backend of that name is registered (with suggestions).
     """
     if name not in BACKENDS:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             if ep.name == name:
                 importlib.import_module(ep.value)
-    if name not in BACKENDS:
-        known = declared()
-        if name in known:
-            raise UserError(f"model.backend={name}: its module did not register it (entry point {ENTRY_POINT_GROUP})")
-        close = close_matches(name, known)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise UnknownNameError(f"unknown model.backend {name!r}{hint} Known: {', '.join(known)}")
     return BACKENDS.get(name)
 
 

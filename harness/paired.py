@@ -18,7 +18,8 @@ from typing import Any
 
 from core.paired import BASELINE_METHOD, compare
 from core.records import load_records
-from tasks.base import Task
+from core.results import write_json
+from tasks.base import Task, task_from_config
 
 
 def find_baseline(output_dir: str | Path, pair_hash: str, sample_set: str | None = None) -> Path | None:
@@ -76,12 +77,6 @@ def paired_summary(block: dict[str, Any], max_rows: int = 6) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Recompute the paired block of a finished run (e.g. after its baseline finished) and store it."""
-    from omegaconf import OmegaConf
-
-    import tasks  # noqa: F401  (registers tasks)
-    from core.results import write_json
-    from harness.config import instantiate
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--baseline", type=Path, default=None, help="baseline run directory (default: found beside)")
@@ -92,8 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if baseline is None:
         raise SystemExit(f"no {BASELINE_METHOD}-* run with pair_hash {results['pair_hash']} beside {args.run_dir}")
-    cfg = OmegaConf.create(results["config"])
-    task = instantiate(cfg.task, drop=("name",), strict=False)
+    task = task_from_config(results["config"]["task"], strict=False)
     records = list(load_records(args.run_dir / results["samples_file"]).values())
     results["paired"] = paired_block(task, records, baseline, results["samples_file"], results["config"]["seed"])
     write_json(args.run_dir / "results.json", results)

@@ -115,11 +115,7 @@ class Backend:
         from harness.backends import declared
 
         known = declared()
-        if value in known:
-            return None
-        close = close_matches(value, known)
-        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-        return f"is no generation backend; {hint}known: {', '.join(known)}"
+        return None if value in known else f"is no generation backend{_closest(value, known)} Known: {', '.join(known)}"
 
 
 # ----------------------------------------------------------------------------------------------- the checker
