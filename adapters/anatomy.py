@@ -145,33 +145,28 @@ class Anatomy(abc.ABC):
         return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
     # ------------------------------------------------------------------ attention switches
-    @contextlib.contextmanager
-    def lm_attention(self, implementation: str) -> Iterator[None]:
+    def lm_attention(self, implementation: str) -> contextlib.AbstractContextManager[None]:
         """Switch the LANGUAGE MODEL's attention function (not the vision tower's); restore on exit.
 
         ``implementation`` is a name registered with ``transformers.AttentionInterface`` (and, for custom
-        functions, with ``AttentionMaskInterface`` under the same name so masks are materialised).
+        functions, with ``AttentionMaskInterface`` under the same name, or the function gets no mask at all).
         """
-        model = self._require_loaded()
-        text_cfg = model.config.get_text_config()
-        previous = text_cfg._attn_implementation
-        model.set_attn_implementation({"text_config": implementation})
-        try:
-            yield
-        finally:
-            model.set_attn_implementation({"text_config": previous})
+        return self._attention_of("text_config", implementation)
+
+    def vision_attention(self, implementation: str) -> contextlib.AbstractContextManager[None]:
+        """Switch the VISION tower's attention function (e.g. to ``"eager"`` to read probabilities); restore on exit."""
+        return self._attention_of("vision_config", implementation)
 
     @contextlib.contextmanager
-    def vision_attention(self, implementation: str) -> Iterator[None]:
-        """Switch the VISION tower's attention function (e.g. to ``"eager"`` to read probabilities); restore on exit."""
+    def _attention_of(self, part: str, implementation: str) -> Iterator[None]:
         model = self._require_loaded()
-        vcfg = model.config.vision_config
-        previous = vcfg._attn_implementation
-        model.set_attn_implementation({"vision_config": implementation})
+        config = model.config.get_text_config() if part == "text_config" else model.config.vision_config
+        previous = config._attn_implementation
+        model.set_attn_implementation({part: implementation})
         try:
             yield
         finally:
-            model.set_attn_implementation({"vision_config": previous})
+            model.set_attn_implementation({part: previous})
 
     # ------------------------------------------------------------------ vision tower
     @abc.abstractmethod

@@ -26,7 +26,9 @@ site                            registered with                      tensor the 
 ==============================  ===================================  ============================================
 
 Layers where no callback needs scores or probabilities run PyTorch's fused SDPA on the (possibly edited) mask;
-the others run an eager softmax so the probabilities can be edited before they multiply V. A per-call
+the others run an eager softmax so the probabilities can be edited before they multiply V. When no row is padded
+the mask function skips the mask, as it does for the unmodified model, and the untouched layers run the same
+causal kernel as the baseline; the mask is built only where a callback needs it in hand. A per-call
 :class:`Batch` (prompt tensors, visual-token and padding masks, each method's per-batch state) is built from
 the adapter's inputs before every ``generate``/``forward``; callbacks get a :class:`Step` telling them the layer
 and whether this call is the prefill (query length = key length) or one cached decoding step.
@@ -144,6 +146,7 @@ class Intervention:
         self.head_fns: dict[int, list[tuple[str, AttnFn]]] = {}
         self._stack: contextlib.ExitStack | None = None
         self._edited: tuple[torch.Tensor | None, torch.Tensor] | None = None  # (mask received, mask edited)
+        self._causal_memo: tuple[tuple, torch.Tensor] | None = None  # ((batch, q, k, device), causal mask)
         self.surgery: Surgery | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -169,7 +172,7 @@ class Intervention:
         self.batch = None
 
     def _new_batch(self, inputs: dict[str, torch.Tensor] | None) -> None:
-        self._edited = None
+        self._edited = self._causal_memo = None
         if inputs is None:  # the adapter call is over
             self.batch = None
             return
@@ -218,24 +221,30 @@ class Intervention:
                 "adapter.forward so per-batch state is built"
             )
         step = Step(layer, kv_len - q_len, q_len, kv_len, self.batch)
+        score_fns, prob_fns = self.score_fns.get(layer, []), self.prob_fns.get(layer, [])
+        edits = step.prefill and bool(self.mask_fns)
+        plain = mask is None and not edits  # SDPA's mask function skipped it (no padded row): causal only
+        if mask is None and q_len > 1 and (score_fns or prob_fns or edits):
+            mask = self._causal(query.shape[0], q_len, kv_len, query.device)
         received = mask
         if mask is not None:
             mask = mask[..., :kv_len]
-        if step.prefill and self.mask_fns:
+        if edits:
             # every layer of one forward receives the same mask tensor: edit it once, reuse the result
             if self._edited is None or self._edited[0] is not received:
                 self._edited = (received, self._edit_prompt_block(mask, step))
             mask = self._edited[1]
-        score_fns, prob_fns = self.score_fns.get(layer, []), self.prob_fns.get(layer, [])
         if not score_fns and not prob_fns:
             return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
         start = min((first(step) if first else 0) for _o, _f, first in score_fns + prob_fns)
         start = max(0, min(start, q_len))
         if start == 0:
             return self._eager(module, query, key, value, mask, scaling, dropout, step, score_fns, prob_fns)
-        # rows before `start` are never edited: fused SDPA for them, eager only for the rest
-        head, _ = sdpa_attention_forward(module, query[:, :, :start], key, value,
-                                         None if mask is None else mask[:, :, :start], dropout=dropout,
+        # rows before `start` are never edited: fused SDPA for them, eager only for the rest. Prefill rows from
+        # position 0 under a plain causal mask keep the causal kernel (its top-left alignment is right there; a
+        # single row would attend every key, so one row keeps the mask)
+        head_mask = None if mask is None or (plain and step.prefill and start > 1) else mask[:, :, :start]
+        head, _ = sdpa_attention_forward(module, query[:, :, :start], key, value, head_mask, dropout=dropout,
                                          scaling=scaling, **kwargs)  # fmt: skip
         if start == q_len:
             return head, None
@@ -244,6 +253,18 @@ class Intervention:
         tail, _ = self._eager(module, query[:, :, start:], key, value, tail_mask, scaling, dropout, tail_step,
                               score_fns, prob_fns)  # fmt: skip
         return torch.cat([head, tail], 1), None  # [batch, q, heads, head_dim]; no full probabilities to return
+
+    def _causal(self, batch: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+        """The causal mask SDPA's mask function skips when no row is padded, ``[batch, 1, q, k]`` (True = attend).
+
+        Built only for the layers that need one in hand (eager softmax, mask edits), once per shape: the other
+        layers keep ``None`` and so run the same causal kernel as the unmodified model.
+        """
+        key = (batch, q_len, kv_len, device)
+        if self._causal_memo is None or self._causal_memo[0] != key:
+            causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)  # [q, k]
+            self._causal_memo = (key, causal.expand(batch, 1, q_len, kv_len).contiguous())
+        return self._causal_memo[1]
 
     @staticmethod
     def _eager(
@@ -579,11 +600,7 @@ def _attention(
     return iv.attend(layer, module, query, key, value, attention_mask, scaling, dropout, kwargs)
 
 
-def _mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """The same-name mask function: SDPA's boolean mask (True = attend), always materialised (no causal skip)."""
-    kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(*args, **kwargs)
-
-
 AttentionInterface.register(ATTENTION, _attention)
-AttentionMaskInterface.register(ATTENTION, _mask)
+# the same-name mask function is SDPA's own, causal skip included: with no padded row every layer gets ``None`` and
+# runs the causal kernel the unmodified model runs; ``Intervention._causal`` builds the mask where one is needed
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)

@@ -51,24 +51,27 @@ class Layout:
         present: Presence over the full prompt ``[batch, prompt_len]``.
         index: Full-prompt position of each slot ``[batch, n]`` (padding slots: 0).
         valid: Slot holds a token ``[batch, n]``.
+        full: Every slot holds a token (no row is padded): the masks are plain causal and left to SDPA's causal
+            kernel (``None``), as the unmodified model's are when no row is padded.
     """
 
     present: torch.Tensor
     index: torch.Tensor
     valid: torch.Tensor
+    full: bool = False
 
     @classmethod
     def of(cls, present: torch.Tensor) -> Layout:
         """Compact ``present [batch, prompt_len]`` into left-padded slots."""
         counts = present.sum(1)  # [batch]
-        n = int(counts.max())  # the one host sync: the layout's width
+        n, least = torch.stack([counts.max(), counts.min()]).tolist()  # the one host sync: width, and any padding
         slot = torch.arange(n, device=present.device)[None, :]  # [1, n]
         valid = slot >= (n - counts)[:, None]  # [batch, n]
         # a stable sort puts each row's absent positions first and its present ones last, both in order: the
         # last n columns are the row's present tokens right-aligned (no nonzero / boolean indexing: no sync)
         order = torch.sort(present.to(torch.uint8), dim=1, stable=True).indices[:, -n:]  # [batch, n]
         index = torch.where(valid, order, torch.zeros_like(order))
-        return cls(present, index, valid)
+        return cls(present, index, valid, full=least == n)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Take the layout's slots from a full-prompt tensor ``[batch, prompt_len, ...]`` (batch may broadcast)."""
@@ -76,16 +79,27 @@ class Layout:
         idx = self.index.reshape(*self.index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
         return x.gather(1, idx)
 
-    def prefill_mask(self) -> torch.Tensor:
-        """Causal mask over the slots with padding keys masked, ``[batch, 1, n, n]`` (True = attend)."""
+    def prefill_mask(self) -> torch.Tensor | None:
+        """Causal mask over the slots with padding keys masked, ``[batch, 1, n, n]`` (True = attend).
+
+        ``None`` (SDPA's causal kernel) when no slot is padding.
+        """
+        if self.full:
+            return None
         n = self.index.shape[1]
         causal = torch.ones(n, n, dtype=torch.bool, device=self.index.device).tril()
         mask = causal[None] & self.valid[:, None, :]  # [batch, n, n]
         mask |= torch.eye(n, dtype=torch.bool, device=mask.device)[None]  # padding rows see themselves
         return mask[:, None]
 
-    def decode_mask(self, q_len: int, kv_len: int) -> torch.Tensor:
-        """Mask of ``q_len`` generated queries over the layout's keys and every generated key, ``[b, 1, q, kv]``."""
+    def decode_mask(self, q_len: int, kv_len: int) -> torch.Tensor | None:
+        """Mask of ``q_len`` generated queries over the layout's keys and every generated key, ``[b, 1, q, kv]``.
+
+        ``None`` when no slot is padding and one query sees every key (SDPA's ``is_causal`` is aligned top-left, so
+        several queries over a longer cache keep the explicit mask).
+        """
+        if self.full and q_len == 1:
+            return None
         generated = torch.ones(self.valid.shape[0], kv_len - self.valid.shape[1], dtype=torch.bool,
                                device=self.valid.device)  # fmt: skip
         keys = torch.cat([self.valid, generated], 1)  # [batch, kv]

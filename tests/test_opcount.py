@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.opcount import Counting, _Dispatch, _Functions, count_steps, own_sites
 from bench.scale import count_method
+from harness.calls import AdapterCalls
 from methods.base import METHODS
 from tasks.base import Request
 
@@ -164,3 +166,62 @@ def test_a_planted_sync_fails_the_target(loaded, monkeypatch):
     assert planted["syncs_per_step"] == clean["syncs_per_step"] + 1  # VAR edits one layer of four
     site = next(k for k in planted["sync_sites"] if "tests/test_opcount.py:" in k)
     assert site.startswith("aten.item.default") and planted["sync_sites"][site] == 3  # once per decoding step
+
+
+class _SDPACalls(TorchDispatchMode):
+    """Records, for every fused attention call, its query length and whether it was handed a mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[int, bool]] = []  # (query length, mask given)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.scaled_dot_product_attention.default:
+            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            self.calls.append((args[0].shape[2], mask is not None))
+        return func(*args, **kwargs)
+
+
+def _sdpa_calls(adapter, method, batch):
+    """Fused attention calls of one ``generate`` and whether the method edits the prefill mask."""
+    with torch.inference_mode(), method.bind(adapter):
+        iv = getattr(adapter, "_intervention", None)
+        edits_mask = bool(iv and iv.mask_fns)
+        calls = AdapterCalls(adapter, len(batch), method)
+        with _SDPACalls() as rec:
+            calls.generate(batch, **GEN)
+    return rec.calls, edits_mask
+
+
+@pytest.mark.parametrize(("family", "name"), [(f, n) for f, n in CASES if n in ("var", "iri", "cca", "mma", "fastv",
+                                                                             "fastervlm")])  # fmt: skip
+def test_untouched_layers_run_the_baselines_causal_kernel(loaded, family, name, tmp_path):
+    """With no padded row SDPA's mask function skips the mask and the unmodified model runs the causal kernel
+    (FlashAttention on a GPU). An attached method must not materialise it for the layers it leaves alone: a fused
+    call over the whole prompt carries a mask only when the method edits the prefill mask (CCA, MMA), the layers
+    a pruning method shortened keep the causal kernel (their layout has no padded slot), and no decoding step's
+    fused call carries a mask.
+    """
+    adapter = loaded(family)
+    kw = TARGETS[name][0]
+    if name == "iri":
+        rr = [0.2, 0.8, 0.5, 0.1]
+        (tmp_path / "fcct.json").write_text(
+            json.dumps({"layers": 4, "rr": {"attn": {"last": rr}, "mlp": {"last": rr}}})
+        )
+        kw = {"fcct_file": str(tmp_path / "fcct.json"), "sources": 1, "targets": 2}
+    one = _batch(1)
+    base, _ = _sdpa_calls(adapter, METHODS.get("none")(), one)
+    assert base and not any(masked for _q, masked in base)  # the baseline's kernel: causal, no mask in hand
+    got, edits_mask = _sdpa_calls(adapter, METHODS.get(name)(**kw), one)
+    prompt = adapter.build_inputs([adapter.format_prompt(r.text) for r in one], [r.images for r in one])
+    prompt = prompt["input_ids"].shape[1]  # the LM's prefill query length
+    decode = [masked for q, masked in got if q == 1]
+    assert decode and not any(decode), f"{name} handed a decoding step's fused layer a mask"
+    if name in ("fastv", "fastervlm"):  # every fused prefill call, the pruned layers' shorter ones included
+        pruned = [masked for q, masked in got if 1 < q < prompt]
+        assert pruned and not any(pruned), f"{name} handed a pruned layer a mask"
+        return
+    whole = [masked for q, masked in got if q == prompt]
+    assert whole == [edits_mask] * len(whole) and whole, f"{name}: prefill masks {whole}, edits the mask: {edits_mask}"
