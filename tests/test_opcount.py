@@ -215,8 +215,8 @@ def test_untouched_layers_run_the_baselines_causal_kernel(loaded, family, name, 
     base, _ = _sdpa_calls(adapter, METHODS.get("none")(), one)
     assert base and not any(masked for _q, masked in base)  # the baseline's kernel: causal, no mask in hand
     got, edits_mask = _sdpa_calls(adapter, METHODS.get(name)(**kw), one)
-    prompt = adapter.build_inputs([adapter.format_prompt(r.text) for r in one], [r.images for r in one])
-    prompt = prompt["input_ids"].shape[1]  # the LM's prefill query length
+    inputs = adapter.build_inputs([adapter.format_prompt(r.text) for r in one], [r.images for r in one])
+    prompt = inputs["input_ids"].shape[1]  # the LM's prefill query length
     decode = [masked for q, masked in got if q == 1]
     assert decode and not any(decode), f"{name} handed a decoding step's fused layer a mask"
     if name in ("fastv", "fastervlm"):  # every fused prefill call, the pruned layers' shorter ones included
