@@ -31,26 +31,48 @@ METHODS: Registry[type[Method]] = Registry("method")
 
 
 class DeviceTally:
-    """Running sums a method's hooks add to on the model's device (no host sync inside the forward).
+    """Running sums a method's hooks add to on the model's device, with no host sync and no kernel per add.
+
+    :meth:`add` only keeps a reference to the tensors; their elements are summed (in float64) when the sums are
+    read, or once :data:`FLUSH_AT` tensors are pending: one ``cat`` and one ``sum`` per slot then, instead of a
+    reduction and an indexed add per hook call, which at every cached decoding step of every layer were most of a
+    method's bookkeeping launches (issue 25). A tensor passed to :meth:`add` must not be modified afterwards.
 
     Args:
         n: Number of sums.
     """
 
+    #: pending tensors that trigger a flush (bounds what the references keep alive)
+    FLUSH_AT = 4096
+
     def __init__(self, n: int) -> None:
-        self.sums = torch.zeros(n, dtype=torch.float64, device="cpu")  # moved to the values' device on first add
+        self.sums = torch.zeros(n, dtype=torch.float64, device="cpu")  # moved to the values' device on first flush
+        self._pending: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        self._count = 0
 
     def add(self, at: int, *values: torch.Tensor) -> None:
-        """Add scalar tensors ``values`` to the sums ``at, at + 1, …``."""
-        if self.sums.device != values[0].device:
-            self.sums = self.sums.to(values[0].device)
-        if len(values) == 1:  # the common case in a hook: one in-place add, no stack (fewer kernels per step)
-            self.sums[at] += values[0]
-            return
-        self.sums[at : at + len(values)] += torch.stack([v.double() for v in values])
+        """Add the sums of the elements of ``values`` to the sums ``at, at + 1, …`` (deferred)."""
+        for i, v in enumerate(values):
+            self._pending[at + i].append(v)
+        self._count += len(values)
+        if self._count >= self.FLUSH_AT:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Sum the pending tensors into :attr:`sums` (one ``cat`` and one ``sum`` per slot)."""
+        for at, pending in enumerate(self._pending):
+            if not pending:
+                continue
+            if self.sums.device != pending[0].device:
+                self.sums = self.sums.to(pending[0].device)
+            flat = torch.cat([v.reshape(-1) for v in pending])  # promotes bool / int / float to a common type
+            self.sums[at] += flat.sum(dtype=torch.float64)
+            pending.clear()
+        self._count = 0
 
     def tolist(self) -> list[float]:
         """The sums (one host sync)."""
+        self._flush()
         return self.sums.tolist()
 
 

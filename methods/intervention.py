@@ -287,15 +287,15 @@ class Intervention:
         # product against the un-repeated keys
         grouped = query.reshape(b, kv_heads, -1, hd)  # [batch, kv_heads, groups * q, head_dim]
         scores = (torch.matmul(grouped, key.transpose(2, 3)) * scaling).view(b, heads, q, -1)  # [batch, heads, q, k]
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        if mask is not None:  # one kernel (masked_fill(~mask) launches two)
+            scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
         for _owner, fn, _first in score_fns:
             scores = fn(scores, step)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # [batch, heads, q, k]
         for _owner, fn, _first in prob_fns:
             probs = fn(probs, step)
         probs = probs.to(query.dtype)
-        dropped = nn.functional.dropout(probs, p=dropout, training=module.training)
+        dropped = nn.functional.dropout(probs, p=dropout, training=True) if dropout and module.training else probs
         out = torch.matmul(dropped.reshape(b, kv_heads, -1, dropped.shape[-1]), value)  # [b, kv_heads, g·q, hd]
         return out.view(b, heads, q, hd).transpose(1, 2).contiguous(), probs
 

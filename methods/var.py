@@ -78,6 +78,7 @@ PUBLISHED_SINK_DIMS: dict[str, list[int]] = {
 PUBLISHED_TAU = 20.0
 SINK_FILE = "var_sinks.json"
 EPS = 1e-6
+_SMALLEST = float(torch.finfo(torch.float32).tiny) * 2.0**-23  # the smallest positive float32 (subnormal)
 
 
 def sink_source(
@@ -140,10 +141,14 @@ def redistribute(
 class _Keys:
     """One layer's per-key factors of :func:`redistribute`, computed once in prefill (prompt keys only)."""
 
-    cols: torch.Tensor  # [batch, 1, prompt, 3]: visual, visual non-sink, sink indicators
+    # [batch, 1, prompt, 4]: visual, visual non-sink − ρ·visual, visual non-sink, p·sink indicators, so that one
+    # product gives per row s, non − ρ·s, non and Ω = p·(sink mass)
+    cols: torch.Tensor
+    # [batch, 1, 1, 3]: what the first three must reach for a selected row: s ≥ visual_mass (+inf for a sample
+    # without a visual sink at this layer), non − ρ·s ≥ 0 (r ≥ ρ) and non ≥ the smallest positive float (non > 0)
+    floor: torch.Tensor
     keep: torch.Tensor  # [batch, 1, 1, prompt]: 1 − p on sinks, 1 elsewhere
     vis_non: torch.Tensor  # [batch, 1, 1, prompt]: visual non-sink indicator
-    has_vis_sink: torch.Tensor  # [batch, 1, 1]: the sample has a visual sink at this layer
 
 
 @METHODS.register("var")
@@ -216,13 +221,16 @@ class VAR(Method):
         else:
             sinks = torch.zeros_like(batch.padding)
         vis_sink, vis_non = batch.visual & sinks, batch.visual & ~sinks  # [batch, prompt]
+        hp, visual, non = self.hparams, batch.visual.float(), vis_non.float()
+        has_vis_sink = vis_sink.any(-1, keepdim=True)  # [batch, 1]
+        floor = torch.tensor([hp["visual_mass"], 0.0, _SMALLEST], device=hidden.device)  # [3]
         batch.state[self.name]["sinks"][step.layer] = _Keys(
-            cols=torch.stack([batch.visual, vis_non, sinks], -1).float()[:, None],  # [batch, 1, prompt, 3]
-            keep=(1 - self.hparams["p"] * sinks.float())[:, None, None],  # [batch, 1, 1, prompt]
-            vis_non=vis_non.float()[:, None, None],  # [batch, 1, 1, prompt]
-            has_vis_sink=vis_sink.any(-1)[:, None, None],  # [batch, 1, 1]
+            cols=torch.stack([visual, non - hp["rho"] * visual, non, hp["p"] * sinks.float()], -1)[:, None],
+            floor=torch.where(has_vis_sink, floor, math.inf)[:, None, None],  # [batch, 1, 1, 3]
+            keep=(1 - hp["p"] * sinks.float())[:, None, None],  # [batch, 1, 1, prompt]
+            vis_non=non[:, None, None],  # [batch, 1, 1, prompt]
         )
-        self._counts.add(0, sinks.sum(), vis_sink.sum())
+        self._counts.add(0, sinks, vis_sink)
 
     def _first_row(self, step: Step) -> int:
         """Rows up to the last visual token of every sample are never edited (fused SDPA runs them)."""
@@ -238,21 +246,20 @@ class VAR(Method):
         """
         batch, state = step.batch, step.batch.state[self.name]
         keys: _Keys = state["sinks"][step.layer]
-        hp, n = self.hparams, batch.prompt_len
-        prompt = probs[..., :n]  # [batch, heads, q, prompt]
-        s, non, sink_mass = (prompt @ keys.cols).unbind(-1)  # [batch, heads, q] each
-        ratio = non / s.clamp_min(1e-12)  # visual non-sink ratio r
-        selected = (s >= hp["visual_mass"]) & (ratio >= hp["rho"]) & (non > 0) & keys.has_vis_sink
-        if step.offset < n:  # prompt rows (prefill, an uncached pass): only those after the last visual token
+        prompt = probs[..., : batch.prompt_len]  # [batch, heads, q, prompt]
+        mass = prompt @ keys.cols  # [batch, heads, q, 4]: s, non − ρ·s, non, Ω
+        # s ≥ visual_mass, r ≥ ρ, non > 0 and a visual sink in the sample: one comparison against the floors
+        selected = (mass[..., :3] >= keys.floor).all(-1)  # [batch, heads, q]
+        if step.offset < batch.prompt_len:  # prompt rows (prefill, an uncached pass): after the last visual token
             rows = step.query_positions()[None, :] > state["last_visual"][:, None]  # [batch, q]
             selected &= rows[:, None, :]
-            self._counts.add(2, selected.sum(), rows.sum() * probs.shape[1])
-        else:
-            self._counts.add(2, selected.sum())
-            self._eligible += selected.numel()  # every (row, head) of a generated token, known on the host
-        gain = (hp["p"] * sink_mass / non.clamp_min(1e-12))[..., None]  # [batch, heads, q, 1]
+            self._counts.add(2, selected, rows.sum() * probs.shape[1])
+        else:  # every (row, head) of a generated token is eligible, known on the host
+            self._counts.add(2, selected)
+            self._eligible += selected.numel()
+        gain = mass[..., 3:] / mass[..., 2:3].clamp_min(1e-12)  # [batch, heads, q, 1]: Ω / non
         # one factor per (row, key): keep (1 − p on sinks) plus the gain on visual non-sinks, 1 where not selected;
-        # applied in place on the prompt keys (generated keys pass through), three kernels instead of six
+        # applied in place on the prompt keys (generated keys pass through)
         factor = torch.where(selected[..., None], torch.addcmul(keys.keep, gain, keys.vis_non), 1.0)
         prompt.mul_(factor)  # [batch, heads, q, prompt], a view of probs
         return probs

@@ -121,3 +121,30 @@ def test_eager_attention_groups_queries_instead_of_copying_kv():
     torch.testing.assert_close(seen[0], ref)
     torch.testing.assert_close(out, (ref @ rv).transpose(1, 2))
     assert max(sizes) < b * heads * k * hd  # no op wrote a repeated K or V
+
+
+def test_device_tally_defers_the_sums_and_launches_nothing_per_add(monkeypatch):
+    """``add`` keeps references (no kernel in a decoding step); the sums come out exact, in float64, when read."""
+    import torch
+
+    from bench.opcount import Counting, _Dispatch
+    from methods.base import DeviceTally
+
+    monkeypatch.setattr(DeviceTally, "FLUSH_AT", 5)  # a flush in the middle, pending tensors after it
+    tally = DeviceTally(3)
+    values = [
+        (torch.tensor([[True, False, True]]), torch.arange(4), torch.full((2, 1), 0.25)),
+        (torch.tensor(True), torch.tensor(7), torch.tensor(1e-9, dtype=torch.float32)),
+        (torch.ones(2, 3, dtype=torch.bool), torch.tensor([1, 2]), torch.tensor([0.5])),
+    ]
+    c = Counting()
+    with torch.inference_mode():
+        with _Dispatch(c):
+            tally.add(0, *values[0][:1])
+            tally.add(1, *values[0][1:])
+        assert c.current.ops == 0  # nothing launched before the flush
+        for vs in values[1:]:
+            tally.add(0, *vs)  # three sums at once: slots 0, 1, 2
+    want = [sum(float(vs[i].double().sum()) for vs in values) for i in range(3)]
+    assert tally.tolist() == pytest.approx(want, rel=1e-15)
+    assert tally.tolist() == pytest.approx(want, rel=1e-15)  # reading twice adds nothing

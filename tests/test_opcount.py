@@ -168,6 +168,29 @@ def test_a_planted_sync_fails_the_target(loaded, monkeypatch):
     assert site.startswith("aten.item.default") and planted["sync_sites"][site] == 3  # once per decoding step
 
 
+#: ATen ops per cached decoding step that one edited layer (VAR) or one injected target (IRI, its sources' share
+#: included) may add over none's.
+#: On a 7B decoding step (~1,900 ops, launch-bound) VAR edits 29 of 32 layers and IRI injects into 20 targets, so
+#: these budgets put VAR near 1.35x and IRI near 1.15x of none's ops (the H200 timings followed ops at ~0.36x).
+PER_SITE_BUDGET = {"var": 24, "iri": 18}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_layer_decoding_cost_stays_within_budget(loaded, none_counts, family, tmp_path):
+    """VAR on every layer and IRI with 4 targets: the extra ops per edited site, per cached decoding step."""
+    adapter = loaded(family)
+    rr = [0.2, 0.8, 0.5, 0.1]  # sources: layer 1; targets: layers 2, 3 (attention and MLP: 4 targets)
+    (tmp_path / "fcct.json").write_text(json.dumps({"layers": 4, "rr": {"attn": {"last": rr}, "mlp": {"last": rr}}}))
+    sites = {"var": (METHODS.get("var")(**VAR_TINY, layers=[0, 1, 2, 3]), 4),
+             "iri": (METHODS.get("iri")(fcct_file=str(tmp_path / "fcct.json"), sources=1, targets=2), 4)}  # fmt: skip
+    none = none_counts[family]["ops_per_step"]
+    for name, (method, n_sites) in sites.items():
+        got = count_method(adapter, method, _batch(), GEN)
+        per_site = (got["ops_per_step"] - none) / n_sites
+        assert 0 < per_site <= PER_SITE_BUDGET[name], (name, per_site)
+        assert method.describe()["activity"], name  # the deferred tallies are read back
+
+
 class _SDPACalls(TorchDispatchMode):
     """Records, for every fused attention call, its query length and whether it was handed a mask."""
 
