@@ -48,6 +48,7 @@ class DeviceTally:
     def __init__(self, n: int) -> None:
         self.sums = torch.zeros(n, dtype=torch.float64, device="cpu")  # moved to the values' device on first flush
         self._pending: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        self._ratios: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
         self._count = 0
 
     def add(self, at: int, *values: torch.Tensor) -> None:
@@ -58,16 +59,28 @@ class DeviceTally:
         if self._count >= self.FLUSH_AT:
             self._flush()
 
+    def add_ratio(self, at: int, num: torch.Tensor, den: torch.Tensor) -> None:
+        """Add ``Σ num / max(den, 1e-12)`` (elementwise, equal shapes) to the sum ``at``, the division deferred too."""
+        self._ratios[at].append((num, den))
+        self._count += 2
+        if self._count >= self.FLUSH_AT:
+            self._flush()
+
     def _flush(self) -> None:
         """Sum the pending tensors into :attr:`sums` (one ``cat`` and one ``sum`` per slot)."""
-        for at, pending in enumerate(self._pending):
-            if not pending:
+        for at, (pending, ratios) in enumerate(zip(self._pending, self._ratios, strict=True)):
+            parts = [v.reshape(-1) for v in pending]
+            if ratios:
+                num = torch.cat([n.reshape(-1) for n, _ in ratios])
+                parts.append(num / torch.cat([d.reshape(-1) for _, d in ratios]).clamp_min(1e-12))
+            if not parts:
                 continue
-            if self.sums.device != pending[0].device:
-                self.sums = self.sums.to(pending[0].device)
-            flat = torch.cat([v.reshape(-1) for v in pending])  # promotes bool / int / float to a common type
+            if self.sums.device != parts[0].device:
+                self.sums = self.sums.to(parts[0].device)
+            flat = torch.cat(parts)  # promotes bool / int / float to a common type
             self.sums[at] += flat.sum(dtype=torch.float64)
             pending.clear()
+            ratios.clear()
         self._count = 0
 
     def tolist(self) -> list[float]:

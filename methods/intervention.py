@@ -227,7 +227,7 @@ class Intervention:
         if mask is None and q_len > 1 and (score_fns or prob_fns or edits):
             mask = self._causal(query.shape[0], q_len, kv_len, query.device)
         received = mask
-        if mask is not None:
+        if mask is not None and mask.shape[-1] != kv_len:  # longer than the keys (a static cache): cut to them
             mask = mask[..., :kv_len]
         if edits:
             # every layer of one forward receives the same mask tensor: edit it once, reuse the result

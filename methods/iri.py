@@ -167,9 +167,10 @@ class IRI(Method):
         """The output hook of one layer: record it (a source), inject into it (a target), or both.
 
         Cost per forward (what a decoding step launches, issue 25): a source adds its weighted output to the running
-        sum of the sources below it (3 ops), a target reads that sum (the causal gate k < l is which source's sum it
-        reads, fixed at install) and is rewritten in place (about 14 ops, the activity tally's included), with no
-        host sync and no copy of the layer's output. The result equals :func:`inject` (tested).
+        sum of the sources below it (one fused add), a target reads that sum (the causal gate k < l is which
+        source's sum it reads, fixed at install) and is rewritten in place (about 11 ops, the activity's
+        numerator included; the tally divides and sums when read), with no host sync and no copy of the layer's
+        output. The result equals :func:`inject` up to float round-off (tested).
         """
         plan, lam, renorm = self.plan[part], self.plan[part]["lambda"], self.hparams["renorm"]
         below = max((k for k in plan["sources"] if k < layer), default=None)  # the highest source under this layer
@@ -177,19 +178,19 @@ class IRI(Method):
 
         def fn(out: torch.Tensor, step: Step) -> None:  # out: [batch, seq, d]
             last = out[:, -1]  # [batch, d]: the last prompt token in prefill, the new token when decoding
+            a = last.float()  # [batch, d]; ``last`` itself in float32 (read before ``last`` is rewritten)
             if weight is not None:  # a source: its own output, before any injection into it
-                term = weight * last.float()  # [batch, d], a new tensor (never a view of out)
-                summed[layer] = term if below is None else summed[below] + term
+                # a new tensor (never a view of out): w·a, or the sum below plus w·a in one kernel
+                summed[layer] = weight * a if below is None else torch.add(summed[below], a, alpha=weight)
             if layer in plan["targets"]:
                 self._rows += last.shape[0]
                 if below is not None:
-                    a = last.float()
-                    new = a + lam * summed[below]
+                    new = torch.add(a, summed[below], alpha=lam)  # a + λ·Σ w_k a^(k)
                     norm = a.norm(dim=-1, keepdim=True)  # [batch, 1]
                     if renorm:
                         new.mul_(norm / new.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-                    # ‖ã − a‖ / ‖a‖ per row, summed when the activity is read (no reduction in the step)
-                    self._injected.add(0, (new - a).norm(dim=-1, keepdim=True).div_(norm.clamp_min(1e-12)))
+                    # ‖ã − a‖ / ‖a‖ per row, divided and summed when the activity is read (no kernel for it here)
+                    self._injected.add_ratio(0, (new - a).norm(dim=-1, keepdim=True), norm)
                     last.copy_(new)  # in place: the output's last row
 
         return fn

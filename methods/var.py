@@ -144,8 +144,9 @@ class _Keys:
     # [batch, 1, prompt, 4]: visual, visual non-sink − ρ·visual, visual non-sink, p·sink indicators, so that one
     # product gives per row s, non − ρ·s, non and Ω = p·(sink mass)
     cols: torch.Tensor
-    # [batch, 1, 1, 3]: what the first three must reach for a selected row: s ≥ visual_mass (+inf for a sample
-    # without a visual sink at this layer), non − ρ·s ≥ 0 (r ≥ ρ) and non ≥ the smallest positive float (non > 0)
+    # [batch, 1, 1, 4]: what the four must reach for a selected row: s ≥ visual_mass (+inf for a sample without a
+    # visual sink at this layer), non − ρ·s ≥ 0 (r ≥ ρ), non ≥ the smallest positive float (non > 0); Ω ≥ −inf
+    # (no condition: the fourth column is there so one comparison covers the whole product)
     floor: torch.Tensor
     keep: torch.Tensor  # [batch, 1, 1, prompt]: 1 − p on sinks, 1 elsewhere
     vis_non: torch.Tensor  # [batch, 1, 1, prompt]: visual non-sink indicator
@@ -223,10 +224,10 @@ class VAR(Method):
         vis_sink, vis_non = batch.visual & sinks, batch.visual & ~sinks  # [batch, prompt]
         hp, visual, non = self.hparams, batch.visual.float(), vis_non.float()
         has_vis_sink = vis_sink.any(-1, keepdim=True)  # [batch, 1]
-        floor = torch.tensor([hp["visual_mass"], 0.0, _SMALLEST], device=hidden.device)  # [3]
+        floor = torch.tensor([hp["visual_mass"], 0.0, _SMALLEST, -math.inf], device=hidden.device)  # [4]
         batch.state[self.name]["sinks"][step.layer] = _Keys(
             cols=torch.stack([visual, non - hp["rho"] * visual, non, hp["p"] * sinks.float()], -1)[:, None],
-            floor=torch.where(has_vis_sink, floor, math.inf)[:, None, None],  # [batch, 1, 1, 3]
+            floor=torch.where(has_vis_sink, floor, math.inf)[:, None, None],  # [batch, 1, 1, 4]
             keep=(1 - hp["p"] * sinks.float())[:, None, None],  # [batch, 1, 1, prompt]
             vis_non=non[:, None, None],  # [batch, 1, 1, prompt]
         )
@@ -249,10 +250,10 @@ class VAR(Method):
         prompt = probs[..., : batch.prompt_len]  # [batch, heads, q, prompt]
         mass = prompt @ keys.cols  # [batch, heads, q, 4]: s, non − ρ·s, non, Ω
         # s ≥ visual_mass, r ≥ ρ, non > 0 and a visual sink in the sample: one comparison against the floors
-        selected = (mass[..., :3] >= keys.floor).all(-1)  # [batch, heads, q]
+        selected = (mass >= keys.floor).all(-1, keepdim=True)  # [batch, heads, q, 1]
         if step.offset < batch.prompt_len:  # prompt rows (prefill, an uncached pass): after the last visual token
             rows = step.query_positions()[None, :] > state["last_visual"][:, None]  # [batch, q]
-            selected &= rows[:, None, :]
+            selected &= rows[:, None, :, None]
             self._counts.add(2, selected, rows.sum() * probs.shape[1])
         else:  # every (row, head) of a generated token is eligible, known on the host
             self._counts.add(2, selected)
@@ -260,7 +261,7 @@ class VAR(Method):
         gain = mass[..., 3:] / mass[..., 2:3].clamp_min(1e-12)  # [batch, heads, q, 1]: Ω / non
         # one factor per (row, key): keep (1 − p on sinks) plus the gain on visual non-sinks, 1 where not selected;
         # applied in place on the prompt keys (generated keys pass through)
-        factor = torch.where(selected[..., None], torch.addcmul(keys.keep, gain, keys.vis_non), 1.0)
+        factor = torch.where(selected, torch.addcmul(keys.keep, gain, keys.vis_non), 1.0)
         prompt.mul_(factor)  # [batch, heads, q, prompt], a view of probs
         return probs
 

@@ -148,3 +148,28 @@ def test_device_tally_defers_the_sums_and_launches_nothing_per_add(monkeypatch):
     want = [sum(float(vs[i].double().sum()) for vs in values) for i in range(3)]
     assert tally.tolist() == pytest.approx(want, rel=1e-15)
     assert tally.tolist() == pytest.approx(want, rel=1e-15)  # reading twice adds nothing
+
+
+def test_device_tally_ratios_divide_at_flush_exactly_as_per_row(monkeypatch):
+    """``add_ratio`` defers the division too: the same float32 quotients as dividing row by row, summed in float64."""
+    import torch
+
+    from bench.opcount import Counting, _Dispatch
+    from methods.base import DeviceTally
+
+    monkeypatch.setattr(DeviceTally, "FLUSH_AT", 6)
+    gen = torch.Generator().manual_seed(0)
+    pairs = [(torch.rand(3, 1, generator=gen), torch.rand(3, 1, generator=gen) + 0.1) for _ in range(4)]
+    pairs.append((torch.tensor([[2e-13]]), torch.tensor([[0.0]])))  # a zero norm: divided by the 1e-12 floor
+    tally, plain = DeviceTally(2), torch.tensor([1.5])
+    c = Counting()
+    with torch.inference_mode():
+        with _Dispatch(c):
+            tally.add_ratio(1, *pairs[0])
+            tally.add(1, plain)  # plain values and ratios share a slot
+        assert c.current.ops == 0
+        for num, den in pairs[1:]:
+            tally.add_ratio(1, num, den)
+    want = sum(float((n / d.clamp_min(1e-12)).double().sum()) for n, d in pairs) + 1.5
+    assert tally.tolist() == pytest.approx([0.0, want], rel=1e-15)
+    assert tally.tolist()[1] == pytest.approx(want, rel=1e-15)
