@@ -226,13 +226,16 @@ class Surgery:
         """The layer's mask and position embeddings under ``layout`` (hidden states already in it)."""
         kwargs = dict(kwargs)
         source = kwargs["position_embeddings"]
-        key = (layout, *source)  # consecutive layers share the layout and the RoPE tensors
-        if not self._memo_hit(key):
-            self._memo = (key, layout.prefill_mask(), tuple(layout.gather(t) for t in source))
-        _, kwargs["attention_mask"], kwargs["position_embeddings"] = self._memo
         pos = kwargs.get("position_ids")
-        if isinstance(pos, torch.Tensor) and pos.shape[-1] == self.batch.prompt_len and pos.dim() == 2:
-            kwargs["position_ids"] = layout.gather(pos)
+        if not (isinstance(pos, torch.Tensor) and pos.shape[-1] == self.batch.prompt_len and pos.dim() == 2):
+            pos = None  # absent, or not 1-D prompt positions (M-RoPE's [3, batch, seq]): passed on as given
+        key = (layout, *source, pos)  # consecutive layers share the layout, the RoPE tensors and the positions
+        if not self._memo_hit(key):
+            gathered = None if pos is None else layout.gather(pos)
+            self._memo = (key, layout.prefill_mask(), tuple(layout.gather(t) for t in source), gathered)
+        _, kwargs["attention_mask"], kwargs["position_embeddings"], gathered = self._memo
+        if pos is not None:
+            kwargs["position_ids"] = gathered
         return hidden, kwargs
 
     def _relayout(self, hidden: torch.Tensor, before: Layout | None, after: Layout) -> torch.Tensor:

@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.opcount import Counting, _Dispatch, _Functions, count_steps, own_sites
-from bench.scale import count_method
+from bench.scale import SCALES, count_method
 from harness.calls import AdapterCalls
 from methods.base import METHODS
 from tasks.base import Request
@@ -141,7 +141,7 @@ def test_method_meets_the_decoding_proxy_targets(loaded, none_counts, family, na
     assert got["ops_per_step"] <= max_ratio * none["ops_per_step"]
 
 
-@pytest.mark.parametrize(("family", "name"), [(f, n) for f, n in CASES if n in ("fastv", "fastervlm")])
+@pytest.mark.parametrize(("family", "name"), [(f, n) for f, n in CASES if n in ("fastv", "fastervlm") and f in SCALES])
 def test_pruning_selection_syncs_do_not_grow_with_the_batch(loaded, family, name):
     """On a GPU every host sync in prefill stalls the pipeline; a per-row selection loop pays them per row.
 
@@ -249,3 +249,35 @@ def test_untouched_layers_run_the_baselines_causal_kernel(loaded, family, name, 
         return
     whole = [masked for q, masked in got if q == prompt]
     assert whole == [edits_mask] * len(whole) and whole, f"{name}: prefill masks {whole}, edits the mask: {edits_mask}"
+
+
+@pytest.fixture(scope="module")
+def by_depth(tmp_path_factory):
+    """``get(family, layers)``: a random tiny model of ``family`` with ``layers`` LM layers (bench.scale's maker)."""
+    from bench.scale import build_adapter
+
+    made = {}
+
+    def get(family, layers):
+        if (family, layers) not in made:
+            work = tmp_path_factory.mktemp(f"{family}-{layers}")
+            made[family, layers] = build_adapter(family, "tiny", "cpu", "float32", work, lm_layers=layers)
+        return made[family, layers]
+
+    return get
+
+
+@pytest.mark.parametrize(("family", "name"), [(f, n) for f, n in CASES if n in ("fastv", "fastervlm") and f in SCALES])
+def test_pruned_prefill_costs_nothing_per_layer(by_depth, family, name):
+    """A pruned layout's mask, RoPE and positions are built once and reused by every layer after the drop: the
+    prefill ops a pruning method adds over none's are the same at 3 and 7 LM layers (they grew by ~4 per layer
+    when each layer gathered its own positions)."""
+    kw = TARGETS[name][0]
+    excess = []
+    for layers in (3, 7):
+        adapter = by_depth(family, layers)
+        none = count_method(adapter, METHODS.get("none")(), _batch(), GEN)
+        got = count_method(adapter, METHODS.get(name)(**kw), _batch(), GEN)
+        excess.append(got["prefill_ops"] - none["prefill_ops"])
+    assert excess[0] > 0
+    assert excess[1] == excess[0], excess
