@@ -41,6 +41,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from adapters.hf_compat import accepts_encoder_outputs
+
 #: the vision tower's attention function while [CLS] scores are read (:meth:`Anatomy._vision_cls_probs`)
 VISION_CLS = "harness_vision_cls"
 
@@ -215,17 +217,27 @@ class Anatomy(abc.ABC):
 
         One tower pass with its fused kernel: the attention function of :data:`VISION_CLS` computes the [CLS] row's
         softmax (float32) at that layer only, instead of an eager pass that materialises every layer's ``P²``
-        probabilities (what ``output_attentions=True`` costs).
+        probabilities (what ``output_attentions=True`` costs). Where the model takes pre-computed image features
+        (:func:`adapters.hf_compat.accepts_encoder_outputs`), the pass is the model's own image encoding
+        (``get_image_features``, the same SDPA kernels) and its output is kept for the model call about to run
+        on these ``pixel_values`` (:meth:`Generation._call`), so the tower runs once per prompt, not twice.
         """
         if not isinstance(feature_layer, int) or feature_layer == 0:
             raise ValueError(f"vision_feature_layer {feature_layer!r} has no single attention layer")
         n = self.num_layers("vision")
         attn = self.site(f"vision.layers.{feature_layer % n if feature_layer < 0 else feature_layer - 1}.attn")
+        model = self._require_loaded()
         sink: list[torch.Tensor] = []
         attn._harness_cls_sink = sink
         try:
             with self.vision_attention(VISION_CLS):
-                self._require_loaded().model.vision_tower(**pixel_kwargs)
+                if accepts_encoder_outputs(model):
+                    pixels = pixel_kwargs["pixel_values"]
+                    encoded = model.base_model.get_image_features(**pixel_kwargs, return_dict=True)
+                    # only what the model reads (the projected features), not every tower layer's hidden states
+                    self._encoded = (pixels, type(encoded)(pooler_output=encoded.pooler_output))
+                else:
+                    model.model.vision_tower(**pixel_kwargs)
         finally:
             del attn._harness_cls_sink
         if len(sink) != 1:

@@ -98,6 +98,7 @@ class Adapter(Anatomy, Geometry, Generation, abc.ABC):
         self._turn_suffix: list[int] | None = None
         self._logits_processors: list[Any] = []
         self._view_fn: ViewFn | None = None
+        self._encoded: tuple[torch.Tensor, Any] | None = None  # (pixel_values, their image encoding): Anatomy
 
     # ------------------------------------------------------------------ loading
     @property

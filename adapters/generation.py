@@ -224,16 +224,28 @@ class Generation:
     def _call(self, inputs: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
         """The model call's inputs (active position replacement applied), observers notified around the call.
 
-        Every input observer gets the inputs before the call and ``None`` when it is over.
+        Every input observer gets the inputs before the call and ``None`` when it is over. Images a method has
+        already encoded for this call (the [CLS] scoring pass, :meth:`Anatomy._vision_cls_probs`) go in as
+        ``mm_encoder_outputs`` instead of ``pixel_values``, so the tower does not run again.
         """
+        self._encoded = None  # what an earlier call left (one that failed before its model call)
         inputs = self._with_positions(inputs)
         try:
             for observe in self._input_observers:
                 observe(inputs)
-            yield model_inputs(inputs)
+            prepared, self._encoded = self._reuse_encoding(model_inputs(inputs)), None
+            yield prepared
         finally:
+            self._encoded = None
             for observe in self._input_observers:
                 observe(None)
+
+    def _reuse_encoding(self, prepared: dict[str, Any]) -> dict[str, Any]:
+        """``prepared`` with ``pixel_values`` replaced by their kept encoding, if it was made from that tensor."""
+        if self._encoded is None or prepared.get("pixel_values") is not self._encoded[0]:
+            return prepared
+        rest = {k: v for k, v in prepared.items() if k != "pixel_values"}
+        return rest | {"mm_encoder_outputs": {"image": self._encoded[1]}}
 
     @contextlib.contextmanager
     def on_inputs(self, fn: Callable[[dict[str, torch.Tensor] | None], None]) -> Iterator[None]:

@@ -20,8 +20,10 @@ one LM token, so a token's score is the [CLS] attention mass of its four patches
 refused before the model loads: their ViT has no [CLS] token, so the score does not exist (use ``method=fastv``,
 which scores by the LM's own attention).
 
-Cost: the scores need the tower's attention probabilities, so the tower runs once more under eager attention
-before the model call (a second tower pass; on LLaVA-1.5-7B the tower is ~4 % of the prefill FLOPs).
+Cost: the scores are read in a tower pass before the model call, with the fused attention kernel (only the
+feature layer's [CLS] row is computed as probabilities). With transformers 5.19 or later that pass is the model's
+own image encoding and its features go into the model call (``mm_encoder_outputs``), so the tower runs once per
+prompt; on 5.17 the model runs it again (on LLaVA-1.5-7B the tower is ~4 % of the prefill FLOPs).
 
 Attention debiasing (``debias=true``, :mod:`methods.debias`): the [CLS] scores' positional trend, calibrated with
 ``python -m methods.calibrate debias --model <option> --pruner fastervlm``, and padding suppression.

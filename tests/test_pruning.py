@@ -244,6 +244,41 @@ def test_fastervlm_equals_the_shortened_prompt(loaded):
 
 
 @pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_fastervlm_runs_the_vision_tower_once_per_prompt(loaded, family, monkeypatch):
+    """The [CLS] scoring pass is the model's own image encoding where the model takes ``mm_encoder_outputs``
+    (transformers >= 5.19): the tower runs once per prompt, not twice, in ``generate`` and ``forward``, and the
+    tokens and logits equal those of the double pass (the model encoding the images again)."""
+    import adapters.anatomy
+    from adapters.hf_compat import accepts_encoder_outputs
+
+    adapter = loaded(family)
+    prompts, images = _batch(adapter)
+    inputs = adapter.build_inputs(prompts, images)
+    calls = []
+    handle = adapter.model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+
+    def run():
+        calls.clear()
+        with torch.inference_mode(), FasterVLM(ratio=0.75).bind(adapter):
+            ids = adapter.generate_ids(inputs, **GEN)
+            n_generate = len(calls)
+            logits = adapter.forward(inputs, logits_to_keep=1).logits
+        return ids, logits, n_generate, len(calls) - n_generate
+
+    try:
+        ids, logits, *passes = run()
+        monkeypatch.setattr(adapters.anatomy, "accepts_encoder_outputs", lambda _model: False)
+        ids2, logits2, *passes2 = run()
+    finally:
+        handle.remove()
+    assert passes == ([1, 1] if accepts_encoder_outputs(adapter.model) else [2, 2])
+    assert passes2 == [2, 2]
+    assert ids.tolist() == ids2.tolist()
+    torch.testing.assert_close(logits, logits2, rtol=0, atol=0)
+    assert adapter._encoded is None  # nothing kept once the call is over
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl"])
 def test_cls_scores_materialise_no_patch_by_patch_attention(loaded, family):
     """The [CLS] row is computed alone: no op outputs an ``[n, heads, 1+P, 1+P]`` tensor (what an eager tower
     pass with ``output_attentions`` writes for every layer, the memory FasterVLM exists to save)."""
