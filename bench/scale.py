@@ -447,7 +447,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--min-samples", type=int, default=8, help="samples per engine run (at least the batch size)")
     ap.add_argument("--batches-per-run", type=int, default=4,
-                    help="engine runs cover at least this many batches, so the run's fixed cost (results file,\n"
+                    help="engine runs cover at least this many batches, so the run's fixed cost (results file, "
                     "metrics) is spread as in a real run, not charged to a single batch")  # fmt: skip
     ap.add_argument("--methods", nargs="+", default=[n for n in METHOD_SETTINGS if n != "none"])
     ap.add_argument("--methods-batch", type=int, default=16)

@@ -55,14 +55,16 @@ class DeviceTally:
         """Add the sums of the elements of ``values`` to the sums ``at, at + 1, …`` (deferred)."""
         for i, v in enumerate(values):
             self._pending[at + i].append(v)
-        self._count += len(values)
-        if self._count >= self.FLUSH_AT:
-            self._flush()
+        self._queued(len(values))
 
     def add_ratio(self, at: int, num: torch.Tensor, den: torch.Tensor) -> None:
         """Add ``Σ num / max(den, 1e-12)`` (elementwise, equal shapes) to the sum ``at``, the division deferred too."""
         self._ratios[at].append((num, den))
-        self._count += 2
+        self._queued(2)
+
+    def _queued(self, n: int) -> None:
+        """Count ``n`` more pending tensors; flush once :data:`FLUSH_AT` are held."""
+        self._count += n
         if self._count >= self.FLUSH_AT:
             self._flush()
 

@@ -209,7 +209,10 @@ class VAR(Method):
         last_visual = torch.where(batch.visual, pos, -1).amax(-1)  # [batch]; -1 without an image
         # the first editable row, read once per batch (one host sync) instead of in every layer at every step
         first = int(last_visual.min()) + 1  # a row without image: -1 + 1 = 0
-        batch.state[self.name] = {"sinks": {}, "last_visual": last_visual, "first_row": first}
+        hp = self.hparams
+        # _Keys.floor's values, copied to the device once per batch rather than in every layer's prefill
+        floor = torch.tensor([hp["visual_mass"], 0.0, _SMALLEST, -math.inf], device=batch.visual.device)  # [4]
+        batch.state[self.name] = {"sinks": {}, "last_visual": last_visual, "first_row": first, "floor": floor}
 
     def _find_sinks(self, hidden: torch.Tensor, step: Step) -> None:
         """Prefill: the layer's sinks, and the per-key factors its redistribution reuses at every decoding step."""
@@ -224,7 +227,7 @@ class VAR(Method):
         vis_sink, vis_non = batch.visual & sinks, batch.visual & ~sinks  # [batch, prompt]
         hp, visual, non = self.hparams, batch.visual.float(), vis_non.float()
         has_vis_sink = vis_sink.any(-1, keepdim=True)  # [batch, 1]
-        floor = torch.tensor([hp["visual_mass"], 0.0, _SMALLEST, -math.inf], device=hidden.device)  # [4]
+        floor = batch.state[self.name]["floor"]  # [4], made once per batch in _prepare
         batch.state[self.name]["sinks"][step.layer] = _Keys(
             cols=torch.stack([visual, non - hp["rho"] * visual, non, hp["p"] * sinks.float()], -1)[:, None],
             floor=torch.where(has_vis_sink, floor, math.inf)[:, None, None],  # [batch, 1, 1, 4]

@@ -141,7 +141,7 @@ def test_method_meets_the_decoding_proxy_targets(loaded, none_counts, family, na
     assert got["ops_per_step"] <= max_ratio * none["ops_per_step"]
 
 
-@pytest.mark.parametrize(("family", "name"), [(f, n) for f, n in CASES if n in ("fastv", "fastervlm") and f in SCALES])
+@pytest.mark.parametrize(("family", "name"), [(f, n) for f, n in CASES if n in ("fastv", "fastervlm")])
 def test_pruning_selection_syncs_do_not_grow_with_the_batch(loaded, family, name):
     """On a GPU every host sync in prefill stalls the pipeline; a per-row selection loop pays them per row.
 
