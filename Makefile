@@ -127,9 +127,20 @@ MODEL ?= llava
 train: setup         ## retrain a shipped tiny checkpoint (MODEL=llava|qwen_vl|internvl|llava_cca|llava_mma|llava_144), record POPE, re-run its calibrations
 	$(PY) -m shapes.assets train --model $(MODEL)
 
+# .whl/transformers/: the lock's transformers and what it needs beyond a GPU image with transformers 5.17 (Python
+# 3.12; the image's huggingface-hub 1.x, jinja2 and click are too old for it), at the lock's versions. .ci/gpu-check
+# uses them when a CPU probe passes there, so the GPU figures are taken with the transformers users install.
+GPU_STACK = transformers huggingface-hub httpx2 httpcore2 truststore anyio idna h11 hf-xet click regex kernels \
+	tomlkit tokenizers safetensors typing-extensions jinja2 markupsafe
+GPU_PLATFORM = --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 gpu-wheels: setup     ## what .ci/gpu-check needs on a GPU image without Hydra, as wheels in .whl/ (carry it there)
 	rm -rf .whl && $(PY) -m pip wheel -q --no-deps -w .whl hydra-core==1.3.2 omegaconf==2.3.0 \
 		antlr4-python3-runtime==4.9.3
+	$(PY) -m pip download -q --no-deps $(GPU_PLATFORM) -d .whl/transformers \
+		$(shell awk -F'[= ]+' '/^[a-z]/ && index(" $(GPU_STACK) ", " " $$1 " ") {print $$1 "==" $$2}' requirements/lock.txt)
+	test $$(ls .whl/transformers | wc -l) -eq $(words $(GPU_STACK))  # one wheel per name: none left out of the lock
+	du -sh .whl
 
 clean:
 	rm -rf $(VENV) $(RANGE_DIR) outputs multirun .pytest_cache

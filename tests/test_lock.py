@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from importlib import metadata
 
 from packaging.requirements import Requirement
 
@@ -22,6 +23,18 @@ from harness.lock import (
 
 def test_the_lock_fits_pyproject():
     assert check_pyproject(pyproject_requirements(), read_lock(LOCK)) == []
+
+
+def test_transformers_comes_with_the_jinja2_its_chat_templates_need():
+    """Every prompt goes through ``apply_chat_template``, which raises on a jinja2 older than the floor transformers
+    names in its ``chat-template`` extra (3.1.6 since 5.25, 3.1.0 in 5.17). pyproject must ask for that extra:
+    its own jinja2 floor (the reports') would let a resolver pair an old jinja2 with a new transformers."""
+    (req,) = [r for r in pyproject_requirements() if r.name == "transformers"]
+    assert "chat-template" in req.extras
+    needs = [Requirement(r) for r in metadata.requires("transformers") or [] if 'extra == "chat-template"' in r]
+    assert needs, "the installed transformers has no chat-template extra any more"
+    for need in needs:
+        assert need.specifier.contains(metadata.version(need.name)), (need, metadata.version(need.name))
 
 
 def test_lmms_eval_lock_is_its_input_alone():
