@@ -129,9 +129,10 @@ MODEL ?= llava
 train: setup         ## retrain a shipped tiny checkpoint (MODEL=llava|qwen_vl|internvl|llava_cca|llava_mma|llava_144), record POPE, re-run its calibrations
 	$(PY) -m shapes.assets train --model $(MODEL)
 
-# .whl/transformers/: the lock's transformers and what it needs beyond a GPU image with transformers 5.17 (Python
-# 3.12; the image's huggingface-hub 1.x, jinja2 and click are too old for it), at the lock's versions. .ci/gpu-check
-# uses them when a CPU probe passes there, so the GPU figures are taken with the transformers users install.
+# .whl/transformers/: the lock's transformers and every requirement of it that a GPU image with transformers 5.17
+# (Python 3.12) may lack or hold too old (its huggingface-hub 1.x is; the versions of the others there are not
+# known here), at the lock's versions. .ci/gpu-check uses them when a CPU probe passes there, so the GPU figures
+# are taken with the transformers users install.
 GPU_STACK = transformers huggingface-hub httpx2 httpcore2 truststore anyio idna h11 hf-xet click regex kernels \
 	tomlkit tokenizers safetensors typing-extensions jinja2 markupsafe
 GPU_PLATFORM = --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
