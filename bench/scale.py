@@ -31,6 +31,11 @@ In one run, interleaved, each figure the median of ``--repeats`` (≥ 5) runs:
    logits) of a batch of 8 under FastV and FasterVLM at R = 50/75/90 % over ``none``; peak memory above the weights
    (``max_memory_allocated`` on CUDA, resident set size on the CPU).
 
+Built for a one-shot device run: each part's table is printed and the ``--json`` file rewritten as soon as the part
+ends (a time limit keeps what was measured); a method or setting that raises is reported as ``{"error": ...}``
+and the others are still measured; a part that raises goes to ``errors`` and the next part runs; the exit status
+is nonzero when anything failed.
+
 Targets on one H200 (issue 25): VAR ≤ 1.15×, IRI ≤ 1.05×, CCA and MMA ≤ 1.05×, CARVE ≤ 3×, the two-view methods
 VCD and RITUAL ≤ 2.1× (both views in one batched forward; issue 29), VHR reported (one text-only prefill per batch,
 the paper: "negligible"); harness overhead
@@ -47,8 +52,10 @@ import contextlib
 import dataclasses
 import json
 import statistics
+import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -198,6 +205,36 @@ def _method(name: str, extra: dict[str, dict[str, Any]], table: dict) -> Any:
     return METHODS.get(registered)(**(kw | extra.get(name, {})))
 
 
+def _failure(exc: BaseException) -> str:
+    """One line for a setting or part that raised (the traceback goes to stderr, i.e. the run's log)."""
+    traceback.print_exception(exc)
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def _warm_up(names: list[str], run_one: Callable[[str], Any]) -> dict[str, str]:
+    """Run each setting once (allocator, kernels); those that raise are returned with why, ``none``'s re-raised.
+
+    A GPU-only bug in one method (the 2026-12-04 run: FastV indexed a CUDA tensor with a host index) then costs that
+    method's figures, not every figure of a one-shot device run.
+    """
+    failed: dict[str, str] = {}
+    for name in names:
+        try:
+            run_one(name)
+        except Exception as exc:  # any failure of a method under test is a finding to report, not a reason to stop
+            if name == "none":
+                raise
+            failed[name] = _failure(exc)
+            _release_cache()
+    return failed
+
+
+def _release_cache() -> None:
+    """After a failure (an out-of-memory among them), give the failed setting's cached blocks back."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _supported(adapter: Adapter, name: str, extra: dict, table: dict) -> str | None:
     """``None`` when the setting runs on this adapter, else why not."""
     try:
@@ -284,8 +321,8 @@ def methods_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work:
     names = [n for n in ["none", *args.methods] if n in METHOD_SETTINGS]
     unsupported = {n: why for n in names if (why := _supported(adapter, n, extra, METHOD_SETTINGS))}
     names = [n for n in names if n not in unsupported]
-    for name in names:  # warm-up
-        _generate(adapter, _method(name, extra, METHOD_SETTINGS), batch, gen)
+    failed = _warm_up(names, lambda n: _generate(adapter, _method(n, extra, METHOD_SETTINGS), batch, gen))
+    names = [n for n in names if n not in failed]
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.repeats):
         for name in names:
@@ -302,6 +339,8 @@ def methods_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work:
                   "extra_syncs_per_step": c["syncs_per_step"] - none["syncs_per_step"]}  # fmt: skip
     for n, why in unsupported.items():
         out[n] = {"unsupported": why}
+    for n, why in failed.items():
+        out[n] = {"error": why}
     return {
         "methods": out,
         "methods_setup": {
@@ -337,8 +376,8 @@ def pruning_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work:
     names = list(PRUNING_SETTINGS)
     unsupported = {n: why for n in names if (why := _supported(adapter, n, {}, PRUNING_SETTINGS))}
     names = [n for n in names if n not in unsupported]
-    for name in names:  # warm-up
-        _prefill(adapter, _method(name, {}, PRUNING_SETTINGS), inputs)
+    failed = _warm_up(names, lambda n: _prefill(adapter, _method(n, {}, PRUNING_SETTINGS), inputs))
+    names = [n for n in names if n not in failed]
     times: dict[str, list[float]] = {n: [] for n in names}
     memory: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.repeats):
@@ -353,6 +392,8 @@ def pruning_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work:
                            for n in names}  # fmt: skip
     for n, why in unsupported.items():
         out[n] = {"unsupported": why}
+    for n, why in failed.items():
+        out[n] = {"error": why}
     return {
         "pruning": out,
         "pruning_setup": {"batch": len(requests), "prompt_tokens": int(inputs["input_ids"].shape[1])},
@@ -364,7 +405,11 @@ PARTS = {"engine": engine_part, "methods": methods_part, "pruning": pruning_part
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Build the model, run the parts asked for, print and return the figures."""
+    """Build the model, run the parts asked for, print and return the figures.
+
+    Each part's table is printed, and the ``--json`` file rewritten, as soon as the part ends, so a run stopped by a
+    time limit keeps what it measured; a part that raises is recorded under ``errors`` and the next part runs.
+    """
     if args.repeats < 5:
         raise SystemExit(f"--repeats must be >= 5 (medians of fewer moved by 20 % between runs), got {args.repeats}")
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
@@ -383,51 +428,95 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "gpu": torch.cuda.get_device_name() if adapter.device.type == "cuda" else None},
         "repeats": args.repeats,
         "build_s": time.perf_counter() - t0,
+        "environment": environment(),
+        "parts_done": [],
+        "errors": {},
     }  # fmt: skip
+    print_header(report)
+    save(report, args.json)
     for part in args.parts:
         t = time.perf_counter()
-        report |= PARTS[part](adapter, scale, args, work)
+        try:
+            figures = PARTS[part](adapter, scale, args, work)
+        except Exception as exc:  # the other parts' figures are still worth having (a one-shot device run)
+            report["errors"][part] = _failure(exc)
+            _release_cache()
+        else:
+            report |= figures
+            report["errors"] |= {f"{key}.{name}": v["error"] for key, rows in figures.items() if isinstance(rows, dict)
+                                 for name, v in rows.items() if isinstance(v, dict) and "error" in v}  # fmt: skip
+            report["parts_done"].append(part)
+            PRINTERS[part](report)
+            sys.stdout.flush()
         report[f"{part}_s"] = time.perf_counter() - t
-    report["environment"] = environment()
-    print_report(report)
+        save(report, args.json)
     return report
 
 
-def print_report(r: dict[str, Any]) -> None:
-    """Markdown tables of the figures."""
+def save(report: dict[str, Any], path: Path | None) -> None:
+    """Write the figures so far to ``path`` (whole or not at all: a kill mid-write leaves the previous file)."""
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    tmp.replace(path)
+
+
+def print_header(r: dict[str, Any]) -> None:
+    """The model line every table below refers to."""
     m = r["model"]
     print(f"\n{m['family']} {m['size']}: {m['params'] / 1e9:.2f} B params, {m['lm_layers']} LM layers, "
           f"{m['visual_tokens']} visual / {m['prompt_tokens']} prompt tokens, {m['device']} {m['dtype']} "
-          f"{m['gpu'] or ''}, median of {r['repeats']}")  # fmt: skip
-    if "overhead" in r:
-        print(
-            "| batch | harness / plain HF | harness samples/s | speed-up over batch "
-            f"{min(r['throughput'])} |\n|---|---|---|---|"
-        )
-        for bs, t in r["throughput"].items():
-            o = r["overhead"].get(bs, {}).get("ratio")
-            print(f"| {bs} | {'' if o is None else f'{o:.3f}'} | {t['samples_per_s']:.2f} | {t['speedup']:.2f}x |")
-    if "methods" in r:
-        print(
-            "| method | time / none | ops per decoding step (/ none) | syncs per step (none's) | prefill ops, syncs |"
-        )
-        print("|---|---|---|---|---|")
-        none = r["methods"]["none"]
-        for n, t in r["methods"].items():
-            if "unsupported" in t:
-                print(f"| {n} | unsupported | | | |")
-                continue
+          f"{m['gpu'] or ''}, median of {r['repeats']}", flush=True)  # fmt: skip
+
+
+def _skipped(name: str, t: dict[str, Any], columns: int) -> bool:
+    """Print the row of a setting that did not run (unsupported here, or failed); True if it did not."""
+    why = "unsupported" if "unsupported" in t else f"error: {t['error']}" if "error" in t else None
+    if why:
+        print(f"| {name} | {why.replace('|', '/')} |{' |' * (columns - 2)}")
+    return why is not None
+
+
+def print_engine(r: dict[str, Any]) -> None:
+    """Harness over the plain loop, and throughput by batch size."""
+    print(f"| batch | harness / plain HF | harness samples/s | speed-up over batch {min(r['throughput'])} |")
+    print("|---|---|---|---|")
+    for bs, t in r["throughput"].items():
+        o = r["overhead"].get(bs, {}).get("ratio")
+        print(f"| {bs} | {'' if o is None else f'{o:.3f}'} | {t['samples_per_s']:.2f} | {t['speedup']:.2f}x |")
+
+
+def print_methods(r: dict[str, Any]) -> None:
+    """Every method's time over none's, and the CPU proxy beside it."""
+    print("| method | time / none | ops per decoding step (/ none) | syncs per step (none's) | prefill ops, syncs |")
+    print("|---|---|---|---|---|")
+    none = r["methods"]["none"]
+    for n, t in r["methods"].items():
+        if not _skipped(n, t, 5):
             print(f"| {n} | {t['ratio']:.3f} | {t['ops_per_step']:.0f} ({t['ops_ratio']:.2f}x) | "
                   f"{t['syncs_per_step']:.0f} ({none['syncs_per_step']:.0f}) | {t['prefill_ops']}, "
                   f"{t['prefill_syncs']} |")  # fmt: skip
-    if "pruning" in r:
-        print("| setting | prefill speed-up | peak memory / none |\n|---|---|---|")
-        for n, t in r["pruning"].items():
-            if "unsupported" in t:
-                print(f"| {n} | unsupported | |")
-                continue
+
+
+def print_pruning(r: dict[str, Any]) -> None:
+    """Prefill speed-up and peak memory of every pruning setting."""
+    print("| setting | prefill speed-up | peak memory / none |\n|---|---|---|")
+    for n, t in r["pruning"].items():
+        if not _skipped(n, t, 3):
             ratio = t["peak_memory_ratio"]
             print(f"| {n} | {t['speedup']:.2f}x | {'' if ratio is None else f'{ratio:.2f}x'} |")
+
+
+PRINTERS = {"engine": print_engine, "methods": print_methods, "pruning": print_pruning}
+
+
+def print_report(r: dict[str, Any]) -> None:
+    """Markdown tables of every figure in ``r`` (a report, or a JSON file's contents)."""
+    print_header(r)
+    for part, printer in PRINTERS.items():
+        if part in r.get("parts_done", PRINTERS):
+            printer(r)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -466,8 +555,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     report = run(args)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1, default=str))
+    if report["errors"]:
+        failed = ", ".join(f"{part} ({why})" for part, why in report["errors"].items())
+        raise SystemExit(f"bench.scale: part(s) failed, the others' figures are kept: {failed}")
     return report
 
 

@@ -34,9 +34,11 @@ METHODS: dict[str, list[str]] = {
     "fastv+debias": ["method=fastv", "method.debias=true"],
     "fastervlm+debias": ["method=fastervlm", "method.debias=true"],
     "embedlens+drop": ["method=embedlens", "method.mode=drop"],
-    # the shipped checkpoints' calibrated VAR finds no sinks (tiny models have no massive activations): force edits
+    # the shipped checkpoints' calibrated VAR finds no sinks (tiny models have no massive activations), and their
+    # 2-layer LMs leave "auto" (layers 2 .. L-2) empty: force sinks and edits in both layers
     "var+forced": [
         "method=var",
+        "method.layers=[0,1]",
         "method.sink_dims=[0,1,2,3]",
         "method.tau=2.0",
         "method.rho=0.0",
@@ -74,7 +76,7 @@ def cell(model: str, method: str, args: argparse.Namespace, out: Path) -> dict[s
     metric = next(iter(results["results"].values()))
     acc = next((v for k, v in metric.items() if k.startswith("acc")), None)
     return {"status": "ok", "seconds": round(time.perf_counter() - t0, 1), "samples": n["effective"],
-            "errors": n["errors"], "acc": acc}  # fmt: skip
+            "errors": n["errors"], "acc": acc, "activity": meth.describe().get("activity")}  # fmt: skip
 
 
 def _where(exc: BaseException) -> str:
@@ -113,15 +115,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     out = Path(tempfile.mkdtemp(prefix="device-matrix-"))
     table: dict[str, dict[str, Any]] = {}
+    report = {"device": args.device, "dtype": args.dtype, "task": args.task, "limit": args.limit, "cells": table}
     print("| model | method | status | detail |\n|---|---|---|---|", flush=True)
     for model in args.models:
         for method in args.methods:
             r = table.setdefault(model, {})[method] = cell(model, method, args, out)
             detail = _detail(r)
             print(f"| {model} | {method} | {r['status']} | {detail} |", flush=True)
-    report = {"device": args.device, "dtype": args.dtype, "task": args.task, "limit": args.limit, "cells": table}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1, default=str))
+            if args.json:  # after every cell: a run cut short by a time limit keeps the cells it finished
+                args.json.write_text(json.dumps(report, indent=1, default=str))
     if any(c["status"] == "FAILED" for row in table.values() for c in row.values()):
         raise SystemExit(1)
     return report

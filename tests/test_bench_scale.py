@@ -53,3 +53,42 @@ def test_tiny_cpu_run_writes_every_figure(tmp_path):
 def test_fewer_than_five_repeats_is_refused():
     with pytest.raises(SystemExit, match="repeats must be >= 5"):
         main(["--family", "llava", "--size", "tiny", "--device", "cpu", "--repeats", "3", "--parts", "pruning"])
+
+
+SMALL = ["--family", "llava", "--size", "tiny", "--device", "cpu", "--methods-batch", "2", "--max-new-tokens", "2",
+         "--count-batch", "2", "--count-tokens", "2", "--prefill-batch", "2"]  # fmt: skip
+
+
+def test_a_failing_part_keeps_the_figures_of_the_others(tmp_path, monkeypatch, capsys):
+    """A part that dies (on a GPU: an out-of-memory, a device bug) costs its own figures, not the run's; what the
+    earlier parts measured is on disk before the next part starts (a time limit that kills the run keeps it)."""
+    import bench.scale as scale
+
+    out = tmp_path / "r.json"
+    on_disk = []
+
+    def dies(*_args):
+        on_disk.append(json.loads(out.read_text()))
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setitem(scale.PARTS, "engine", dies)
+    with pytest.raises(SystemExit, match=r"engine \(RuntimeError: planted failure\)"):
+        main([*SMALL, "--parts", "pruning", "engine", "--json", str(out)])
+    assert on_disk[0]["parts_done"] == ["pruning"] and on_disk[0]["pruning"]["none"]["speedup"] == 1.0
+    r = json.loads(out.read_text())
+    assert r["parts_done"] == ["pruning"] and r["errors"] == {"engine": "RuntimeError: planted failure"}
+    assert "engine_s" in r and "overhead" not in r
+    printed = capsys.readouterr()
+    assert "| setting | prefill speed-up |" in printed.out and "planted failure" in printed.err  # the traceback
+
+
+def test_a_method_that_fails_is_reported_and_the_others_are_measured(tmp_path, monkeypatch):
+    """VAR given a sink dimension beyond the hidden size fails when it installs: its row says why, CCA is timed."""
+    monkeypatch.setitem(METHOD_SETTINGS, "var", ("var", {"sink_dims": [10**6], "tau": 3.0}))
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit, match=r"methods\.var \(ValueError: sink dims \[1000000\] out of range"):
+        main([*SMALL, "--parts", "methods", "--methods", "var", "cca", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["methods"]["var"]["error"].startswith("ValueError: sink dims [1000000] out of range")
+    assert r["methods"]["cca"]["ratio"] > 0 and len(r["methods"]["cca"]["seconds"]) == 5
+    assert r["parts_done"] == ["methods"]

@@ -35,6 +35,8 @@ def test_every_cell_runs_with_strict_devices(model, method, tmp_path):
     assert got["status"] == want, got
     if want == "ok":
         assert got["samples"] == 6 and got["errors"] == 0
+    if method == "var+forced":  # the cell that puts VAR's edit path through the check must edit
+        assert got["activity"]["selected_head_rows"] > 0, got
 
 
 def test_strict_devices_catches_a_planted_host_index(tmp_path, monkeypatch):
