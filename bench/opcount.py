@@ -3,8 +3,11 @@
 On a GPU, a decoding step of a 7B model is bound by kernel launches and by the host waiting on the device, not by
 arithmetic; neither shows in CPU timings. Both are countable on any device, deterministically:
 
-* **ops**: every ATen operation that reaches the dispatcher (one per kernel launch, roughly; a fused kernel counts
-  once), seen by a ``TorchDispatchMode``;
+* **ops**: every ATen operation that reaches the dispatcher, seen by a ``TorchDispatchMode``; each costs host time
+  (Python and dispatch) on any device;
+* **launches**: the ops that do device work, i.e. all but those whose output is a view of an input (``view``,
+  ``slice``, ``transpose``, a ``to`` or ``reshape`` that needs no copy, ...) and bare allocations (``empty``): about
+  one kernel launch each on CUDA (a fused kernel counts once);
 * **syncs**: operations that make the host wait for the device on CUDA: ``aten._local_scalar_dense`` and, under
   ``inference_mode``, ``aten.item`` / ``aten.is_nonzero`` (``.item()``, ``bool(t)``, ``int(t)``, ``float(t)``);
   ops whose output size depends on tensor values (``nonzero``, boolean-mask indexing, ``masked_select``,
@@ -68,6 +71,7 @@ class Tally:
     """Counts of one model call (or of anything between two :meth:`Counting.start` calls)."""
 
     ops: int = 0
+    launches: int = 0  # ops that do device work (not a view of an input, not a bare allocation)
     syncs: int = 0
     prefill: bool = False
     sync_sites: Counter = field(default_factory=Counter)  # 'op @ file:line' -> count, for finding them
@@ -105,6 +109,24 @@ def _is_sync(func: Any, args: tuple, kwargs: dict) -> bool:
     return False
 
 
+#: ops that allocate without touching the memory: no kernel
+_ALLOCATIONS = frozenset({aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default})
+
+
+def _launches(func: Any, args: tuple, out: Any) -> bool:
+    """Whether ``func`` did device work: False for a bare allocation and for an output that views its input."""
+    if func in _ALLOCATIONS:
+        return False
+    if not func.is_view:  # e.g. aten.to / aten.reshape are "view or copy": the output tells which
+        return True
+    first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    outs = out if isinstance(out, tuple | list) else (out,)
+    return first is None or any(
+        isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+        for o in outs
+    )
+
+
 class _Dispatch(TorchDispatchMode):
     def __init__(self, owner: Counting) -> None:
         super().__init__()
@@ -112,8 +134,10 @@ class _Dispatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        self.owner.op(func, _is_sync(func, args, kwargs))
-        return func(*args, **kwargs)
+        sync = _is_sync(func, args, kwargs)
+        out = func(*args, **kwargs)
+        self.owner.op(func, sync, _launches(func, args, out))
+        return out
 
 
 class _Functions(TorchFunctionMode):
@@ -143,9 +167,10 @@ class Counting:
         """Begin a new segment (a model call)."""
         self.tallies.append(Tally(prefill=prefill))
 
-    def op(self, func: Any, sync: bool) -> None:
-        """Count one ATen op."""
+    def op(self, func: Any, sync: bool, launches: bool = True) -> None:
+        """Count one ATen op (and whether it did device work)."""
         self.current.ops += 1
+        self.current.launches += launches
         if sync:
             self._sync(str(func))
 
@@ -173,12 +198,12 @@ class Counting:
         return [t for t in self.steps if not t.prefill]
 
     def decode_median(self, what: str) -> float:
-        """Median ``ops`` or ``syncs`` over the decoding steps (0 when there are none)."""
+        """Median ``ops``, ``launches`` or ``syncs`` over the decoding steps (0 when there are none)."""
         values = [getattr(t, what) for t in self.decode]
         return float(statistics.median(values)) if values else 0.0
 
     def prefill_total(self, what: str) -> int:
-        """``ops`` or ``syncs`` summed over the prefill calls."""
+        """``ops``, ``launches`` or ``syncs`` summed over the prefill calls."""
         return sum(getattr(t, what) for t in self.prefill)
 
 

@@ -24,9 +24,10 @@ In one run, interleaved, each figure the median of ``--repeats`` (≥ 5) runs:
    as in a real run instead of charged to one batch, which is how the 2026-12-04 table measured batch 16.
 2. **throughput** ``throughput.<batch>.samples_per_s`` of the harness at each ``--batch-sizes`` (the same runs).
 3. **methods** ``methods.<name>.ratio``: generation time of a batch of 16 requests, 16 new tokens, under each
-   method over ``none`` (CUDA events), and the CPU-countable proxy of GPU cost (:mod:`bench.opcount`): ATen ops
-   and host syncs per cached decoding step (``ops_per_step``, ``syncs_per_step``; ``none``'s beside them) and per
-   prefill. CARVE's two recording passes are given the same 16 tokens (a random model never stops early).
+   method over ``none`` (CUDA events), and the CPU-countable proxy of GPU cost (:mod:`bench.opcount`): ATen ops,
+   kernel launches (ops that are not views) and host syncs per cached decoding step (``ops_per_step``,
+   ``launches_per_step``, ``syncs_per_step``; ``none``'s beside them) and per prefill. CARVE's two recording
+   passes are given the same 16 tokens (a random model never stops early).
 4. **pruning** ``pruning.<setting>.speedup`` and ``peak_memory_ratio``: prefill (vision tower + LM, last-token
    logits) of a batch of 8 under FastV and FasterVLM at R = 50/75/90 % over ``none``; peak memory above the weights
    (``max_memory_allocated`` on CUDA, resident set size on the CPU).
@@ -283,19 +284,21 @@ def _generate(adapter: Adapter, method: Any, batch: list[Request], gen: dict[str
 
 
 def count_method(adapter: Adapter, method: Any, batch: list[Request], gen: dict[str, Any]) -> dict[str, float]:
-    """ATen ops and host syncs of one ``generate`` under ``method`` (:mod:`bench.opcount`), per call kind.
+    """ATen ops, launches and host syncs of one ``generate`` under ``method`` (:mod:`bench.opcount`), per call kind.
 
     Returns:
-        ``ops_per_step`` / ``syncs_per_step`` (median over cached decoding steps), ``prefill_ops`` /
-        ``prefill_syncs`` (summed over prefill calls), ``calls`` (model calls), ``sync_sites`` (decoding),
+        ``ops_per_step`` / ``launches_per_step`` / ``syncs_per_step`` (median over cached decoding steps),
+        ``prefill_ops`` / ``prefill_launches`` / ``prefill_syncs`` (summed over prefill calls), ``calls`` (model
+        calls), ``sync_sites`` (decoding),
         ``prefill_sync_sites`` (input preparation and prefill: the input-time selections included).
     """
     with torch.inference_mode(), method.bind(adapter):
         calls = AdapterCalls(adapter, len(batch), method)
         with count_steps(adapter.model) as c:
             calls.generate(batch, **gen)
-    return {"ops_per_step": c.decode_median("ops"), "syncs_per_step": c.decode_median("syncs"),
-            "prefill_ops": c.prefill_total("ops"), "prefill_syncs": c.prefill_total("syncs"),
+    return {"ops_per_step": c.decode_median("ops"), "launches_per_step": c.decode_median("launches"),
+            "syncs_per_step": c.decode_median("syncs"), "prefill_ops": c.prefill_total("ops"),
+            "prefill_launches": c.prefill_total("launches"), "prefill_syncs": c.prefill_total("syncs"),
             "calls": len(c.steps), "sync_sites": _sites(c.decode),
             "prefill_sync_sites": _sites([c.tallies[0], *c.prefill])}  # fmt: skip
 
@@ -336,6 +339,7 @@ def methods_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work:
         c = counts[n]
         out[n] = {"ratio": _median(times[n]) / base, "seconds": times[n], **c,
                   "ops_ratio": c["ops_per_step"] / none["ops_per_step"],
+                  "launches_ratio": c["launches_per_step"] / none["launches_per_step"],
                   "extra_syncs_per_step": c["syncs_per_step"] - none["syncs_per_step"]}  # fmt: skip
     for n, why in unsupported.items():
         out[n] = {"unsupported": why}
@@ -489,13 +493,14 @@ def print_engine(r: dict[str, Any]) -> None:
 
 def print_methods(r: dict[str, Any]) -> None:
     """Every method's time over none's, and the CPU proxy beside it."""
-    print("| method | time / none | ops per decoding step (/ none) | syncs per step (none's) | prefill ops, syncs |")
-    print("|---|---|---|---|---|")
+    print("| method | time / none | ops per decoding step (/ none) | launches per step (/ none) | syncs per step "
+          "(none's) | prefill ops, launches, syncs |\n|---|---|---|---|---|---|")  # fmt: skip
     none = r["methods"]["none"]
     for n, t in r["methods"].items():
-        if not _skipped(n, t, 5):
+        if not _skipped(n, t, 6):
             print(f"| {n} | {t['ratio']:.3f} | {t['ops_per_step']:.0f} ({t['ops_ratio']:.2f}x) | "
-                  f"{t['syncs_per_step']:.0f} ({none['syncs_per_step']:.0f}) | {t['prefill_ops']}, "
+                  f"{t['launches_per_step']:.0f} ({t['launches_ratio']:.2f}x) | {t['syncs_per_step']:.0f} "
+                  f"({none['syncs_per_step']:.0f}) | {t['prefill_ops']}, {t['prefill_launches']}, "
                   f"{t['prefill_syncs']} |")  # fmt: skip
 
 

@@ -121,8 +121,9 @@ class IRI(Method):
         self.calibration: dict[str, Any] = {}
         self.source = ""
         self.plan: dict[str, dict[str, Any]] = {}
-        self._injected = DeviceTally(1)  # relative change ‖ã − a‖ / ‖a‖ summed over the rows injected
+        self._injected = DeviceTally(1)  # relative change ‖ã − a‖ / ‖a‖ summed over the prompt-end rows
         self._rows = 0  # rows injected (target layer × row), counted on the host
+        self._measured = 0  # of which prompt-end rows (prefill), where the change is measured
 
     def check(self, adapter: Adapter) -> None:
         """Load the FCCT calibration before the model loads (fails with the tracing command when missing)."""
@@ -168,9 +169,11 @@ class IRI(Method):
 
         Cost per forward (what a decoding step launches, issue 25): a source adds its weighted output to the running
         sum of the sources below it (one fused add), a target reads that sum (the causal gate k < l is which
-        source's sum it reads, fixed at install) and is rewritten in place (about 11 ops, the activity's
-        numerator included; the tally divides and sums when read), with no host sync and no copy of the layer's
-        output. The result equals :func:`inject` up to float round-off (tested).
+        source's sum it reads, fixed at install) and is rewritten in place: the injection, two norms and the
+        renormalised row written into the output in one product (6 launches), with no host sync and no copy of
+        the layer's output. The activity (‖ã − a‖ / ‖a‖) is measured at the prompt's last token only, in prefill,
+        where its two extra kernels are not paid per generated token. The result equals :func:`inject` up to
+        float round-off (tested).
         """
         plan, lam, renorm = self.plan[part], self.plan[part]["lambda"], self.hparams["renorm"]
         below = max((k for k in plan["sources"] if k < layer), default=None)  # the highest source under this layer
@@ -186,20 +189,33 @@ class IRI(Method):
                 self._rows += last.shape[0]
                 if below is not None:
                     new = torch.add(a, summed[below], alpha=lam)  # a + λ·Σ w_k a^(k)
-                    norm = a.norm(dim=-1, keepdim=True)  # [batch, 1]
-                    if renorm:
-                        new.mul_(norm / new.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-                    # ‖ã − a‖ / ‖a‖ per row, divided and summed when the activity is read (no kernel for it here)
-                    self._injected.add_ratio(0, (new - a).norm(dim=-1, keepdim=True), norm)
-                    last.copy_(new)  # in place: the output's last row
+                    scale = None
+                    if renorm:  # ‖a‖ / ‖new‖ per row, [batch, 1]
+                        norm = a.norm(dim=-1, keepdim=True)
+                        scale = norm / new.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                    if step.prefill:  # measure, before ``last`` (``a`` itself in float32) is written
+                        self._measure(a, new if scale is None else new * scale)
+                    if scale is None:
+                        last.copy_(new)  # in place: the output's last row
+                    else:
+                        torch.mul(new, scale, out=last)  # ã, rounded once to the output's dtype, in place
 
         return fn
+
+    def _measure(self, a: torch.Tensor, new: torch.Tensor) -> None:
+        """Tally ‖ã − a‖ / ‖a‖ per row (``[batch, d]`` each, float32), divided and summed when read."""
+        self._measured += a.shape[0]
+        self._injected.add_ratio(0, (new - a).norm(dim=-1, keepdim=True), a.norm(dim=-1, keepdim=True))
 
     def describe(self) -> dict[str, Any]:
         """Adds the calibration file, the resolved layers / weights / λ and how much was injected."""
         (change,) = self._injected.tolist()
-        rows = self._rows
+        measured = self._measured
         return super().describe() | {
             "resolved": {"fcct_file": self.source, "plan": self.plan},
-            "activity": {"injections": int(rows), "mean_relative_change": round(change / rows, 6) if rows else 0.0},
+            "activity": {
+                "injections": int(self._rows),  # target layer x row, prefill and every generated token
+                # ‖ã − a‖ / ‖a‖ at the prompt's last token (prefill), averaged over target layers and rows
+                "mean_relative_change_at_prompt_end": round(change / measured, 6) if measured else 0.0,
+            },
         }

@@ -141,6 +141,30 @@ def test_injection_changes_only_target_layers_last_position_and_keeps_norms(load
             torch.testing.assert_close(post[targets[0]][call][:, -1], expected.to(a.dtype))
 
 
+def test_activity_reports_every_injection_and_the_change_at_the_prompt_end(loaded, tmp_path):
+    """``injections`` counts target rows of every forward; the relative change is the prefill's, as measured here."""
+    adapter = loaded("llava")
+    method = IRI(sources=1, targets=2, lambda_attn=0.5, lambda_mlp=0.4, fcct_file=_calibrate(tmp_path))
+    method.check(adapter)
+    prompts = [adapter.format_prompt("Is there a big red circle in the image?"), adapter.format_prompt("Count.")]
+    inputs = adapter.build_inputs(prompts, [[_img(3)], [_img(4)]])
+    pre, post = {"attn": {}, "mlp": {}}, {"attn": {}, "mlp": {}}
+    handles = [h for part in pre for h in _capture(adapter, part, pre[part])]
+    try:
+        with torch.inference_mode(), method.bind(adapter):
+            handles += [h for part in post for h in _capture(adapter, part, post[part])]
+            adapter.generate_ids(inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    finally:
+        for h in handles:
+            h.remove()
+    changes = [((post[p][t][0][:, -1] - pre[p][t][0][:, -1]).norm(dim=-1) / pre[p][t][0][:, -1].norm(dim=-1))
+               for p in pre for t in method.plan[p]["targets"]]  # fmt: skip
+    activity = method.describe()["activity"]
+    assert activity["injections"] == 2 * 2 * 2 * 3  # parts x targets x rows x forwards (prefill + 2 steps)
+    expected = torch.cat(changes).mean().item()
+    assert expected > 0.01 and activity["mean_relative_change_at_prompt_end"] == pytest.approx(expected, rel=1e-4)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_batched_padded_generation_equals_one_row_at_a_time(loaded, family, tmp_path):
     adapter = loaded(family)

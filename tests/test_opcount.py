@@ -83,6 +83,20 @@ def test_device_side_work_is_not_a_sync():
     assert t.ops >= 8
 
 
+def test_views_and_allocations_launch_nothing_and_copies_do():
+    def work(x):  # x: int64 [6]
+        x.view(2, 3).t()[0]  # views: 3 ops, no launch
+        x.reshape(3, 2)  # a view here, no copy
+        x.view(2, 3).t().reshape(6)  # not viewable: reshape copies (one launch)
+        x.to(torch.int64)  # already int64: returns x itself
+        x.to(torch.float32)  # a copy
+        torch.empty(4)  # an allocation
+        x + 1  # a kernel
+
+    t = _count(work)
+    assert t.ops == 11 and t.launches == 3, (t.ops, t.launches)
+
+
 def test_sync_sites_name_the_calling_line():
     t = _count(lambda x: x.sum().item())
     (site,) = t.sync_sites
