@@ -516,14 +516,6 @@ def print_pruning(r: dict[str, Any]) -> None:
 PRINTERS = {"engine": print_engine, "methods": print_methods, "pruning": print_pruning}
 
 
-def print_report(r: dict[str, Any]) -> None:
-    """Markdown tables of every figure in ``r`` (a report, or a JSON file's contents)."""
-    print_header(r)
-    for part, printer in PRINTERS.items():
-        if part in r.get("parts_done", PRINTERS):
-            printer(r)
-
-
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
