@@ -41,8 +41,6 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from adapters.hf_compat import accepts_encoder_outputs
-
 #: the vision tower's attention function while [CLS] scores are read (:meth:`Anatomy._vision_cls_probs`)
 VISION_CLS = "harness_vision_cls"
 
@@ -217,10 +215,10 @@ class Anatomy(abc.ABC):
 
         One tower pass with its fused kernel: the attention function of :data:`VISION_CLS` computes the [CLS] row's
         softmax (float32) at that layer only, instead of an eager pass that materialises every layer's ``P²``
-        probabilities (what ``output_attentions=True`` costs). Where the model takes pre-computed image features
-        (:func:`adapters.hf_compat.accepts_encoder_outputs`), the pass is the model's own image encoding
-        (``get_image_features``, the same SDPA kernels) and its output is kept for the model call about to run
-        on these ``pixel_values`` (:meth:`Generation._call`), so the tower runs once per prompt, not twice.
+        probabilities (what ``output_attentions=True`` costs). The pass is the model's own image encoding
+        (``get_image_features``, the same SDPA kernels), and its output is kept for the model call about to run
+        on these ``pixel_values`` (:meth:`Generation._call`, :func:`adapters.hf_compat.encoded_images`), so the
+        tower runs once per prompt, not twice.
         """
         if not isinstance(feature_layer, int) or feature_layer == 0:
             raise ValueError(f"vision_feature_layer {feature_layer!r} has no single attention layer")
@@ -231,13 +229,9 @@ class Anatomy(abc.ABC):
         attn._harness_cls_sink = sink
         try:
             with self.vision_attention(VISION_CLS):
-                if accepts_encoder_outputs(model):
-                    pixels = pixel_kwargs["pixel_values"]
-                    encoded = model.base_model.get_image_features(**pixel_kwargs, return_dict=True)
-                    # only what the model reads (the projected features), not every tower layer's hidden states
-                    self._encoded = (pixels, type(encoded)(pooler_output=encoded.pooler_output))
-                else:
-                    model.model.vision_tower(**pixel_kwargs)
+                encoded = model.base_model.get_image_features(**pixel_kwargs, return_dict=True)
+            # only what the model reads (the projected features), not every tower layer's hidden states
+            self._encoded = (pixel_kwargs["pixel_values"], type(encoded)(pooler_output=encoded.pooler_output))
         finally:
             del attn._harness_cls_sink
         if len(sink) != 1:

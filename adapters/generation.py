@@ -21,6 +21,8 @@ from PIL import Image
 from torch import nn
 from transformers import LogitsProcessorList
 
+from adapters.hf_compat import encoded_images
+
 #: ChatML fallback prompt (Qwen-VL, InternVL) and its system block, for checkpoints without a chat template
 CHATML = "{system}<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n"
 CHATML_SYSTEM = "<|im_start|>system\n{}<|im_end|>\n"
@@ -225,27 +227,21 @@ class Generation:
         """The model call's inputs (active position replacement applied), observers notified around the call.
 
         Every input observer gets the inputs before the call and ``None`` when it is over. Images a method has
-        already encoded for this call (the [CLS] scoring pass, :meth:`Anatomy._vision_cls_probs`) go in as
-        ``mm_encoder_outputs`` instead of ``pixel_values``, so the tower does not run again.
+        already encoded for this call (the [CLS] scoring pass, :meth:`Anatomy._vision_cls_probs`) are not encoded
+        again (:func:`adapters.hf_compat.encoded_images`).
         """
         self._encoded = None  # what an earlier call left (one that failed before its model call)
         inputs = self._with_positions(inputs)
         try:
             for observe in self._input_observers:
                 observe(inputs)
-            prepared, self._encoded = self._reuse_encoding(model_inputs(inputs)), None
-            yield prepared
+            encoded, self._encoded = self._encoded, None
+            with encoded_images(self._require_loaded(), model_inputs(inputs), encoded) as prepared:
+                yield prepared
         finally:
             self._encoded = None
             for observe in self._input_observers:
                 observe(None)
-
-    def _reuse_encoding(self, prepared: dict[str, Any]) -> dict[str, Any]:
-        """``prepared`` with ``pixel_values`` replaced by their kept encoding, if it was made from that tensor."""
-        if self._encoded is None or prepared.get("pixel_values") is not self._encoded[0]:
-            return prepared
-        rest = {k: v for k, v in prepared.items() if k != "pixel_values"}
-        return rest | {"mm_encoder_outputs": {"image": self._encoded[1]}}
 
     @contextlib.contextmanager
     def on_inputs(self, fn: Callable[[dict[str, torch.Tensor] | None], None]) -> Iterator[None]:

@@ -7,7 +7,10 @@ method. Each entry names the releases it bridges.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -37,7 +40,48 @@ def accepts_encoder_outputs(model: nn.Module) -> bool:
     """Whether ``model``'s forward (and ``generate``) take pre-computed image features as ``mm_encoder_outputs``.
 
     ``mm_encoder_outputs={"image": model.base_model.get_image_features(pixel_values=..., return_dict=True)}``
-    replaces ``pixel_values`` from transformers 5.19 on (LLaVA, InternVL, Qwen2-VL); 5.17 has no such argument,
-    and a caller that has already run the vision tower must let the model run it again.
+    replaces ``pixel_values`` from transformers 5.19 on (LLaVA, InternVL, Qwen2-VL); 5.17 and 5.18 have no such
+    argument (:func:`encoded_images` bridges them).
     """
     return "mm_encoder_outputs" in inspect.signature(model.forward).parameters
+
+
+@contextlib.contextmanager
+def encoded_images(model: nn.Module, prepared: dict[str, Any], encoded: tuple[Any, Any] | None) -> Iterator[dict]:
+    """The inputs of one model call whose images were already encoded, so the vision tower does not run again.
+
+    Args:
+        model: The loaded model.
+        prepared: The call's keyword arguments (``pixel_values`` among them).
+        encoded: ``(pixel_values, model.base_model.get_image_features(pixel_values=..., return_dict=True))``, or
+            ``None``. Used only when ``prepared["pixel_values"]`` is that same tensor object.
+
+    Yields:
+        The keyword arguments to call the model (or ``generate``) with, inside the block. From transformers 5.19:
+        ``mm_encoder_outputs`` in place of ``pixel_values``. 5.17 and 5.18: ``prepared`` unchanged, while the
+        base model's ``get_image_features`` (what its forward calls) answers a call on exactly these pixels with
+        the kept encoding and runs as usual on any other; the instance is as before when the block ends.
+    """
+    if encoded is None or prepared.get("pixel_values") is not encoded[0]:
+        yield prepared
+        return
+    pixels, features = encoded
+    if accepts_encoder_outputs(model):
+        yield {k: v for k, v in prepared.items() if k != "pixel_values"} | {"mm_encoder_outputs": {"image": features}}
+        return
+    base = model.base_model
+    encode, shadowed = base.get_image_features, vars(base).get("get_image_features")  # an enclosing call's stand-in
+
+    @functools.wraps(encode)  # callers that read its signature (``generate`` from 5.19 on) see the method's
+    def get_image_features(*args: Any, **kwargs: Any) -> Any:
+        given = kwargs["pixel_values"] if "pixel_values" in kwargs else (args[0] if args else None)
+        return features if given is pixels else encode(*args, **kwargs)
+
+    base.get_image_features = get_image_features  # shadows the class's method on this instance only
+    try:
+        yield prepared
+    finally:
+        if shadowed is None:
+            del base.get_image_features
+        else:
+            base.get_image_features = shadowed

@@ -21,9 +21,10 @@ refused before the model loads: their ViT has no [CLS] token, so the score does 
 which scores by the LM's own attention).
 
 Cost: the scores are read in a tower pass before the model call, with the fused attention kernel (only the
-feature layer's [CLS] row is computed as probabilities). With transformers 5.19 or later that pass is the model's
-own image encoding and its features go into the model call (``mm_encoder_outputs``), so the tower runs once per
-prompt; on 5.17 the model runs it again (on LLaVA-1.5-7B the tower is ~4 % of the prefill FLOPs).
+feature layer's [CLS] row is computed as probabilities). That pass is the model's own image encoding, and its
+features go into the model call (``mm_encoder_outputs`` from transformers 5.19; on 5.17 and 5.18 the model's
+``get_image_features`` hands them back for the call), so the tower runs once per prompt (on LLaVA-1.5-7B it is
+~4 % of the prefill FLOPs, and at R = 90 % a quarter or more of what pruning leaves).
 
 Attention debiasing (``debias=true``, :mod:`methods.debias`): the [CLS] scores' positional trend, calibrated with
 ``python -m methods.calibrate debias --model <option> --pruner fastervlm``, and padding suppression.

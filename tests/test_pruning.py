@@ -245,11 +245,15 @@ def test_fastervlm_equals_the_shortened_prompt(loaded):
 
 @pytest.mark.parametrize("family", ["llava", "internvl"])
 def test_fastervlm_runs_the_vision_tower_once_per_prompt(loaded, family, monkeypatch):
-    """The [CLS] scoring pass is the model's own image encoding where the model takes ``mm_encoder_outputs``
-    (transformers >= 5.19): the tower runs once per prompt, not twice, in ``generate`` and ``forward``, and the
-    tokens and logits equal those of the double pass (the model encoding the images again)."""
-    import adapters.anatomy
-    from adapters.hf_compat import accepts_encoder_outputs
+    """The [CLS] scoring pass is the model's own image encoding: the tower runs once per prompt, not twice, in
+    ``generate`` and ``forward``, through either bridge of :func:`adapters.hf_compat.encoded_images` (the
+    ``mm_encoder_outputs`` argument of transformers >= 5.19, and the ``get_image_features`` stand-in for 5.17 and
+    5.18, forced here on whatever version is installed), and the tokens and logits equal those of the double pass
+    (the model encoding the images again)."""
+    import contextlib
+
+    import adapters.generation
+    import adapters.hf_compat
 
     adapter = loaded(family)
     prompts, images = _batch(adapter)
@@ -263,19 +267,28 @@ def test_fastervlm_runs_the_vision_tower_once_per_prompt(loaded, family, monkeyp
             ids = adapter.generate_ids(inputs, **GEN)
             n_generate = len(calls)
             logits = adapter.forward(inputs, logits_to_keep=1).logits
-        return ids, logits, n_generate, len(calls) - n_generate
+        return ids, logits, [n_generate, len(calls) - n_generate]
+
+    @contextlib.contextmanager
+    def encode_again(_model, prepared, _encoded):
+        yield prepared
 
     try:
-        ids, logits, *passes = run()
-        monkeypatch.setattr(adapters.anatomy, "accepts_encoder_outputs", lambda _model: False)
-        ids2, logits2, *passes2 = run()
+        runs = {"installed": run()}
+        with monkeypatch.context() as m:
+            m.setattr(adapters.hf_compat, "accepts_encoder_outputs", lambda _model: False)
+            runs["5.17 bridge"] = run()
+        monkeypatch.setattr(adapters.generation, "encoded_images", encode_again)
+        ids2, logits2, passes2 = run()
     finally:
         handle.remove()
-    assert passes == ([1, 1] if accepts_encoder_outputs(adapter.model) else [2, 2])
     assert passes2 == [2, 2]
-    assert ids.tolist() == ids2.tolist()
-    torch.testing.assert_close(logits, logits2, rtol=0, atol=0)
+    for how, (ids, logits, passes) in runs.items():
+        assert passes == [1, 1], how
+        assert ids.tolist() == ids2.tolist(), how
+        torch.testing.assert_close(logits, logits2, rtol=0, atol=0, msg=how)
     assert adapter._encoded is None  # nothing kept once the call is over
+    assert "get_image_features" not in vars(adapter.model.base_model)  # the 5.17 stand-in is gone
 
 
 @pytest.mark.parametrize("family", ["llava", "internvl"])
