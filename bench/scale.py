@@ -22,7 +22,10 @@ In one run, interleaved, each figure the median of ``--repeats`` (≥ 5) runs:
    time: the harness's own host work is what is being measured). Each run covers ``--batches-per-run`` (4)
    batches, at least ``--min-samples`` (8) samples: a run's fixed cost (metrics, results file) is then shared
    as in a real run instead of charged to one batch, which is how the 2026-12-04 table measured batch 16.
-2. **throughput** ``throughput.<batch>.samples_per_s`` of the harness at each ``--batch-sizes`` (the same runs).
+2. **throughput** ``throughput.<batch>.samples_per_s`` of the harness at each ``--batch-sizes`` (the same runs),
+   and ``breakdown.<batch>``: where one batch's time goes (the inputs, i.e. template, image processor and
+   tokenizer on the host; the prefill; each decoding step; the rest of the harness batch), so a missed
+   throughput target says whether host work or the model is short.
 3. **methods** ``methods.<name>.ratio``: generation time of a batch of 16 requests, 16 new tokens, under each
    method over ``none`` (CUDA events), and the CPU-countable proxy of GPU cost (:mod:`bench.opcount`): ATen ops,
    kernel launches (ops that are not views) and host syncs per cached decoding step (``ops_per_step``,
@@ -257,13 +260,19 @@ def engine_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work: 
         time_harness(adapter, tasks[bs], bs, work)
         if bs in args.overhead_batches:
             time_plain(adapter, tasks[bs], bs)
+    requests = {bs: _requests(adapter, bs, scale.image) for bs in args.batch_sizes}
+    for bs in args.batch_sizes:
+        time_batch(adapter, requests[bs], args.max_new_tokens)
     harness: dict[int, list[float]] = {bs: [] for bs in batches}
     plain: dict[int, list[float]] = {bs: [] for bs in args.overhead_batches}
+    parts: dict[int, list[dict[str, float]]] = {bs: [] for bs in args.batch_sizes}
     for _ in range(args.repeats):
         for bs in batches:
             if bs in plain:
                 plain[bs].append(time_plain(adapter, tasks[bs], bs))
             harness[bs].append(time_harness(adapter, tasks[bs], bs, work))
+            if bs in parts:
+                parts[bs].append(time_batch(adapter, requests[bs], args.max_new_tokens))
     n = {bs: len(tasks[bs].samples()) for bs in batches}
     overhead = {bs: {"ratio": _median(harness[bs]) / _median(plain[bs]), "samples": n[bs], "batches": -(-n[bs] // bs),
                      "harness_s": harness[bs], "plain_s": plain[bs]} for bs in plain}  # fmt: skip
@@ -271,7 +280,39 @@ def engine_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work: 
     base = throughput[min(batches)]["samples_per_s"]
     for t in throughput.values():
         t["speedup"] = t["samples_per_s"] / base
-    return {"overhead": overhead, "throughput": throughput}
+    breakdown = {bs: _breakdown(parts[bs], _median(harness[bs]) / -(-n[bs] // bs), args.max_new_tokens)
+                 for bs in args.batch_sizes}  # fmt: skip
+    return {"overhead": overhead, "throughput": throughput, "breakdown": breakdown}
+
+
+def time_batch(adapter: Adapter, requests: list[Request], new_tokens: int) -> dict[str, float]:
+    """Seconds of one batch's parts: its inputs, its prefill, and its generation.
+
+    The inputs are host work (template, image processor, tokenizer, the copy to the device); the prefill computes
+    the last token's logits; the generation makes exactly ``new_tokens`` tokens, its prefill included.
+    """
+    t0 = time.perf_counter()
+    inputs = adapter.build_inputs([adapter.format_prompt(r.text) for r in requests], [r.images for r in requests])
+    inputs_s = time.perf_counter() - t0
+    with torch.inference_mode():
+        with _clock(adapter.device) as prefill:
+            adapter.forward(inputs, logits_to_keep=1)
+        with _clock(adapter.device) as generate:
+            adapter.generate_ids(inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return {"inputs_s": inputs_s, "prefill_s": prefill[0], "generate_s": generate[0]}
+
+
+def _breakdown(runs: list[dict[str, float]], batch_s: float, new_tokens: int) -> dict[str, float]:
+    """Where a harness batch's time goes (medians): inputs, prefill, each decoding step, and the rest.
+
+    ``rest_s`` is the harness's batch time (its median run over its batches) less the inputs and the generation:
+    image files read and decoded, parsing, records, metrics. The batch-16 over batch-1 throughput target depends
+    on the host parts (inputs, rest) that batching does not amortise.
+    """
+    inputs, prefill, generate = (_median([r[k] for r in runs]) for k in ("inputs_s", "prefill_s", "generate_s"))
+    return {"batch_s": batch_s, "inputs_s": inputs, "prefill_s": prefill, "generate_s": generate,
+            "decode_step_s": (generate - prefill) / max(1, new_tokens - 1),
+            "rest_s": batch_s - inputs - generate}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- 3: methods
@@ -489,6 +530,17 @@ def print_engine(r: dict[str, Any]) -> None:
     for bs, t in r["throughput"].items():
         o = r["overhead"].get(bs, {}).get("ratio")
         print(f"| {bs} | {'' if o is None else f'{o:.3f}'} | {t['samples_per_s']:.2f} | {t['speedup']:.2f}x |")
+    print_breakdown(r)
+
+
+def print_breakdown(r: dict[str, Any]) -> None:
+    """One harness batch's time, in parts (milliseconds)."""
+    print("| batch | harness batch | inputs (host) | prefill | decoding step | generation | rest (host) |\n"
+          "|---|---|---|---|---|---|---|")  # fmt: skip
+    for bs, t in r["breakdown"].items():
+        keys = ("batch_s", "inputs_s", "prefill_s", "decode_step_s", "generate_s", "rest_s")
+        ms = [f"{1000 * t[k]:.1f}" for k in keys]
+        print(f"| {bs} | {' | '.join(ms)} |")
 
 
 def print_methods(r: dict[str, Any]) -> None:

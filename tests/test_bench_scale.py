@@ -38,6 +38,10 @@ def test_tiny_cpu_run_writes_every_figure(tmp_path):
     assert set(r["overhead"]) == {"1", "4"} and set(r["throughput"]) == {"1", "4"}
     assert all(r["overhead"][b]["ratio"] > 0 for b in r["overhead"])
     assert all(t["samples_per_s"] > 0 for t in r["throughput"].values())
+    for b in ("1", "4"):  # the parts of a batch: positive, and within the harness batch they are part of
+        t = r["breakdown"][b]
+        assert min(t["inputs_s"], t["prefill_s"], t["decode_step_s"]) > 0 and t["generate_s"] > t["prefill_s"], t
+        assert t["inputs_s"] + t["generate_s"] < 1.5 * t["batch_s"], t
     assert set(r["methods"]) == set(METHOD_SETTINGS) and set(r["pruning"]) == set(PRUNING_SETTINGS)
     none = r["methods"]["none"]
     assert none["ratio"] == 1.0 and none["ops_per_step"] > 100
