@@ -256,16 +256,16 @@ def engine_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work: 
     scenes = generate(4 * max(8, -(-max(n_of.values()) // 6)), 3, WorldSpec(image_size=scale.image, min_objects=3))
     export_pope(scenes, work / "data", seed=3)
     tasks = {bs: _task(work / "data", n_of[bs], args.max_new_tokens) for bs in batches}
+    requests = {bs: _requests(adapter, bs, scale.image) for bs in args.batch_sizes}
     for bs in batches:  # warm-up: allocator, kernels, file cache
         time_harness(adapter, tasks[bs], bs, work)
         if bs in args.overhead_batches:
             time_plain(adapter, tasks[bs], bs)
-    requests = {bs: _requests(adapter, bs, scale.image) for bs in args.batch_sizes}
-    for bs in args.batch_sizes:
-        time_batch(adapter, requests[bs], args.max_new_tokens)
+        if bs in requests:
+            time_batch(adapter, requests[bs], args.max_new_tokens)
     harness: dict[int, list[float]] = {bs: [] for bs in batches}
     plain: dict[int, list[float]] = {bs: [] for bs in args.overhead_batches}
-    parts: dict[int, list[dict[str, float]]] = {bs: [] for bs in args.batch_sizes}
+    parts: dict[int, list[dict[str, float]]] = {bs: [] for bs in requests}
     for _ in range(args.repeats):
         for bs in batches:
             if bs in plain:
@@ -274,14 +274,15 @@ def engine_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work: 
             if bs in parts:
                 parts[bs].append(time_batch(adapter, requests[bs], args.max_new_tokens))
     n = {bs: len(tasks[bs].samples()) for bs in batches}
-    overhead = {bs: {"ratio": _median(harness[bs]) / _median(plain[bs]), "samples": n[bs], "batches": -(-n[bs] // bs),
+    n_batches = {bs: -(-n[bs] // bs) for bs in batches}
+    overhead = {bs: {"ratio": _median(harness[bs]) / _median(plain[bs]), "samples": n[bs], "batches": n_batches[bs],
                      "harness_s": harness[bs], "plain_s": plain[bs]} for bs in plain}  # fmt: skip
     throughput = {bs: {"samples_per_s": n[bs] / _median(harness[bs]), "samples": n[bs]} for bs in batches}
     base = throughput[min(batches)]["samples_per_s"]
     for t in throughput.values():
         t["speedup"] = t["samples_per_s"] / base
-    breakdown = {bs: _breakdown(parts[bs], _median(harness[bs]) / -(-n[bs] // bs), args.max_new_tokens)
-                 for bs in args.batch_sizes}  # fmt: skip
+    breakdown = {bs: _breakdown(runs, _median(harness[bs]) / n_batches[bs], args.max_new_tokens)
+                 for bs, runs in parts.items()}  # fmt: skip
     return {"overhead": overhead, "throughput": throughput, "breakdown": breakdown}
 
 
