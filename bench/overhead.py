@@ -64,15 +64,22 @@ def _task(data: Path, n_per_split: int, max_new_tokens: int) -> POPETask:
     )
 
 
-def time_harness(adapter: LlavaAdapter, task: POPETask, batch_size: int, workdir: Path) -> float:
-    """Wall seconds of one full ``evaluate`` (fresh output directory, model already loaded)."""
+def time_harness(
+    adapter: LlavaAdapter, task: POPETask, batch_size: int, workdir: Path, prefetch: int | str = "auto"
+) -> float:
+    """Wall seconds of one full ``evaluate`` (fresh output directory, model already loaded).
+
+    ``prefetch``: the run setting (default ``auto``, what a run gets; 0: images decoded in line, as the bare loop).
+    """
     out = Path(tempfile.mkdtemp(dir=workdir))
     t0 = time.perf_counter()
     evaluate(
         task,
         adapter,
         NoMethod(),
-        RunSettings(output_dir=out, config_hash="bench", batch_size=batch_size, progress=False, report=False),
+        RunSettings(
+            output_dir=out, config_hash="bench", batch_size=batch_size, progress=False, report=False, prefetch=prefetch
+        ),
     )
     return time.perf_counter() - t0
 

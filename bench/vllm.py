@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from harness.calls import AdapterCalls
-from harness.engine import _load_images
+from harness.prefetch import load_images
 from shapes.assets import WORLD_DIR
 from tasks.pope import POPETask
 
@@ -63,7 +63,7 @@ def _batches(args: argparse.Namespace) -> tuple[POPETask, list[list[tuple[Any, l
         limit=args.n,
         gen_kwargs={"max_new_tokens": 128, "do_sample": False},  # conf/task/pope.yaml
     )
-    good = [(s, _load_images(s, strict=True)[0]) for s in task.samples()]
+    good = [(s, load_images(s, strict=True)[0]) for s in task.samples()]
     return task, [good[i : i + args.batch] for i in range(0, len(good), args.batch)]
 
 

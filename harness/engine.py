@@ -32,9 +32,10 @@ from harness.cache import ResponseCache, is_greedy, scope
 from harness.calls import AdapterCalls
 from harness.distributed import Ranks, merge_shards, shard_path
 from harness.paired import find_baseline, paired_block, paired_summary
+from harness.prefetch import Media, load_media, prefetched
 from harness.provenance import build_results
 from methods.base import Method
-from tasks.base import ModelCalls, Response, Sample, SampleError, Task
+from tasks.base import ModelCalls, Response, Sample, Task
 
 
 @dataclass
@@ -55,10 +56,26 @@ class RunSettings:
     backend: str = "hf"  # model.backend: a name in harness.backends.BACKENDS (hf, vllm)
     backend_options: dict[str, Any] = field(default_factory=dict)  # model.vllm: the engine's settings
     engine: dict[str, Any] | None = None  # what a backend's engine was started with (set when it starts)
+    prefetch: int | str = "auto"  # batches whose images decode on a thread ahead of the model; see prefetch_depth
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise UserError(f"batch_size={self.batch_size!r}: must be an int >= 1")
+        if self.prefetch != "auto" and (
+            isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0
+        ):
+            raise UserError(f"prefetch={self.prefetch!r}: must be an int >= 0 or 'auto'")
+
+    def prefetch_depth(self, device: torch.device) -> int:
+        """Batches to decode ahead: ``prefetch``, or for ``auto`` 1 on an accelerator and 0 on the CPU.
+
+        On an accelerator the host waits on the device for most of a batch, so decoding the next batch's images
+        meanwhile hides that work. On the CPU the model's own threads already use every core: a decoding thread
+        only competes with them (measured: tiny LLaVA on 2 cores, 0-5 % slower with a thread than in line).
+        """
+        if self.prefetch == "auto":
+            return 0 if device.type == "cpu" else 1
+        return int(self.prefetch)
 
 
 class OutputLockedError(UserError):
@@ -128,26 +145,18 @@ def _error_record(sample: Sample, reason: str, config_hash: str) -> dict[str, An
     }
 
 
-def _load_images(sample: Sample, strict: bool) -> tuple[list[Any] | None, str | None]:
-    """Images of a sample, or the reason it is unusable (raises in strict mode)."""
-    if sample.error:
-        if strict:
-            raise SampleError(sample.error, sample.source)
-        return None, sample.error
-    try:
-        return (sample.images() if sample.images else []), None
-    except SampleError as exc:
-        if strict:
-            raise
-        return None, exc.reason
+def run_batch(
+    task: Task, model: ModelCalls, batch: list[Sample], settings: RunSettings, media: Media | None = None
+) -> list[dict[str, Any]]:
+    """Answer one batch through ``task.respond``; returns its records in sample order (errors included).
 
-
-def run_batch(task: Task, model: ModelCalls, batch: list[Sample], settings: RunSettings) -> list[dict[str, Any]]:
-    """Answer one batch through ``task.respond``; returns its records in sample order (errors included)."""
+    ``media`` are the batch's loaded images (:func:`harness.prefetch.load_media`), loaded here when not given.
+    """
     records: dict[str, dict[str, Any]] = {}
     good: list[tuple[Sample, list[Any]]] = []
-    for sample in batch:
-        images, reason = _load_images(sample, settings.strict)
+    if media is None:
+        media = load_media(batch, settings.strict)
+    for sample, (images, reason) in zip(batch, media, strict=True):
         if reason is not None:
             records[sample.sample_id] = _error_record(sample, reason, settings.config_hash)
         else:
@@ -210,9 +219,13 @@ def _generate_pending(
     bar = tqdm(total=total, desc=f"{task.name}/{method.name}", unit="sample", disable=not settings.progress)
     live = _needs_model(batches, settings.cache)
     model = _model_calls(adapter, method, settings, load=live)
-    with torch.inference_mode(), method.bind(adapter) if live else contextlib.nullcontext():
-        for batch in batches:
-            records = run_batch(task, model, batch, settings)
+    with (
+        torch.inference_mode(),
+        method.bind(adapter) if live else contextlib.nullcontext(),
+        prefetched(batches, settings.strict, settings.prefetch_depth(adapter.device)) as media,
+    ):
+        for batch, loaded in zip(batches, media, strict=True):
+            records = run_batch(task, model, batch, settings, loaded)
             store.append(records)
             errors += [r for r in records if r["error"]]
             bar.update(len(batch))
@@ -437,6 +450,7 @@ def from_config(cfg: Any, output_dir: str | Path | None = None) -> tuple[Task, A
         config_hash=config_hash(cfg),
         pair_hash=pair_hash(cfg),
         batch_size=cfg.batch_size,
+        prefetch=cfg.get("prefetch", "auto"),
         strict=cfg.strict,
         seed=cfg.seed,
         config=OmegaConf.to_container(cfg, resolve=True),

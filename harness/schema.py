@@ -283,6 +283,7 @@ class RunConfig:
     logger: dict[str, Any]
     limit: PosInt | None
     batch_size: PosInt
+    prefetch: Literal["auto"] | NonNegInt
     seed: NonNegInt
     strict: bool
     progress: bool

@@ -36,7 +36,7 @@ def test_tiny_cpu_run_writes_every_figure(tmp_path):
     main(["--family", "llava", "--size", "tiny", "--device", "cpu", "--json", str(out), *small])
     r = json.loads(out.read_text())
     assert set(r["overhead"]) == {"1", "4"} and set(r["throughput"]) == {"1", "4"}
-    assert all(r["overhead"][b]["ratio"] > 0 for b in r["overhead"])
+    assert all(r["overhead"][b][k] > 0 for b in r["overhead"] for k in ("ratio", "inline_ratio"))
     assert all(t["samples_per_s"] > 0 for t in r["throughput"].values())
     for b in ("1", "4"):  # the parts of a batch: positive, and within the harness batch they are part of
         t = r["breakdown"][b]
