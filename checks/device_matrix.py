@@ -58,7 +58,7 @@ def cell(model: str, method: str, args: argparse.Namespace, out: Path) -> dict[s
     overrides = METHODS[method] or [f"method={method}"]
     overrides = [f"model={model}", *overrides, f"model.device={args.device}", f"model.dtype={args.dtype}",
                  f"task={args.task}", f"limit={args.limit}", f"batch_size={args.batch_size}", "progress=false",
-                 f"output_root={out}"]  # fmt: skip
+                 f"prefetch={args.prefetch}", f"output_root={out}"]  # fmt: skip
     t0 = time.perf_counter()
     try:
         with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--task", default="pope")
     ap.add_argument("--limit", type=int, default=6, help="samples per split")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--prefetch", default="auto", help="the run option (auto: decode ahead on a GPU only)")
     ap.add_argument(
         "--strict-devices",
         action="store_true",

@@ -12,13 +12,15 @@ batch with image calls (processors reject batches that mix rows with and without
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from adapters.base import Adapter
+from adapters.prepared_images import preparing
 from methods.base import Method
 from tasks.base import Call, Request, Scored
 
@@ -51,6 +53,16 @@ class AdapterCalls:
         self.batch_size = batch_size
         self.method = method
         self._answer_ids: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def prefetching(self) -> Iterator[Callable[[list[Any]], None] | None]:
+        """While the engine decodes batches ahead: a callable that runs the image processor on them ahead too.
+
+        The processor's image processor is stood in for until the block ends (:mod:`adapters.prepared_images`);
+        ``None`` when the processor has none.
+        """
+        with preparing(self.adapter.processor) as stand_in:
+            yield None if stand_in is None else stand_in.prepare
 
     def _inputs(self, requests: list[Request]) -> tuple[list[Request], list[str], dict[str, torch.Tensor]]:
         """The batch as the model sees it: ``(requests after the method's rewrite, prompts, inputs)``."""

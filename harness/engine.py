@@ -219,10 +219,13 @@ def _generate_pending(
     bar = tqdm(total=total, desc=f"{task.name}/{method.name}", unit="sample", disable=not settings.progress)
     live = _needs_model(batches, settings.cache)
     model = _model_calls(adapter, method, settings, load=live)
+    depth = settings.prefetch_depth(adapter.device)
+    ahead = getattr(model, "prefetching", None) if depth and live else None  # optional in ModelCalls
     with (
         torch.inference_mode(),
         method.bind(adapter) if live else contextlib.nullcontext(),
-        prefetched(batches, settings.strict, settings.prefetch_depth(adapter.device)) as media,
+        ahead() if ahead is not None else contextlib.nullcontext() as prepare,
+        prefetched(batches, settings.strict, depth, prepare) as media,
     ):
         for batch, loaded in zip(batches, media, strict=True):
             records = run_batch(task, model, batch, settings, loaded)

@@ -1,0 +1,163 @@
+"""Image-processor outputs prepared ahead (on the prefetch thread) are served to the processor unchanged.
+
+Every family's processor must build exactly the inputs it builds in line (same tensors, same token expansion) from
+per-image outputs prepared ahead, for a padded batch of differently sized images (InternVL: several tiles); the
+engine must run the image processor on the worker thread; a processor whose batch is not its per-image outputs
+joined must be caught and answered in line.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adapters.prepared_images import PreparedImages, preparing
+from harness.calls import AdapterCalls
+from harness.engine import RunSettings, evaluate
+from methods.none import NoMethod
+
+FAMILIES = ("llava", "qwen_vl", "qwen2_5_vl", "internvl")
+
+
+@pytest.fixture(scope="module")
+def loaded(four_layer):
+    return four_layer(seed=2)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def adapter(request, loaded):
+    return loaded(request.param)
+
+
+def _img(w: int, h: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _batch(adapter):
+    wide = (128, 64) if adapter.family != "llava" else (96, 64)
+    texts = ["Is there a star?", "Is there a big red star in the middle of the image?", "Describe it."]
+    images = [[_img(64, 64, 1)], [_img(*wide, 2)], [_img(64, 48, 3)]]
+    return [adapter.format_prompt(t) for t in texts], images
+
+
+def _same_inputs(a, b):
+    tensors = [k for k, v in a.items() if isinstance(v, torch.Tensor)]
+    assert tensors and set(tensors) == {k for k, v in b.items() if isinstance(v, torch.Tensor)}
+    return all(torch.equal(a[k], b[k]) for k in tensors)
+
+
+def test_prepared_outputs_build_the_in_line_inputs(adapter):
+    prompts, images = _batch(adapter)
+    in_line = adapter.build_inputs(prompts, images)
+    with preparing(adapter.processor) as stand_in:
+        adapter.build_inputs(prompts, images)  # the processor's first call: its keyword arguments are recorded
+        stand_in.prepare([im for row in images for im in row])
+        served = adapter.build_inputs(prompts, images)
+        assert stand_in.served == 1 and stand_in.disabled is None
+        assert _same_inputs(served, in_line)
+        again = adapter.build_inputs(prompts, images)  # verified once: served without the real batched call
+        assert stand_in.served == 2 and _same_inputs(again, in_line)
+    assert not isinstance(adapter.processor.image_processor, PreparedImages)
+
+
+def test_an_image_not_prepared_is_processed_in_line(adapter):
+    prompts, images = _batch(adapter)
+    with preparing(adapter.processor) as stand_in:
+        adapter.build_inputs(prompts, images)
+        stand_in.prepare([im for row in images for im in row])
+        other = [[images[0][0]], [images[1][0].copy()], [images[2][0]]]  # a method's copy: another object
+        assert _same_inputs(adapter.build_inputs(prompts, other), adapter.build_inputs(prompts, images))
+        assert stand_in.served == 1  # the second call only
+
+
+def test_prepared_outputs_go_with_their_images(loaded):
+    adapter = loaded("llava")
+    prompts, images = _batch(adapter)
+    with preparing(adapter.processor) as stand_in:
+        adapter.build_inputs(prompts, images)
+        stand_in.prepare([im for row in images for im in row])
+        assert len(stand_in._outputs) == 3
+        del images, prompts
+        gc.collect()
+        assert not stand_in._outputs
+
+
+class _BatchDependent:
+    """An image processor whose output for an image depends on the rest of the batch (as padding would)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __call__(self, images, **kwargs):
+        out = self.real(images, **kwargs)
+        out["pixel_values"] = out["pixel_values"] + len(images)
+        return out
+
+
+def test_a_batch_that_is_not_the_join_of_its_images_is_caught(loaded, caplog):
+    adapter = loaded("llava")
+    prompts, images = _batch(adapter)
+    real = adapter.processor.image_processor
+    adapter.processor.image_processor = _BatchDependent(real)
+    try:
+        in_line = adapter.build_inputs(prompts, images)
+        with preparing(adapter.processor) as stand_in:
+            adapter.build_inputs(prompts, images)
+            stand_in.prepare([im for row in images for im in row])
+            with caplog.at_level("WARNING"):
+                got = adapter.build_inputs(prompts, images)
+            assert stand_in.disabled and stand_in.served == 0 and "processed in line" in caplog.text
+            assert _same_inputs(got, in_line)
+            stand_in.prepare([im for row in images for im in row])  # no longer prepares anything
+            assert _same_inputs(adapter.build_inputs(prompts, images), in_line) and stand_in.served == 0
+    finally:
+        adapter.processor.image_processor = real
+
+
+class _Threads:
+    """Records on which thread, and with how many images, the real image processor ran."""
+
+    def __init__(self, real):
+        self.real = real
+        self.calls: list[tuple[str, int]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __call__(self, images, **kwargs):
+        self.calls.append((threading.current_thread().name, len(images)))
+        return self.real(images, **kwargs)
+
+
+def test_the_engine_runs_the_image_processor_on_the_worker(llava, pope_dir, tmp_path, make_task):
+    recs = {}
+    threads = _Threads(llava.processor.image_processor)
+    llava.processor.image_processor = threads
+    try:
+        for p in (0, 1):
+            settings = RunSettings(output_dir=tmp_path / f"p{p}", config_hash="h", progress=False, report=False,
+                                   batch_size=3, prefetch=p)  # fmt: skip
+            evaluate(make_task(pope_dir, limit=6), llava, NoMethod(), settings)
+            lines = (tmp_path / f"p{p}" / "samples_pope.jsonl").read_text().splitlines()
+            recs[p] = [{k: v for k, v in json.loads(x).items() if k != "wall_s"} for x in lines]
+            if p == 0:
+                assert {t for t, _ in threads.calls} == {threading.main_thread().name}
+                threads.calls.clear()
+    finally:
+        llava.processor.image_processor = threads.real
+    assert recs[1] == recs[0]
+    main = [n for t, n in threads.calls if t == threading.main_thread().name]
+    worker = [n for t, n in threads.calls if t.startswith("harness-media")]
+    n_batches = len(recs[1]) // 3
+    assert len(worker) >= 3 * (n_batches - 2) and set(worker) == {1}  # one image per call, batches 2.. at least
+    assert len(main) <= 3  # batches 0 and 1 (before the arguments were known) and the one verification
+    assert AdapterCalls(llava, 3).prefetching  # the engine's hook
