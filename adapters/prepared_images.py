@@ -13,7 +13,8 @@ every image of the call (matched by object identity, for the same keyword argume
 call), joining them as the batched call would (tensors concatenated along the first axis, lists chained). Any other
 call (an image a method made, e.g. VCD's noised copy; other keyword arguments) goes to the real image processor.
 
-Safety: the joined output is compared with the real batched output the first time it is served; if they differ
+Safety: a setting changed on the stand-in goes to the real image processor and drops what was prepared; the
+joined output is compared with the real batched output the first time it is served; if they differ
 (a processor that pads across a batch, say) the stand-in stops serving for the rest of the run and says so once.
 Prepared outputs whose image is gone are dropped (weak references), so nothing outlives its batch.
 """
@@ -40,9 +41,11 @@ class PreparedImages:
         real: The image processor it stands in for (every attribute read goes to it).
     """
 
+    _OWN = frozenset({"_real", "_call_kwargs", "served", "disabled", "_verified", "_outputs", "_lock"})
+
     def __init__(self, real: Any) -> None:
-        self.real = real
-        self.kwargs: dict[str, Any] | None = None  # of the first call the processor made (prepare waits for it)
+        self._real = real
+        self._call_kwargs: dict[str, Any] | None = None  # of the processor's first call (prepare waits for it)
         self.served = 0  # calls answered from prepared outputs
         self.disabled: str | None = None  # why serving stopped, if it did
         self._verified = False
@@ -50,28 +53,38 @@ class PreparedImages:
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
+        return getattr(self._real, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # a setting changed while the stand-in is installed (``size``, ``crop_to_patches``) is the real one's, and
+        # what was prepared under the old setting is dropped
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+            return
+        setattr(self._real, name, value)
+        with self._lock:
+            self._outputs.clear()
 
     def __call__(self, images: Any, *args: Any, **kwargs: Any) -> Any:
         """What the real image processor returns for this call: from prepared outputs when possible."""
         if args:
-            return self.real(images, *args, **kwargs)
+            return self._real(images, *args, **kwargs)
         joined = self._serve(images, kwargs)
         if joined is not None:
             return joined
-        if self.kwargs is None:
-            self.kwargs = dict(kwargs)
-        return self.real(images, **kwargs)
+        if self._call_kwargs is None:
+            self._call_kwargs = dict(kwargs)
+        return self._real(images, **kwargs)
 
     def prepare(self, images: list[Image.Image]) -> None:
         """Compute each image's output now (on the calling thread) with the processor's keyword arguments."""
-        kwargs = self.kwargs
+        kwargs = self._call_kwargs
         if kwargs is None or self.disabled is not None:
             return  # before the processor's first call its arguments are unknown: that batch builds in line
         for image in images:
             if self._lookup(image) is not None:
                 continue
-            out = self.real([image], **kwargs)
+            out = self._real([image], **kwargs)
             key = id(image)
             with self._lock:
                 self._outputs[key] = (weakref.ref(image, lambda ref, key=key: self._forget(key, ref)), out)
@@ -88,7 +101,7 @@ class PreparedImages:
 
     def _serve(self, images: Any, kwargs: dict[str, Any]) -> Any | None:
         """The joined prepared outputs for this call, or ``None`` when the real image processor must answer."""
-        if self.disabled is not None or self.kwargs is None or kwargs != self.kwargs:
+        if self.disabled is not None or self._call_kwargs is None or kwargs != self._call_kwargs:
             return None
         flat = _flat(images)
         outs = [self._lookup(im) for im in flat] if flat else [None]
@@ -98,7 +111,7 @@ class PreparedImages:
         if joined is None:
             return None
         if not self._verified:
-            real = self.real(images, **kwargs)
+            real = self._real(images, **kwargs)
             if not _same(joined, real):
                 self.disabled = "the image processor's batched output is not its per-image outputs joined"
                 log.warning("image prefetch: %s; images are processed in line for the rest of the run", self.disabled)

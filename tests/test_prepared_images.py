@@ -88,6 +88,24 @@ def test_prepared_outputs_go_with_their_images(loaded):
         assert not stand_in._outputs
 
 
+def test_a_setting_changed_meanwhile_reaches_the_real_processor_and_drops_what_was_prepared(loaded):
+    adapter = loaded("llava")
+    prompts, images = _batch(adapter)
+    real = adapter.processor.image_processor
+    was = real.do_normalize
+    try:
+        with preparing(adapter.processor) as stand_in:
+            adapter.build_inputs(prompts, images)
+            stand_in.prepare([im for row in images for im in row])
+            adapter.processor.image_processor.do_normalize = not was
+            assert real.do_normalize is (not was) and not stand_in._outputs
+            changed = adapter.build_inputs(prompts, images)
+            assert stand_in.served == 0
+        assert _same_inputs(changed, adapter.build_inputs(prompts, images))
+    finally:
+        real.do_normalize = was
+
+
 class _BatchDependent:
     """An image processor whose output for an image depends on the rest of the batch (as padding would)."""
 
