@@ -27,22 +27,16 @@ FAMILIES = ("llava", "qwen_vl", "qwen2_5_vl", "internvl")
 
 @pytest.fixture(scope="module")
 def loaded(four_layer):
+    """``loaded(key)``: the 4-layer random model of ``key`` (conftest), one per family and module."""
     return four_layer(seed=2)
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def adapter(request, loaded):
-    return loaded(request.param)
-
-
-def _img(w: int, h: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
-
-
 def _batch(adapter):
-    wide = (128, 64) if adapter.family != "llava" else (96, 64)
+    """Three prompts and images of three sizes (a wide one: several tiles on InternVL), so rows pad."""
+    rng = np.random.default_rng(0)
+    sizes = [(64, 64), (128, 64) if adapter.family != "llava" else (96, 64), (64, 48)]
     texts = ["Is there a star?", "Is there a big red star in the middle of the image?", "Describe it."]
-    images = [[_img(64, 64, 1)], [_img(*wide, 2)], [_img(64, 48, 3)]]
+    images = [[Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))] for w, h in sizes]
     return [adapter.format_prompt(t) for t in texts], images
 
 
@@ -52,7 +46,9 @@ def _same_inputs(a, b):
     return all(torch.equal(a[k], b[k]) for k in tensors)
 
 
-def test_prepared_outputs_build_the_in_line_inputs(adapter):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prepared_outputs_build_the_in_line_inputs(family, loaded):
+    adapter = loaded(family)
     prompts, images = _batch(adapter)
     in_line = adapter.build_inputs(prompts, images)
     with preparing(adapter.processor) as stand_in:
@@ -66,7 +62,9 @@ def test_prepared_outputs_build_the_in_line_inputs(adapter):
     assert not isinstance(adapter.processor.image_processor, PreparedImages)
 
 
-def test_an_image_not_prepared_is_processed_in_line(adapter):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_image_not_prepared_is_processed_in_line(family, loaded):
+    adapter = loaded(family)
     prompts, images = _batch(adapter)
     with preparing(adapter.processor) as stand_in:
         adapter.build_inputs(prompts, images)
