@@ -71,7 +71,7 @@ class RunSettings:
 
         On an accelerator the host waits on the device for most of a batch, so decoding the next batch's images
         meanwhile hides that work. On the CPU the model's own threads already use every core: a decoding thread
-        only competes with them (measured: tiny LLaVA on 2 cores, 0-5 % slower with a thread than in line).
+        only competes with them (measured: tiny LLaVA on 2 cores, up to 4.5 % slower with the thread than in line).
         """
         if self.prefetch == "auto":
             return 0 if device.type == "cpu" else 1
