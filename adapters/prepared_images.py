@@ -16,7 +16,9 @@ call (an image a method made, e.g. VCD's noised copy; other keyword arguments) g
 Safety: a setting changed on the stand-in goes to the real image processor and drops what was prepared; the
 joined output is compared with the real batched output the first time it is served; if they differ
 (a processor that pads across a batch, say) the stand-in stops serving for the rest of the run and says so once.
-Prepared outputs whose image is gone are dropped (weak references), so nothing outlives its batch.
+An output is held with a weak reference to its image and dropped by the next :meth:`PreparedImages.prepare` once
+the image is gone, so outputs live about two batches. (No weak-reference callback: one can run inside the garbage
+collector while this thread holds the lock or is mid-way through changing the dict.)
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ class PreparedImages:
 
     def prepare(self, images: list[Image.Image]) -> None:
         """Compute each image's output now (on the calling thread) with the processor's keyword arguments."""
+        with self._lock:  # outputs of images gone since (earlier batches) are dropped here
+            self._outputs = {k: held for k, held in self._outputs.items() if held[0]() is not None}
         kwargs = self._call_kwargs
         if kwargs is None or self.disabled is not None:
             return  # before the processor's first call its arguments are unknown: that batch builds in line
@@ -85,14 +89,8 @@ class PreparedImages:
             if self._lookup(image) is not None:
                 continue
             out = self._real([image], **kwargs)
-            key = id(image)
             with self._lock:
-                self._outputs[key] = (weakref.ref(image, lambda ref, key=key: self._forget(key, ref)), out)
-
-    def _forget(self, key: int, ref: weakref.ref) -> None:
-        with self._lock:
-            if key in self._outputs and self._outputs[key][0] is ref:
-                del self._outputs[key]
+                self._outputs[id(image)] = (weakref.ref(image), out)
 
     def _lookup(self, image: Any) -> Any | None:
         with self._lock:

@@ -81,8 +81,11 @@ def test_prepared_outputs_go_with_their_images(loaded):
         adapter.build_inputs(prompts, images)
         stand_in.prepare([im for row in images for im in row])
         assert len(stand_in._outputs) == 3
+        stand_in.prepare([])
+        assert len(stand_in._outputs) == 3  # their images are alive
         del images, prompts
         gc.collect()
+        stand_in.prepare([])
         assert not stand_in._outputs
 
 
