@@ -88,13 +88,16 @@ def load_matrix(path: Path = MATRIX, only: str | None = None) -> list[Cell]:
 
 
 # ------------------------------------------------------------------------------------------------- running
-def run_cell(cell: Cell, root: Path) -> dict[str, Any]:
-    """Run one cell in ``root/<task>/<name>`` through the engine; returns its golden document."""
+def run_cell(cell: Cell, root: Path, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Run one cell in ``root/<task>/<name>`` through the engine; returns its golden document.
+
+    ``extra``: overrides of run options that must not change any output (e.g. ``prefetch=1``), added to the cell's.
+    """
     from harness.config import compose_config
     from harness.engine import evaluate, from_config
     from methods.base import UnsupportedError
 
-    cfg = compose_config(cell.overrides)
+    cfg = compose_config([*cell.overrides, *extra])
     out = root / cell.task / cell.name
     task, adapter, method, settings = from_config(cfg, output_dir=out)
     settings.report = False
@@ -272,7 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--update", action="store_true", help="rewrite the goldens and print what moved")
     ap.add_argument("--only", default=None, help="only cells whose task/name contains this")
     ap.add_argument("--matrix", type=Path, default=MATRIX)
+    ap.add_argument("--prefetch", default=None,
+                    help="run every cell with this prefetch setting (e.g. 1: images decoded and processed on the "
+                    "worker thread, as on a GPU); the goldens must still hold")  # fmt: skip
     args = ap.parse_args(argv)
+    extra = [] if args.prefetch is None else [f"prefetch={args.prefetch}"]
     cells = load_matrix(args.matrix, args.only)
     t0 = time.perf_counter()
     if args.runs is not None:
@@ -282,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             root = args.keep or Path(tmp)
             results = {}
             for i, cell in enumerate(cells, 1):
-                results[cell] = run_cell(cell, root)
+                results[cell] = run_cell(cell, root, extra)
                 print(f"[{i}/{len(cells)}] {cell} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
     changes = check(cells, results, args.update)
     print(diff_table(changes) if changes else "no change")
