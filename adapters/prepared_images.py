@@ -43,7 +43,7 @@ class PreparedImages:
         real: The image processor it stands in for (every attribute read goes to it).
     """
 
-    _OWN = frozenset({"_real", "_call_kwargs", "served", "disabled", "_verified", "_outputs", "_lock"})
+    _OWN = frozenset({"_real", "_call_kwargs", "served", "disabled", "_verified", "_outputs", "_lock", "_settings"})
 
     def __init__(self, real: Any) -> None:
         self._real = real
@@ -53,6 +53,7 @@ class PreparedImages:
         self._verified = False
         self._outputs: dict[int, tuple[weakref.ref, Any]] = {}  # id(image) -> (ref to it, its output)
         self._lock = threading.Lock()
+        self._settings = 0  # counts setting changes: an output computed across one is not kept
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
@@ -66,6 +67,7 @@ class PreparedImages:
         setattr(self._real, name, value)
         with self._lock:
             self._outputs.clear()
+            self._settings += 1
 
     def __call__(self, images: Any, *args: Any, **kwargs: Any) -> Any:
         """What the real image processor returns for this call: from prepared outputs when possible."""
@@ -88,9 +90,11 @@ class PreparedImages:
         for image in images:
             if self._lookup(image) is not None:
                 continue
+            settings = self._settings
             out = self._real([image], **kwargs)
             with self._lock:
-                self._outputs[id(image)] = (weakref.ref(image), out)
+                if settings == self._settings:  # else computed (in part) under a setting changed meanwhile
+                    self._outputs[id(image)] = (weakref.ref(image), out)
 
     def _lookup(self, image: Any) -> Any | None:
         with self._lock:

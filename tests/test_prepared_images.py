@@ -107,6 +107,35 @@ def test_a_setting_changed_meanwhile_reaches_the_real_processor_and_drops_what_w
         real.do_normalize = was
 
 
+class _ChangesASetting:
+    """An image processor during whose per-image call a setting is changed (as another thread could)."""
+
+    def __init__(self, real, processor):
+        self.real, self.processor = real, processor
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __call__(self, images, **kwargs):
+        if len(images) == 1:  # the worker's per-image call
+            self.processor.image_processor.do_normalize = self.real.do_normalize
+        return self.real(images, **kwargs)
+
+
+def test_an_output_computed_across_a_setting_change_is_not_kept(loaded):
+    adapter = loaded("llava")
+    prompts, images = _batch(adapter)
+    real = adapter.processor.image_processor
+    adapter.processor.image_processor = _ChangesASetting(real, adapter.processor)
+    try:
+        with preparing(adapter.processor) as stand_in:
+            adapter.build_inputs(prompts, images)
+            stand_in.prepare([im for row in images for im in row])
+            assert not stand_in._outputs
+    finally:
+        adapter.processor.image_processor = real
+
+
 class _BatchDependent:
     """An image processor whose output for an image depends on the rest of the batch (as padding would)."""
 
