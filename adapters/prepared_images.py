@@ -106,7 +106,9 @@ class PreparedImages:
         if self.disabled is not None or self._call_kwargs is None or kwargs != self._call_kwargs:
             return None
         flat = _flat(images)
-        outs = [self._lookup(im) for im in flat] if flat else [None]
+        if not flat:
+            return None
+        outs = [self._lookup(im) for im in flat]
         if any(o is None for o in outs):
             return None
         joined = _join(outs)

@@ -24,7 +24,7 @@ In one run, interleaved, each figure the median of ``--repeats`` (≥ 5) runs:
    as in a real run instead of charged to one batch, which is how the 2026-12-04 table measured batch 16.
    ``overhead.<batch>.inline_ratio``: the same with ``prefetch=0`` (images decoded in line, as the bare loop
    does), so the share the engine's image prefetch thread hides (``prefetch=auto``: on a GPU only) is read off
-   beside it.
+   beside it; where ``auto`` loads in line (the CPU) it is the same runs as ``ratio``.
 2. **throughput** ``throughput.<batch>.samples_per_s`` of the harness at each ``--batch-sizes`` (the same runs),
    and ``breakdown.<batch>``: where one batch's time goes (the inputs, i.e. template, image processor and
    tokenizer on the host; the prefill; each decoding step; the rest of the harness batch), so a missed
@@ -76,6 +76,7 @@ from bench.opcount import count_steps
 from bench.overhead import _task, time_harness, time_plain
 from bench.pruning import PeakRSS
 from harness.calls import AdapterCalls
+from harness.engine import RunSettings
 from harness.provenance import environment
 from methods.base import METHODS, UnsupportedError
 from shapes.assets import tokenizer_corpus
@@ -260,22 +261,26 @@ def engine_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work: 
     export_pope(scenes, work / "data", seed=3)
     tasks = {bs: _task(work / "data", n_of[bs], args.max_new_tokens) for bs in batches}
     requests = {bs: _requests(adapter, bs, scale.image) for bs in args.batch_sizes}
+    # where prefetch=auto already loads in line (the CPU), the harness runs are the in-line runs: not timed twice
+    in_line = RunSettings(output_dir=work, config_hash="bench").prefetch_depth(adapter.device) == 0
     for bs in batches:  # warm-up: allocator, kernels, file cache
         time_harness(adapter, tasks[bs], bs, work)
         if bs in args.overhead_batches:
             time_plain(adapter, tasks[bs], bs)
-            time_harness(adapter, tasks[bs], bs, work, prefetch=0)
+            if not in_line:
+                time_harness(adapter, tasks[bs], bs, work, prefetch=0)
         if bs in requests:
             time_batch(adapter, requests[bs], args.max_new_tokens)
     harness: dict[int, list[float]] = {bs: [] for bs in batches}
     plain: dict[int, list[float]] = {bs: [] for bs in args.overhead_batches}
-    inline: dict[int, list[float]] = {bs: [] for bs in args.overhead_batches}
+    inline: dict[int, list[float]] = {bs: harness[bs] if in_line else [] for bs in args.overhead_batches}
     parts: dict[int, list[dict[str, float]]] = {bs: [] for bs in requests}
     for _ in range(args.repeats):
         for bs in batches:
             if bs in plain:
                 plain[bs].append(time_plain(adapter, tasks[bs], bs))
-                inline[bs].append(time_harness(adapter, tasks[bs], bs, work, prefetch=0))
+                if not in_line:
+                    inline[bs].append(time_harness(adapter, tasks[bs], bs, work, prefetch=0))
             harness[bs].append(time_harness(adapter, tasks[bs], bs, work))
             if bs in parts:
                 parts[bs].append(time_batch(adapter, requests[bs], args.max_new_tokens))
