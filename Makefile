@@ -137,11 +137,14 @@ GPU_STACK = transformers huggingface-hub httpx2 httpcore2 truststore anyio idna 
 	tomlkit tokenizers safetensors typing-extensions jinja2 markupsafe
 GPU_PLATFORM = --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
 	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+# Hydra at the lock's versions (antlr4-python3-runtime is a source distribution only: pip wheel builds it)
+HYDRA_STACK = hydra-core omegaconf antlr4-python3-runtime
+lock_pins = $(shell awk -F'[= ]+' '/^[a-z]/ && index(" $(1) ", " " $$1 " ") {print $$1 "==" $$2}' requirements/lock.txt)
 gpu-wheels: setup     ## what .ci/gpu-check needs on a GPU image without Hydra, as wheels in .whl/ (carry it there)
-	rm -rf .whl && $(PY) -m pip wheel -q --no-deps -w .whl hydra-core==1.3.2 omegaconf==2.3.0 \
-		antlr4-python3-runtime==4.9.3
+	rm -rf .whl && $(PY) -m pip wheel -q --no-deps -w .whl $(call lock_pins,$(HYDRA_STACK))
+	test $$(ls .whl/*.whl | wc -l) -eq $(words $(HYDRA_STACK))
 	$(PY) -m pip download -q --no-deps $(GPU_PLATFORM) -d .whl/transformers \
-		$(shell awk -F'[= ]+' '/^[a-z]/ && index(" $(GPU_STACK) ", " " $$1 " ") {print $$1 "==" $$2}' requirements/lock.txt)
+		$(call lock_pins,$(GPU_STACK))
 	test $$(ls .whl/transformers | wc -l) -eq $(words $(GPU_STACK))  # one wheel per name: none left out of the lock
 	du -sh .whl
 

@@ -6,8 +6,8 @@
 **Speed.** A random-init LLaVA with LLaVA-1.5's token counts (336 px images in 14 px patches: 576 visual tokens)
 and an LM of ``--layers`` layers runs the prefill (one ``adapter.forward`` over the prompt, last-token logits,
 vision tower included) on the same batch under every setting, interleaved ``--repeats`` times; the median time is
-compared with ``none``'s. Peak memory: on CUDA ``max_memory_allocated`` during the prefill; on CPU the peak
-resident set size sampled every millisecond during the prefill, minus the size just before it.
+compared with ``none``'s. Peak memory: on CUDA ``max_memory_allocated`` during the prefill; on the CPU the
+allocator's peak of live bytes in one more, untimed prefill per setting (:mod:`bench.memcount`: exact).
 
 **Accuracy.** Shapes-world POPE (all three splits, or ``--pope-limit`` per split) on the shipped tiny LLaVAs
 (``--accuracy-models``: ``llava``, 64 visual tokens, and ``llava_144``, the same recipe at 96 px, 144 tokens) under
@@ -33,7 +33,6 @@ import json
 import math
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +43,7 @@ from PIL import Image
 
 from adapters.geometry import box_overlap
 from adapters.llava import LlavaAdapter
+from bench.memcount import allocation_peak
 from bench.overhead import MID, TINY, cli
 from harness.provenance import environment
 from methods.base import METHODS
@@ -72,38 +72,8 @@ ORACLE: dict[str, tuple[str, dict[str, Any], str]] = {
 ORACLE_SETTINGS = list(ORACLE)
 
 
-class PeakRSS:
-    """Peak resident set size (bytes) above the level at entry, sampled every millisecond in a thread."""
-
-    def __enter__(self) -> PeakRSS:
-        self.start = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.001)
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-
-    @property
-    def extra(self) -> int:
-        """Bytes above the starting level."""
-        return self.peak - self.start
-
-
-def _prefill(adapter: LlavaAdapter, setting: str, inputs: dict[str, torch.Tensor]) -> tuple[float, int]:
+def _prefill(adapter: LlavaAdapter, setting: str, inputs: dict[str, torch.Tensor]) -> tuple[float, int | None]:
+    """Seconds of one prefill and, on CUDA, its peak memory above the level before it (None on the CPU)."""
     name, kw = SETTINGS[setting]
     cuda = adapter.device.type == "cuda"
     with torch.inference_mode(), METHODS.get(name)(**kw).bind(adapter):
@@ -111,14 +81,20 @@ def _prefill(adapter: LlavaAdapter, setting: str, inputs: dict[str, torch.Tensor
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        with PeakRSS() as rss:
-            t0 = time.perf_counter()
-            adapter.forward(inputs, logits_to_keep=1)
-            if cuda:
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-        memory = torch.cuda.max_memory_allocated() - base if cuda else rss.extra
-    return seconds, memory
+        t0 = time.perf_counter()
+        adapter.forward(inputs, logits_to_keep=1)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return seconds, torch.cuda.max_memory_allocated() - base if cuda else None
+
+
+def _cpu_peak(adapter: LlavaAdapter, setting: str, inputs: dict[str, torch.Tensor]) -> int:
+    """The allocator's peak of one prefill on the CPU (:mod:`bench.memcount`; exact, so measured once, untimed)."""
+    name, kw = SETTINGS[setting]
+    with torch.inference_mode(), METHODS.get(name)(**kw).bind(adapter), allocation_peak() as alloc:
+        adapter.forward(inputs, logits_to_keep=1)
+    return alloc.peak
 
 
 def speed(args: argparse.Namespace, settings: list[str]) -> dict[str, Any]:
@@ -141,7 +117,9 @@ def speed(args: argparse.Namespace, settings: list[str]) -> dict[str, Any]:
         for s in settings:
             t, m = _prefill(adapter, s, inputs)
             times[s].append(t)
-            memory[s].append(m)
+            memory[s] += [] if m is None else [m]
+    if adapter.device.type != "cuda":
+        memory = {s: [_cpu_peak(adapter, s, inputs)] for s in settings}
     base_t, base_m = statistics.median(times["none"]), statistics.median(memory["none"])
     return {
         "model": {"visual_tokens": size.n_visual_tokens, "prompt_tokens": int(inputs["input_ids"].shape[1]),

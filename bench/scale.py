@@ -36,7 +36,8 @@ In one run, interleaved, each figure the median of ``--repeats`` (≥ 5) runs:
    passes are given the same 16 tokens (a random model never stops early).
 4. **pruning** ``pruning.<setting>.speedup`` and ``peak_memory_ratio``: prefill (vision tower + LM, last-token
    logits) of a batch of 8 under FastV and FasterVLM at R = 50/75/90 % over ``none``; peak memory above the weights
-   (``max_memory_allocated`` on CUDA, resident set size on the CPU).
+   (``max_memory_allocated`` on CUDA; on the CPU the allocator's peak of live bytes, :mod:`bench.memcount`,
+   measured once per setting in an untimed call).
 
 Built for a one-shot device run: each part's table is printed and the ``--json`` file rewritten as soon as the part
 ends (a time limit keeps what was measured); a method or setting that raises is reported as ``{"error": ...}``
@@ -49,7 +50,8 @@ the paper: "negligible"); harness overhead
 ≤ 1.05× at batch 1 and 16; batch 16 ≥ 10× batch 1 throughput; FastV prefill ≥ 1.4× at R=50 % and ≥ 2.5× at
 R=90 %; FasterVLM ≥ 1.5× at R=75 % and ≥ 2.5× at R=90 % with peak memory ≤ 1.1× none's. Proxy targets (CPU,
 tests): no host sync per decoding step beyond none's for VAR, IRI, CCA, MMA, FastV, FasterVLM; ops per decoding
-step ≤ 2× none's (VAR ≤ 3×).
+step ≤ 2× none's (VAR ≤ 3×); every pruning setting's prefill peak ≤ 1.1× none's (allocator peak,
+``tests/test_memcount.py``).
 """
 
 from __future__ import annotations
@@ -71,10 +73,10 @@ import torch
 from PIL import Image
 
 from adapters.base import ADAPTERS, Adapter
+from bench.memcount import allocation_peak
 from bench.methods import _synthetic_fcct
 from bench.opcount import count_steps
 from bench.overhead import _task, time_harness, time_plain
-from bench.pruning import PeakRSS
 from harness.calls import AdapterCalls
 from harness.engine import RunSettings
 from harness.provenance import environment
@@ -412,17 +414,25 @@ def methods_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work:
 
 
 # ---------------------------------------------------------------------------------------------- 4: pruning
-def _prefill(adapter: Adapter, method: Any, inputs: dict[str, torch.Tensor]) -> tuple[float, int]:
+def _prefill(adapter: Adapter, method: Any, inputs: dict[str, torch.Tensor]) -> tuple[float, int | None]:
+    """Seconds of one prefill and, on CUDA, its peak memory above the level before it (None on the CPU)."""
     cuda = adapter.device.type == "cuda"
     with torch.inference_mode(), method.bind(adapter):
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        with PeakRSS() as rss, _clock(adapter.device) as seconds:
+        with _clock(adapter.device) as seconds:
             adapter.forward(inputs, logits_to_keep=1)
-        memory = torch.cuda.max_memory_allocated() - base if cuda else rss.extra
+        memory = torch.cuda.max_memory_allocated() - base if cuda else None
     return seconds[0], memory
+
+
+def _cpu_peak(adapter: Adapter, method: Any, inputs: dict[str, torch.Tensor]) -> int:
+    """The allocator's peak of one prefill on the CPU (:mod:`bench.memcount`; exact, so measured once, untimed)."""
+    with torch.inference_mode(), method.bind(adapter), allocation_peak() as alloc:
+        adapter.forward(inputs, logits_to_keep=1)
+    return alloc.peak
 
 
 def pruning_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -443,7 +453,9 @@ def pruning_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work:
         for name in names:
             t, m = _prefill(adapter, _method(name, {}, PRUNING_SETTINGS), inputs)
             times[name].append(t)
-            memory[name].append(m)
+            memory[name] += [] if m is None else [m]
+    if adapter.device.type != "cuda":
+        memory = {n: [_cpu_peak(adapter, _method(n, {}, PRUNING_SETTINGS), inputs)] for n in names}
     base_t, base_m = _median(times["none"]), _median(memory["none"])
     out: dict[str, Any] = {n: {"speedup": base_t / _median(times[n]), "seconds": times[n],
                                "peak_memory_mb": _median(memory[n]) / 2**20,

@@ -50,7 +50,7 @@ def test_tiny_cpu_run_writes_every_figure(tmp_path):
         assert m["extra_syncs_per_step"] <= 0, (name, m["sync_sites"])
     assert r["methods"]["carve"]["calls"] > none["calls"]  # its recording passes are counted
     for name, p in r["pruning"].items():
-        assert p["speedup"] > 0 and p["peak_memory_ratio"] is not None, name
+        assert p["speedup"] > 0 and p["peak_memory_ratio"] <= 1.1, (name, p)  # the allocator peak: deterministic
     assert r["model"]["visual_tokens"] == 64 and r["model"]["lm_layers"] == 6
 
 
