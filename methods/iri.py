@@ -181,20 +181,21 @@ class IRI(Method):
 
         def fn(out: torch.Tensor, step: Step) -> None:  # out: [batch, seq, d]
             last = out[:, -1]  # [batch, d]: the last prompt token in prefill, the new token when decoding
-            a = last.float()  # [batch, d]; ``last`` itself in float32 (read before ``last`` is rewritten)
+            # Sums and norms run in float32. ``last`` is not cast to float32 first (in bf16 that is a kernel per
+            # site): a sum with the float32 ``summed`` promotes inside its one kernel, a norm is told its dtype.
             if weight is not None:  # a source: its own output, before any injection into it
                 # a new tensor (never a view of out): w·a, or the sum below plus w·a in one kernel
-                summed[layer] = weight * a if below is None else torch.add(summed[below], a, alpha=weight)
+                summed[layer] = weight * last.float() if below is None else torch.add(summed[below], last, alpha=weight)
             if layer in plan["targets"]:
                 self._rows += last.shape[0]
                 if below is not None:
-                    new = torch.add(a, summed[below], alpha=lam)  # a + λ·Σ w_k a^(k)
+                    new = torch.add(last, summed[below], alpha=lam)  # a + λ·Σ w_k a^(k), float32
                     scale = None
                     if renorm:  # ‖a‖ / ‖new‖ per row, [batch, 1]
-                        norm = a.norm(dim=-1, keepdim=True)
-                        scale = norm / new.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                    if step.prefill:  # measure, before ``last`` (``a`` itself in float32) is written
-                        self._measure(a, new if scale is None else new * scale)
+                        norm = torch.linalg.vector_norm(last, dim=-1, keepdim=True, dtype=torch.float32)
+                        scale = norm / torch.linalg.vector_norm(new, dim=-1, keepdim=True).clamp_min(1e-12)
+                    if step.prefill:  # measure, before ``last`` is written
+                        self._measure(last.float(), new if scale is None else new * scale)
                     if scale is None:
                         last.copy_(new)  # in place: the output's last row
                     else:

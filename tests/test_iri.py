@@ -109,7 +109,18 @@ def _capture(adapter, part: str, store: dict):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_injection_changes_only_target_layers_last_position_and_keeps_norms(loaded, family, tmp_path):
-    adapter = loaded(family)
+    _check_injection(loaded(family), tmp_path)
+
+
+def test_injection_in_bfloat16_follows_the_equation(loaded, tmp_path):
+    """In bf16 (a GPU run's dtype) the sums and norms still run in float32, without a cast kernel per site."""
+    fp32 = loaded("llava")
+    adapter = type(fp32)(name="llava-bf16", path=fp32.path, dtype="bfloat16")
+    adapter.load()
+    _check_injection(adapter, tmp_path)
+
+
+def _check_injection(adapter, tmp_path):
     method = IRI(sources=1, targets=2, lambda_attn=0.5, lambda_mlp=0.4, fcct_file=_calibrate(tmp_path))
     method.check(adapter)
     prompts = [adapter.format_prompt("Is there a big red circle in the image?"), adapter.format_prompt("Count.")]
