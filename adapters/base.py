@@ -38,6 +38,7 @@ from torch import nn
 from adapters.anatomy import Anatomy
 from adapters.generation import Generation, PositionFn, ViewFn
 from adapters.geometry import Geometry
+from adapters.hf_compat import image_processing
 from core.registry import Registry
 
 ADAPTERS: Registry[type[Adapter]] = Registry("adapter")
@@ -180,6 +181,7 @@ class Adapter(Anatomy, Geometry, Generation, abc.ABC):
             "device": str(self.device),
             "prompt_template": self.prompt_template,
             "system_prompt": self.system_prompt,
+            "image_processor": image_processing(self.processor),
         }
         if self.model is not None:
             cfg = self.model.config

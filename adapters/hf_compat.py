@@ -36,6 +36,28 @@ def layer_cache(kwargs: dict[str, Any]) -> Any | None:
     return None
 
 
+def image_processing(processor: Any) -> dict[str, str | None] | None:
+    """Which image processor a processor runs, and on which backend, for the results file.
+
+    transformers 5.x builds the torchvision-backed image processor when torchvision imports and the PIL one
+    (``...Pil``) otherwise, so the same checkpoint preprocesses differently on machines with and without
+    torchvision (on the shipped checkpoints the pixels differ by at most about one 8-bit grey level). Every 5.x
+    release names it in the image processor's ``backend`` attribute (``"torchvision"`` or ``"pil"``).
+
+    Args:
+        processor: A loaded processor (or ``None``); an image processor stood in for by
+            :class:`adapters.prepared_images.PreparedImages` is read through it.
+
+    Returns:
+        ``{"class": ..., "backend": ...}``, or ``None`` when there is no image processor.
+    """
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        return None
+    real = getattr(image_processor, "wrapped", image_processor)
+    return {"class": type(real).__name__, "backend": getattr(real, "backend", None)}
+
+
 def accepts_encoder_outputs(model: nn.Module) -> bool:
     """Whether ``model``'s forward (and ``generate``) take pre-computed image features as ``mm_encoder_outputs``.
 

@@ -55,6 +55,11 @@ class PreparedImages:
         self._lock = threading.Lock()
         self._settings = 0  # counts setting changes: an output computed across one is not kept
 
+    @property
+    def wrapped(self) -> Any:
+        """The image processor stood in for."""
+        return self._real
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 

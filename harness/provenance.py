@@ -25,6 +25,7 @@ PACKAGES = (
     "wandb",
     "numpy",
     "pillow",
+    "torchvision",  # present: transformers preprocesses images with it instead of PIL (the model's image_processor)
     "opencv-python-headless",
     "pyarrow",
 )

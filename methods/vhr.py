@@ -78,19 +78,22 @@ def select_heads(vhd: torch.Tensor, ta: torch.Tensor, outliers: bool = True) -> 
 
 def text_only(adapter: Adapter, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The batch's prompts without their visual tokens, left-padded again (``input_ids``, ``attention_mask``)."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()  # [batch, seq]
-    keep = mask & ~adapter.image_token_mask(inputs)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]  # [batch, seq]
+    keep = mask.bool() & ~adapter.image_token_mask(inputs)
     lengths = keep.sum(-1)  # [batch]
-    width = int(lengths.max())
-    # each kept token's place in the new row: right-aligned (left padding), in order
+    width = int(lengths.max())  # the one host sync: the new rows' length
+    # each kept token's place in the new row: right-aligned (left padding), in order; a dropped token goes to a
+    # spare column of its own past the row, cut off below (one scatter with distinct indices, deterministic on
+    # any device; boolean-mask indexing would sync once per index)
+    seq = ids.shape[1]
     dest = keep.long().cumsum(-1) - 1 + (width - lengths)[:, None]  # [batch, seq]
+    dest = torch.where(keep, dest, width + torch.arange(seq, device=ids.device))
     pad = getattr(adapter.processor.tokenizer, "pad_token_id", None) or 0
-    new_ids = torch.full((ids.shape[0], width), pad, dtype=ids.dtype, device=ids.device)
-    new_mask = torch.zeros((ids.shape[0], width), dtype=inputs["attention_mask"].dtype, device=ids.device)
-    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
-    new_ids[rows[keep], dest[keep]] = ids[keep]
-    new_mask[rows[keep], dest[keep]] = 1
-    out = {"input_ids": new_ids, "attention_mask": new_mask}
+    new_ids = torch.full((ids.shape[0], width + seq), pad, dtype=ids.dtype, device=ids.device)
+    new_mask = torch.zeros((ids.shape[0], width + seq), dtype=mask.dtype, device=ids.device)
+    new_ids.scatter_(1, dest, ids)  # [batch, width + seq]
+    new_mask.scatter_(1, dest, keep.to(mask.dtype))
+    out = {"input_ids": new_ids[:, :width], "attention_mask": new_mask[:, :width]}
     if "mm_token_type_ids" in inputs:  # Qwen-VL's processor marks image tokens; none are left
         out["mm_token_type_ids"] = torch.zeros_like(new_ids)
     return out

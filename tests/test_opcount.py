@@ -169,6 +169,14 @@ def test_pruning_selection_syncs_do_not_grow_with_the_batch(loaded, family, name
     assert sum(large.values()) <= 8, large
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vhr_builds_its_text_only_probe_with_one_sync(loaded, family):
+    """The probe's rows are the prompts without their visual tokens: one sync for their width, and a scatter
+    (boolean-mask indexing synced once per index: 6 in all)."""
+    sites = own_sites(count_method(loaded(family), METHODS.get("vhr")(), _batch(), GEN)["prefill_sync_sites"])
+    assert sum(v for k, v in sites.items() if "methods/vhr.py" in k) == 1, sites
+
+
 def test_a_planted_sync_fails_the_target(loaded, monkeypatch):
     """The check can fail: VAR reading its first editable row in every layer at every step (the old code)."""
     from methods.var import VAR

@@ -209,3 +209,15 @@ def test_the_engine_runs_the_image_processor_on_the_worker(llava, pope_dir, tmp_
     assert len(worker) >= 3 * (n_batches - 2) and set(worker) == {1}  # one image per call, batches 2.. at least
     assert len(main) <= 3  # batches 0 and 1 (before the arguments were known) and the one verification
     assert AdapterCalls(llava, 3).prefetching  # the engine's hook
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_results_name_the_real_image_processor_and_its_backend(family, loaded):
+    """transformers picks the torchvision backend where torchvision imports, else PIL: the results file says which,
+    also while the stand-in is installed."""
+    adapter = loaded(family)
+    plain = adapter.describe()["image_processor"]
+    assert plain["backend"] in ("pil", "torchvision") and plain["class"].endswith("Pil") == (plain["backend"] == "pil")
+    with preparing(adapter.processor) as stand_in:
+        assert adapter.processor.image_processor is stand_in
+        assert adapter.describe()["image_processor"] == plain
