@@ -20,7 +20,7 @@ EXTRAS  = --extra dev --extra lmms --extra lmms-run
 # how every resolution is made: for CPython 3.11 (CI's), torch's CPU build from $(WHEELS)
 RESOLVE = --python-version 3.11 --find-links $(WHEELS) --constraint requirements/torch-cpu.txt
 
-.PHONY: setup lock lock-vllm test-vllm bench-vllm test-latest browser demo test regress leaderboard lint format bench \
+.PHONY: setup lock lock-vllm test-vllm test-torchvision bench-vllm test-latest browser demo test regress leaderboard lint format bench \
 	bench-methods bench-pruning bench-scale world train clean gpu-wheels docs
 
 setup: $(STAMP)
@@ -68,6 +68,17 @@ $(VLLM_STAMP): $(VLLM_LOCK) pyproject.toml $(STAMP)
 
 test-vllm: $(VLLM_STAMP)
 	WANDB_MODE=disabled $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests_vllm
+
+# The HF backend as GPU machines run it: with torchvision installed, transformers builds the torchvision-backed
+# image processors instead of the PIL ones the dev venv has (its torchvision cannot load beside the CPU torch). The
+# vLLM venv has torchvision (torch 2.13.0, transformers 5.19), so the image-path tests and the regression matrix
+# (with images prepared on the prefetch thread) run there; the first line checks the backend really is torchvision.
+TORCHVISION_TESTS = tests/test_prepared_images.py tests/test_adapter_families.py tests/test_prefetch.py \
+	tests/test_pruning.py tests/test_contrastive.py tests/test_carve.py tests/test_device_placement.py
+test-torchvision: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m checks.image_backend --expect torchvision
+	WANDB_MODE=disabled $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider $(TORCHVISION_TESTS)
+	WANDB_MODE=disabled $(VLLM_VENV)/bin/python -m checks.regress --prefetch 1
 
 bench-vllm: $(VLLM_STAMP) ## vLLM vs HF throughput on the shipped checkpoints, same questions and batch (docs/benchmarks.md)
 	for m in llava qwen_vl internvl; do $(VLLM_VENV)/bin/python -m bench.vllm --model $$m $(BENCH_ARGS); done

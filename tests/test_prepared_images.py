@@ -221,3 +221,14 @@ def test_the_results_name_the_real_image_processor_and_its_backend(family, loade
     with preparing(adapter.processor) as stand_in:
         assert adapter.processor.image_processor is stand_in
         assert adapter.describe()["image_processor"] == plain
+
+
+def test_the_backend_check_fails_on_the_other_backend():
+    """``make test-torchvision`` starts with this check, so its tests cannot pass on the PIL path by accident."""
+    from checks.image_backend import backends, main
+
+    used = {info["backend"] for info in backends().values()}
+    assert len(used) == 1 and used <= {"pil", "torchvision"}, used
+    (backend,) = used
+    assert main(["--expect", backend]) == 0
+    assert main(["--expect", "pil" if backend == "torchvision" else "torchvision"]) == 1
