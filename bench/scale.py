@@ -32,8 +32,10 @@ In one run, interleaved, each figure the median of ``--repeats`` (≥ 5) runs:
 3. **methods** ``methods.<name>.ratio``: generation time of a batch of 16 requests, 16 new tokens, under each
    method over ``none`` (CUDA events), and the CPU-countable proxy of GPU cost (:mod:`bench.opcount`): ATen ops,
    kernel launches (ops that are not views) and host syncs per cached decoding step (``ops_per_step``,
-   ``launches_per_step``, ``syncs_per_step``; ``none``'s beside them) and per prefill. CARVE's two recording
-   passes are given the same 16 tokens (a random model never stops early).
+   ``launches_per_step``, ``syncs_per_step``; ``none``'s beside them) and per prefill; ``peak_memory_ratio``: the
+   peak memory of one more, untimed generation over none's (``max_memory_allocated`` on CUDA, the allocator's peak
+   on the CPU, :mod:`bench.memcount`). CARVE's two recording passes are given the same 16 tokens (a random model
+   never stops early).
 4. **pruning** ``pruning.<setting>.speedup`` and ``peak_memory_ratio``: prefill (vision tower + LM, last-token
    logits) of a batch of 8 under FastV and FasterVLM at R = 50/75/90 % over ``none``; peak memory above the weights
    (``max_memory_allocated`` on CUDA; on the CPU the allocator's peak of live bytes, :mod:`bench.memcount`,
@@ -239,6 +241,20 @@ def _warm_up(names: list[str], run_one: Callable[[str], Any]) -> dict[str, str]:
     return failed
 
 
+def _peaks(names: list[str], peak_of: Callable[[str], int]) -> dict[str, dict[str, Any]]:
+    """Each setting's peak memory (MB) and its ratio to none's, or why it could not be measured (``peak_memory``)."""
+    peaks: dict[str, int | str] = {}
+    for name in names:
+        try:
+            peaks[name] = peak_of(name)
+        except Exception as exc:  # an out-of-memory here is a finding, the others are still measured
+            peaks[name] = _failure(exc)
+            _release_cache()
+    base = peaks.get("none")
+    return {n: {"peak_memory_mb": p / 2**20, "peak_memory_ratio": p / base if isinstance(base, int) and base else None}
+            if isinstance(p, int) else {"peak_memory_error": p} for n, p in peaks.items()}  # fmt: skip
+
+
 def _release_cache() -> None:
     """After a failure (an out-of-memory among them), give the failed setting's cached blocks back."""
     if torch.cuda.is_available():
@@ -340,6 +356,24 @@ def _generate(adapter: Adapter, method: Any, batch: list[Request], gen: dict[str
     return seconds[0]
 
 
+def generation_peak(adapter: Adapter, method: Any, batch: list[Request], gen: dict[str, Any]) -> int:
+    """Peak memory of one ``generate`` under ``method`` above the level before it, in bytes (one untimed call).
+
+    ``max_memory_allocated`` on CUDA; on the CPU the allocator's peak of live bytes (:mod:`bench.memcount`).
+    """
+    with torch.inference_mode(), method.bind(adapter):
+        calls = AdapterCalls(adapter, len(batch), method)
+        if adapter.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            calls.generate(batch, **gen)
+            return torch.cuda.max_memory_allocated() - base
+        with allocation_peak() as alloc:
+            calls.generate(batch, **gen)
+        return alloc.peak
+
+
 def count_method(adapter: Adapter, method: Any, batch: list[Request], gen: dict[str, Any]) -> dict[str, float]:
     """ATen ops, launches and host syncs of one ``generate`` under ``method`` (:mod:`bench.opcount`), per call kind.
 
@@ -390,6 +424,7 @@ def methods_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work:
     count_gen = gen | {"max_new_tokens": args.count_tokens, "min_new_tokens": args.count_tokens}
     counts = {n: count_method(adapter, _method(n, extra, METHOD_SETTINGS), batch[: args.count_batch], count_gen)
               for n in names}  # fmt: skip
+    peaks = _peaks(names, lambda n: generation_peak(adapter, _method(n, extra, METHOD_SETTINGS), batch, gen))
     base, none = _median(times["none"]), counts["none"]
     out: dict[str, Any] = {}
     for n in names:
@@ -397,7 +432,7 @@ def methods_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work:
         out[n] = {"ratio": _median(times[n]) / base, "seconds": times[n], **c,
                   "ops_ratio": c["ops_per_step"] / none["ops_per_step"],
                   "launches_ratio": c["launches_per_step"] / none["launches_per_step"],
-                  "extra_syncs_per_step": c["syncs_per_step"] - none["syncs_per_step"]}  # fmt: skip
+                  "extra_syncs_per_step": c["syncs_per_step"] - none["syncs_per_step"], **peaks[n]}  # fmt: skip
     for n, why in unsupported.items():
         out[n] = {"unsupported": why}
     for n, why in failed.items():
@@ -573,14 +608,15 @@ def print_breakdown(r: dict[str, Any]) -> None:
 def print_methods(r: dict[str, Any]) -> None:
     """Every method's time over none's, and the CPU proxy beside it."""
     print("| method | time / none | ops per decoding step (/ none) | launches per step (/ none) | syncs per step "
-          "(none's) | prefill ops, launches, syncs |\n|---|---|---|---|---|---|")  # fmt: skip
+          "(none's) | prefill ops, launches, syncs | peak memory / none |\n|---|---|---|---|---|---|---|")  # fmt: skip
     none = r["methods"]["none"]
     for n, t in r["methods"].items():
-        if not _skipped(n, t, 6):
+        if not _skipped(n, t, 7):
+            memory = t.get("peak_memory_ratio")
             print(f"| {n} | {t['ratio']:.3f} | {t['ops_per_step']:.0f} ({t['ops_ratio']:.2f}x) | "
                   f"{t['launches_per_step']:.0f} ({t['launches_ratio']:.2f}x) | {t['syncs_per_step']:.0f} "
                   f"({none['syncs_per_step']:.0f}) | {t['prefill_ops']}, {t['prefill_launches']}, "
-                  f"{t['prefill_syncs']} |")  # fmt: skip
+                  f"{t['prefill_syncs']} | {'' if memory is None else f'{memory:.2f}x'} |")  # fmt: skip
 
 
 def print_pruning(r: dict[str, Any]) -> None:

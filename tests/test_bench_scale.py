@@ -47,6 +47,7 @@ def test_tiny_cpu_run_writes_every_figure(tmp_path):
     assert none["ratio"] == 1.0 and none["ops_per_step"] > 100
     for name, m in r["methods"].items():
         assert len(m["seconds"]) == 5 and m["ratio"] > 0 and m["calls"] >= 4, name
+        assert 0.3 < m["peak_memory_ratio"] < 3, (name, m["peak_memory_ratio"])  # the allocator peak, one call
         assert m["extra_syncs_per_step"] <= 0, (name, m["sync_sites"])
     assert r["methods"]["carve"]["calls"] > none["calls"]  # its recording passes are counted
     for name, p in r["pruning"].items():

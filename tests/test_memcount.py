@@ -56,6 +56,62 @@ def test_the_peak_is_deterministic():
     assert run() == run() > 300 * 300 * 4
 
 
+# ---------------------------------------------------------------------------------------------- every method
+#: a method's generation peak over none's (batch 3, 4 new tokens): one view keeps nothing beyond a few per-layer
+#: factors; the pruners hold less; VCD and RITUAL run two views of the batch, CARVE its recording passes Q and G
+#: as one batch of up to twice the rows (measured 2026-12-07: 1.00-1.10, 0.57-0.92 and 2.07-2.31 on the three
+#: families). A method that kept, say, every layer's prefill probabilities would exceed its bound.
+PEAK_BOUND = {"var": 1.15, "iri": 1.15, "cca": 1.15, "mma": 1.15, "vhr": 1.15, "fastv": 1.0, "fastervlm": 1.0,
+              "vcd": 2.5, "ritual": 2.5, "carve": 2.5}  # fmt: skip
+VAR_TINY = {"sink_dims": [0, 1, 2, 3], "tau": 2.0, "rho": 0.0, "visual_mass": 0.0, "p": 0.5}
+GEN = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+
+
+def _requests():
+    from tasks.base import Request
+
+    rng = np.random.default_rng(0)
+    texts = ["Is there a star?", "Is there a big red star in the middle of the image? Answer yes or no.", "Count."]
+    return [Request(t, [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))]) for t in texts]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen_vl", "internvl"])
+def test_every_methods_generation_peak_stays_within_its_bound(four_layer, family, tmp_path):
+    import json
+
+    from bench.scale import generation_peak
+
+    adapter = four_layer(seed=5)(family)
+    rr = [0.2, 0.8, 0.5, 0.1]
+    (tmp_path / "fcct.json").write_text(json.dumps({"layers": 4, "rr": {"attn": {"last": rr}, "mlp": {"last": rr}}}))
+    kw = {"var": VAR_TINY, "iri": {"fcct_file": str(tmp_path / "fcct.json"), "sources": 1, "targets": 2},
+          "fastv": {"ratio": 0.5, "layer": 1}, "carve": {"max_new_tokens": 4}}  # fmt: skip
+    generation_peak(adapter, METHODS.get("none")(), _requests(), GEN)  # warm-up
+    none = generation_peak(adapter, METHODS.get("none")(), _requests(), GEN)
+    ratios = {name: generation_peak(adapter, METHODS.get(name)(**kw.get(name, {})), _requests(), GEN) / none
+              for name in PEAK_BOUND if name != "fastervlm" or family != "qwen_vl"}  # fmt: skip
+    assert all(r <= PEAK_BOUND[n] for n, r in ratios.items()), ratios
+    assert min(ratios["vcd"], ratios["ritual"]) > 1.5  # two views really ran: the bound is not vacuous
+
+
+def test_a_method_that_keeps_every_layers_probabilities_fails_its_bound(four_layer, monkeypatch):
+    from bench.scale import generation_peak
+    from methods.var import VAR
+
+    adapter, kept = four_layer(seed=5)("llava"), []
+
+    def keeping(self, probs, step):  # the planted leak: every edited layer's prefill probabilities, all rows
+        kept.append(probs.clone())
+        return probs
+
+    monkeypatch.setattr(VAR, "_first_row", lambda self, step: 0)
+    monkeypatch.setattr(VAR, "_redistribute", keeping)
+    generation_peak(adapter, METHODS.get("none")(), _requests(), GEN)
+    none = generation_peak(adapter, METHODS.get("none")(), _requests(), GEN)
+    leaky = generation_peak(adapter, METHODS.get("var")(**VAR_TINY), _requests(), GEN)
+    assert kept and leaky / none > PEAK_BOUND["var"], leaky / none
+
+
 # ---------------------------------------------------------------------------------------------- pruning
 @pytest.fixture(scope="module")
 def narrow(tmp_path_factory):
