@@ -33,8 +33,8 @@ In one run, interleaved, each figure the median of ``--repeats`` (≥ 5) runs:
    method over ``none`` (CUDA events), and the CPU-countable proxy of GPU cost (:mod:`bench.opcount`): ATen ops,
    kernel launches (ops that are not views) and host syncs per cached decoding step (``ops_per_step``,
    ``launches_per_step``, ``syncs_per_step``; ``none``'s beside them) and per prefill; ``peak_memory_ratio``: the
-   peak memory of one more, untimed generation over none's (``max_memory_allocated`` on CUDA, the allocator's peak
-   on the CPU, :mod:`bench.memcount`). CARVE's two recording passes are given the same 16 tokens (a random model
+   peak memory of the (untimed) warm-up generation over none's (``max_memory_allocated`` on CUDA, the allocator's
+   peak on the CPU, :mod:`bench.memcount`). CARVE's two recording passes are given the same 16 tokens (a random model
    never stops early).
 4. **pruning** ``pruning.<setting>.speedup`` and ``peak_memory_ratio``: prefill (vision tower + LM, last-token
    logits) of a batch of 8 under FastV and FasterVLM at R = 50/75/90 % over ``none``; peak memory above the weights
@@ -241,20 +241,6 @@ def _warm_up(names: list[str], run_one: Callable[[str], Any]) -> dict[str, str]:
     return failed
 
 
-def _peaks(names: list[str], peak_of: Callable[[str], int]) -> dict[str, dict[str, Any]]:
-    """Each setting's peak memory (MB) and its ratio to none's, or why it could not be measured (``peak_memory``)."""
-    peaks: dict[str, int | str] = {}
-    for name in names:
-        try:
-            peaks[name] = peak_of(name)
-        except Exception as exc:  # an out-of-memory here is a finding, the others are still measured
-            peaks[name] = _failure(exc)
-            _release_cache()
-    base = peaks.get("none")
-    return {n: {"peak_memory_mb": p / 2**20, "peak_memory_ratio": p / base if isinstance(base, int) and base else None}
-            if isinstance(p, int) else {"peak_memory_error": p} for n, p in peaks.items()}  # fmt: skip
-
-
 def _release_cache() -> None:
     """After a failure (an out-of-memory among them), give the failed setting's cached blocks back."""
     if torch.cuda.is_available():
@@ -415,7 +401,12 @@ def methods_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work:
     names = [n for n in ["none", *args.methods] if n in METHOD_SETTINGS]
     unsupported = {n: why for n in names if (why := _supported(adapter, n, extra, METHOD_SETTINGS))}
     names = [n for n in names if n not in unsupported]
-    failed = _warm_up(names, lambda n: _generate(adapter, _method(n, extra, METHOD_SETTINGS), batch, gen))
+    peaks: dict[str, int] = {}  # each warm-up generation's peak memory (no extra call: a one-shot GPU run's time)
+
+    def warm_up(name: str) -> None:
+        peaks[name] = generation_peak(adapter, _method(name, extra, METHOD_SETTINGS), batch, gen)
+
+    failed = _warm_up(names, warm_up)
     names = [n for n in names if n not in failed]
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.repeats):
@@ -424,7 +415,6 @@ def methods_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work:
     count_gen = gen | {"max_new_tokens": args.count_tokens, "min_new_tokens": args.count_tokens}
     counts = {n: count_method(adapter, _method(n, extra, METHOD_SETTINGS), batch[: args.count_batch], count_gen)
               for n in names}  # fmt: skip
-    peaks = _peaks(names, lambda n: generation_peak(adapter, _method(n, extra, METHOD_SETTINGS), batch, gen))
     base, none = _median(times["none"]), counts["none"]
     out: dict[str, Any] = {}
     for n in names:
@@ -432,7 +422,9 @@ def methods_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work:
         out[n] = {"ratio": _median(times[n]) / base, "seconds": times[n], **c,
                   "ops_ratio": c["ops_per_step"] / none["ops_per_step"],
                   "launches_ratio": c["launches_per_step"] / none["launches_per_step"],
-                  "extra_syncs_per_step": c["syncs_per_step"] - none["syncs_per_step"], **peaks[n]}  # fmt: skip
+                  "extra_syncs_per_step": c["syncs_per_step"] - none["syncs_per_step"],
+                  "peak_memory_mb": peaks[n] / 2**20,
+                  "peak_memory_ratio": peaks[n] / peaks["none"] if peaks["none"] else None}  # fmt: skip
     for n, why in unsupported.items():
         out[n] = {"unsupported": why}
     for n, why in failed.items():
