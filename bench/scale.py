@@ -324,8 +324,10 @@ def _breakdown(runs: list[dict[str, float]], batch_s: float, new_tokens: int) ->
     """Where a harness batch's time goes (medians): inputs, prefill, each decoding step, and the rest.
 
     ``rest_s`` is the harness's batch time (its median run over its batches) less the inputs and the generation:
-    the image decoding the prefetch thread did not hide, parsing, records, metrics. The batch-16 over batch-1
-    throughput target depends on the host parts (inputs, rest) that batching does not amortise.
+    the image decoding the prefetch thread did not hide, parsing, records, metrics. It is negative where the
+    prefetch thread hides the inputs themselves (they are timed here in line), or by timing noise when it is
+    small. The batch-16 over batch-1 throughput target depends on the host parts (inputs, rest) that batching does
+    not amortise.
     """
     inputs, prefill, generate = (_median([r[k] for r in runs]) for k in ("inputs_s", "prefill_s", "generate_s"))
     return {"batch_s": batch_s, "inputs_s": inputs, "prefill_s": prefill, "generate_s": generate,
