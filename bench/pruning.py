@@ -43,8 +43,8 @@ from PIL import Image
 
 from adapters.geometry import box_overlap
 from adapters.llava import LlavaAdapter
-from bench.memcount import allocation_peak
 from bench.overhead import MID, TINY, cli
+from bench.scale import prefill_peak
 from harness.provenance import environment
 from methods.base import METHODS
 from methods.fcct import MIN_OVERLAP
@@ -89,14 +89,6 @@ def _prefill(adapter: LlavaAdapter, setting: str, inputs: dict[str, torch.Tensor
     return seconds, torch.cuda.max_memory_allocated() - base if cuda else None
 
 
-def _cpu_peak(adapter: LlavaAdapter, setting: str, inputs: dict[str, torch.Tensor]) -> int:
-    """The allocator's peak of one prefill on the CPU (:mod:`bench.memcount`; exact, so measured once, untimed)."""
-    name, kw = SETTINGS[setting]
-    with torch.inference_mode(), METHODS.get(name)(**kw).bind(adapter), allocation_peak() as alloc:
-        adapter.forward(inputs, logits_to_keep=1)
-    return alloc.peak
-
-
 def speed(args: argparse.Namespace, settings: list[str]) -> dict[str, Any]:
     """Median prefill time and peak memory per setting, interleaved, on a 576-visual-token LLaVA."""
     size = dataclasses.replace(TINY if args.tiny else MID, text_layers=args.layers)
@@ -117,9 +109,10 @@ def speed(args: argparse.Namespace, settings: list[str]) -> dict[str, Any]:
         for s in settings:
             t, m = _prefill(adapter, s, inputs)
             times[s].append(t)
-            memory[s] += [] if m is None else [m]
+            if m is not None:
+                memory[s].append(m)
     if adapter.device.type != "cuda":
-        memory = {s: [_cpu_peak(adapter, s, inputs)] for s in settings}
+        memory = {s: [prefill_peak(adapter, METHODS.get(SETTINGS[s][0])(**SETTINGS[s][1]), inputs)] for s in settings}
     base_t, base_m = statistics.median(times["none"]), statistics.median(memory["none"])
     return {
         "model": {"visual_tokens": size.n_visual_tokens, "prompt_tokens": int(inputs["input_ids"].shape[1]),

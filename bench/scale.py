@@ -457,7 +457,7 @@ def _prefill(adapter: Adapter, method: Any, inputs: dict[str, torch.Tensor]) -> 
     return seconds[0], memory
 
 
-def _cpu_peak(adapter: Adapter, method: Any, inputs: dict[str, torch.Tensor]) -> int:
+def prefill_peak(adapter: Adapter, method: Any, inputs: dict[str, torch.Tensor]) -> int:
     """The allocator's peak of one prefill on the CPU (:mod:`bench.memcount`; exact, so measured once, untimed)."""
     with torch.inference_mode(), method.bind(adapter), allocation_peak() as alloc:
         adapter.forward(inputs, logits_to_keep=1)
@@ -482,9 +482,10 @@ def pruning_part(adapter: Adapter, scale: Scale, args: argparse.Namespace, work:
         for name in names:
             t, m = _prefill(adapter, _method(name, {}, PRUNING_SETTINGS), inputs)
             times[name].append(t)
-            memory[name] += [] if m is None else [m]
+            if m is not None:
+                memory[name].append(m)
     if adapter.device.type != "cuda":
-        memory = {n: [_cpu_peak(adapter, _method(n, {}, PRUNING_SETTINGS), inputs)] for n in names}
+        memory = {n: [prefill_peak(adapter, _method(n, {}, PRUNING_SETTINGS), inputs)] for n in names}
     base_t, base_m = _median(times["none"]), _median(memory["none"])
     out: dict[str, Any] = {n: {"speedup": base_t / _median(times[n]), "seconds": times[n],
                                "peak_memory_mb": _median(memory[n]) / 2**20,
