@@ -147,6 +147,7 @@ class Intervention:
         self._stack: contextlib.ExitStack | None = None
         self._edited: tuple[torch.Tensor | None, torch.Tensor] | None = None  # (mask received, mask edited)
         self._causal_memo: tuple[tuple, torch.Tensor] | None = None  # ((batch, q, k, device), causal mask)
+        self._bias_memo: tuple[torch.Tensor, tuple, torch.Tensor] | None = None  # (mask source, (shape, dtype), bias)
         self.surgery: Surgery | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -172,7 +173,7 @@ class Intervention:
         self.batch = None
 
     def _new_batch(self, inputs: dict[str, torch.Tensor] | None) -> None:
-        self._edited = self._causal_memo = None
+        self._edited = self._causal_memo = self._bias_memo = None
         if inputs is None:  # the adapter call is over
             self.batch = None
             return
@@ -238,8 +239,10 @@ class Intervention:
             return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
         start = min((first(step) if first else 0) for _o, _f, first in score_fns + prob_fns)
         start = max(0, min(start, q_len))
+        source = self._edited[1] if edits else received if received is not None else mask
+        bias = None if mask is None else self._bias(source, mask, query.dtype)  # [batch, 1, q, k]
         if start == 0:
-            return self._eager(module, query, key, value, mask, scaling, dropout, step, score_fns, prob_fns)
+            return self._eager(module, query, key, value, bias, scaling, dropout, step, score_fns, prob_fns)
         # rows before `start` are never edited: fused SDPA for them, eager only for the rest. Prefill rows from
         # position 0 under a plain causal mask keep the causal kernel (its top-left alignment is right there; a
         # single row would attend every key, so one row keeps the mask)
@@ -249,8 +252,8 @@ class Intervention:
         if start == q_len:
             return head, None
         tail_step = Step(layer, step.offset + start, q_len - start, kv_len, step.batch)
-        tail_mask = None if mask is None else mask[:, :, start:]
-        tail, _ = self._eager(module, query[:, :, start:], key, value, tail_mask, scaling, dropout, tail_step,
+        tail_bias = None if bias is None else bias[:, :, start:]
+        tail, _ = self._eager(module, query[:, :, start:], key, value, tail_bias, scaling, dropout, tail_step,
                               score_fns, prob_fns)  # fmt: skip
         return torch.cat([head, tail], 1), None  # [batch, q, heads, head_dim]; no full probabilities to return
 
@@ -266,13 +269,28 @@ class Intervention:
             self._causal_memo = (key, causal.expand(batch, 1, q_len, kv_len).contiguous())
         return self._causal_memo[1]
 
+    def _bias(self, source: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The additive form of ``mask`` (0 where attended, the dtype's minimum elsewhere), ``[batch, 1, q, k]``.
+
+        Every eager layer of one forward receives the same mask (``source``, which the memo keeps alive so its
+        identity cannot be reused), so it is converted once per forward (2 launches) and each eager layer scales
+        and masks its scores in one kernel instead of two. ``min + s`` rounds to ``min`` for any score below
+        about 1e31 in magnitude, so the scores equal ``where(mask, s, min)``.
+        """
+        shape = (*mask.shape, dtype)
+        memo = self._bias_memo
+        if memo is None or memo[0] is not source or memo[1] != shape:
+            bias = torch.full(mask.shape, torch.finfo(dtype).min, dtype=dtype, device=mask.device)
+            self._bias_memo = memo = (source, shape, bias.masked_fill_(mask, 0.0))
+        return memo[2]
+
     @staticmethod
     def _eager(
         module: nn.Module,
         query: torch.Tensor,  # [batch, heads, q, head_dim]
         key: torch.Tensor,  # [batch, kv_heads, k, head_dim]
         value: torch.Tensor,
-        mask: torch.Tensor | None,  # [batch, 1, q, k]
+        bias: torch.Tensor | None,  # [batch, 1, q, k] additive mask: 0 = attend, the dtype's minimum = masked
         scaling: float,
         dropout: float,
         step: Step,
@@ -286,9 +304,9 @@ class Intervention:
         # query head h uses KV head h // groups, so [b, heads, q, hd] -> [b, kv_heads, groups·q, hd] is the same
         # product against the un-repeated keys
         grouped = query.reshape(b, kv_heads, -1, hd)  # [batch, kv_heads, groups * q, head_dim]
-        scores = (torch.matmul(grouped, key.transpose(2, 3)) * scaling).view(b, heads, q, -1)  # [batch, heads, q, k]
-        if mask is not None:  # one kernel (masked_fill(~mask) launches two)
-            scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
+        raw = torch.matmul(grouped, key.transpose(2, 3)).view(b, heads, q, -1)  # [batch, heads, q, k]
+        # scaled and masked in one kernel: bias + scaling · raw
+        scores = raw * scaling if bias is None else torch.add(bias, raw, alpha=scaling)
         for _owner, fn, _first in score_fns:
             scores = fn(scores, step)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # [batch, heads, q, k]

@@ -132,7 +132,8 @@ def redistribute(
     ratio = non / s.clamp_min(1e-12)  # visual non-sink ratio r
     selected = (s >= visual_mass) & (ratio >= rho) & (non > 0) & rows[:, None, :] & vis_sink.any(-1)[:, None, None]
     omega = p * sink_mass  # [batch, heads, q]
-    gain = (omega / non.clamp_min(1e-12))[..., None]  # [batch, heads, q, 1]
+    # Ω / non; a selected row has non > 0, an unselected one's (inf or nan) is discarded by the where below
+    gain = (omega / non)[..., None]  # [batch, heads, q, 1]
     new = probs * (1 - p * sinks[:, None, None].to(probs.dtype)) + gain * probs * vis_non[:, None, None]
     return torch.where(selected[..., None], new, probs), selected
 
@@ -261,7 +262,9 @@ class VAR(Method):
         else:  # every (row, head) of a generated token is eligible, known on the host
             self._counts.add(2, selected)
             self._eligible += selected.numel()
-        gain = mass[..., 3:] / mass[..., 2:3].clamp_min(1e-12)  # [batch, heads, q, 1]: Ω / non
+        # [batch, heads, q, 1]: Ω / non. A selected row has non ≥ the smallest positive float (no clamp: a clamp
+        # would lose mass where 0 < non < the clamp); an unselected row's inf or nan is discarded by the where
+        gain = mass[..., 3:] / mass[..., 2:3]
         # one factor per (row, key): keep (1 − p on sinks) plus the gain on visual non-sinks, 1 where not selected;
         # applied in place on the prompt keys (generated keys pass through)
         factor = torch.where(selected, torch.addcmul(keys.keep, gain, keys.vis_non), 1.0)

@@ -113,14 +113,31 @@ def test_eager_attention_groups_queries_instead_of_copying_kv():
             return out
 
     step = Step(0, k - q, q, k, None)
+    bias = torch.full(mask.shape, torch.finfo(torch.float32).min).masked_fill(mask, 0.0)  # the additive mask
     with Sizes():
-        out, _ = Intervention._eager(nn.Identity().eval(), query, key, value, mask, hd**-0.5, 0.0, step, [],
+        out, _ = Intervention._eager(nn.Identity().eval(), query, key, value, bias, hd**-0.5, 0.0, step, [],
                                      [(None, record, None)])  # fmt: skip
     rk, rv = repeat_kv(key, heads // kv_heads), repeat_kv(value, heads // kv_heads)
     ref = (query @ rk.transpose(2, 3) * hd**-0.5).masked_fill(~mask, torch.finfo(torch.float32).min).softmax(-1)
     torch.testing.assert_close(seen[0], ref)
     torch.testing.assert_close(out, (ref @ rv).transpose(1, 2))
     assert max(sizes) < b * heads * k * hd  # no op wrote a repeated K or V
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scaling_into_the_additive_mask_gives_the_masked_scores_exactly(dtype):
+    """The eager layers scale and mask in one kernel, ``bias + scaling·raw``: bit for bit ``where(mask, raw·scaling,
+    min)``, the two-kernel form (the masked entries round to the minimum)."""
+    import torch
+
+    dtype = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    raw = (torch.randn(2, 4, 3, 40, generator=g) * 300).to(dtype)  # [batch, heads, q, k]
+    mask = torch.ones(2, 1, 3, 40, dtype=torch.bool).tril(37)
+    mask[0, ..., :7] = False
+    low = torch.finfo(dtype).min
+    bias = torch.full(mask.shape, low, dtype=dtype).masked_fill(mask, 0.0)
+    assert torch.equal(torch.add(bias, raw, alpha=0.125), torch.where(mask, raw * 0.125, low))
 
 
 def test_device_tally_defers_the_sums_and_launches_nothing_per_add(monkeypatch):

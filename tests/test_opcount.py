@@ -193,9 +193,11 @@ def test_a_planted_sync_fails_the_target(loaded, monkeypatch):
 #: ATen ops per cached decoding step that one edited layer (VAR) or one injected target (IRI, its sources' share
 #: included) may add over none's.
 #: On a 7B decoding step (~1,900 ops, launch-bound) VAR edits 29 of 32 layers and IRI injects into 20 targets, so
-#: these budgets put VAR near 1.31x and IRI near 1.14x of none's ops (the H200 timings followed ops at ~0.36x of
-#: the excess). Measured 2026-12-06: VAR 19, IRI 12.5 on every family (VAR before issue 25: 35).
-PER_SITE_BUDGET = {"var": 20, "iri": 13}
+#: these budgets put VAR near 1.28x and IRI near 1.10x of none's ops (the H200 timings followed ops at ~0.36x of
+#: the excess). Measured on every family: VAR 19 (2026-12-06; 35 before issue 25), 17.5 since the eager layers
+#: scale and mask in one kernel and VAR's gain lost its clamp (2026-12-07: 17 per layer and 2 per step for
+#: the additive mask); IRI 8.5.
+PER_SITE_BUDGET = {"var": 18, "iri": 9}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -326,5 +328,7 @@ def test_pruned_prefill_costs_nothing_per_layer(by_depth, family, name):
         none = count_method(adapter, METHODS.get("none")(), _batch(), GEN)
         got = count_method(adapter, METHODS.get(name)(**kw), _batch(), GEN)
         excess.append(got["prefill_ops"] - none["prefill_ops"])
-    assert excess[0] > 0
+    # the method ran (on transformers < 5.19 FasterVLM's prefill costs fewer ops than none's: the image encoding it
+    # scored with stands in for the model's own, adapters/hf_compat.py)
+    assert excess[0] != 0
     assert excess[1] == excess[0], excess
