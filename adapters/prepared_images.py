@@ -8,10 +8,12 @@ processor on each of them, so the model call of the next batch finds its pixels 
 
 How: while a run prefetches, :class:`PreparedImages` stands in for ``processor.image_processor``. Processors call
 it with the batch's flat image list (``ProcessorMixin._process_images`` in transformers 5.17-5.25) and read the
-token expansion off its output. The stand-in answers a call from outputs prepared per image when it holds one for
-every image of the call (matched by object identity, for the same keyword arguments as the processor's first
-call), joining them as the batched call would (tensors concatenated along the first axis, lists chained). Any other
-call (an image a method made, e.g. VCD's noised copy; other keyword arguments) goes to the real image processor.
+token expansion off its output. The stand-in answers a call with the processor's keyword arguments (those of its
+first call) from outputs per image (matched by object identity), joining them as the batched call would (tensors
+concatenated along the first axis, lists chained). Images nobody prepared (an image a method made, e.g. CARVE's
+refined ones) are processed then, each on a host thread (:mod:`core.hostpool`), instead of in one batched call on
+the calling thread; :meth:`PreparedImages.prepare` uses the threads too. Any other call (other keyword arguments,
+not PIL images) goes to the real image processor.
 
 Safety: a setting changed on the stand-in goes to the real image processor and drops what was prepared; the
 joined output is compared with the real batched output the first time it is served; if they differ
@@ -32,6 +34,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+from core.hostpool import host_map
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +90,25 @@ class PreparedImages:
         return self._real(images, **kwargs)
 
     def prepare(self, images: list[Image.Image]) -> None:
-        """Compute each image's output now (on the calling thread) with the processor's keyword arguments."""
+        """Compute each image's output now (each on a host thread) with the processor's keyword arguments."""
         with self._lock:  # outputs of images gone since (earlier batches) are dropped here
             self._outputs = {k: held for k, held in self._outputs.items() if held[0]() is not None}
         kwargs = self._call_kwargs
         if kwargs is None or self.disabled is not None:
             return  # before the processor's first call its arguments are unknown: that batch builds in line
-        for image in images:
-            if self._lookup(image) is not None:
-                continue
+        self._compute([image for image in images if self._lookup(image) is None], kwargs)
+
+    def _compute(self, images: list[Image.Image], kwargs: dict[str, Any]) -> None:
+        """Each image's output, one image per host thread (:func:`core.hostpool.host_map`), kept by image."""
+
+        def one(image: Image.Image) -> None:
             settings = self._settings
             out = self._real([image], **kwargs)
             with self._lock:
                 if settings == self._settings:  # else computed (in part) under a setting changed meanwhile
                     self._outputs[id(image)] = (weakref.ref(image), out)
+
+        host_map(one, list({id(im): im for im in images}.values()))  # an image given twice is computed once
 
     def _lookup(self, image: Any) -> Any | None:
         with self._lock:
@@ -114,8 +123,11 @@ class PreparedImages:
         if not flat:
             return None
         outs = [self._lookup(im) for im in flat]
-        if any(o is None for o in outs):
-            return None
+        if any(o is None for o in outs):  # images nobody prepared (a method's new images): per image, in parallel
+            self._compute([im for im, o in zip(flat, outs, strict=True) if o is None], kwargs)
+            outs = [self._lookup(im) for im in flat]
+            if any(o is None for o in outs):
+                return None
         joined = _join(outs)
         if joined is None:
             return None

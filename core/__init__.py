@@ -7,4 +7,5 @@
 * :mod:`core.records` — the per-sample records file (append, resume, read);
 * :mod:`core.paired` — paired comparison of two runs' records (bootstrap differences, McNemar's test);
 * :mod:`core.loggers` — mirrors of the local files (W&B).
+* :mod:`core.hostpool` — per-image host work on a shared pool of threads.
 """

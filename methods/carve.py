@@ -47,7 +47,8 @@ Hyperparameters (code defaults):
         ``carve_masks/`` in the run directory, indexed by ``carve_masks/index.jsonl``.
 
 Cost: one extra greedy generation per request, on up to twice the batch (pass G amortised over the questions of an
-image by the cache), and one OpenCV mask per image; the final pass is the task's ordinary call. Peak memory: the
+image by the cache), and one OpenCV mask per image (each image's saliency, mask and refined image on its own host
+thread, :mod:`core.hostpool`); the final pass is the task's ordinary call. Peak memory: the
 joint pass holds up to 2× the batch's KV cache. Per-sample seconds in the records include it.
 """
 
@@ -63,6 +64,7 @@ import torch
 from PIL import Image
 
 from adapters.geometry import TileFrame
+from core.hostpool import host_map
 from methods.base import METHODS, Method
 from methods.carve_mask import overlay, paint, refine, select_regions
 from methods.intervention import Step, attach
@@ -231,26 +233,33 @@ class CARVE(Method):
         texts = [requests[i].text + hp["question_suffix"] for i in rows]
         att_q, att_g, inputs = self._passes(texts, images)
         frames, vmaps = self.adapter.tile_frames(inputs), self.adapter.visual_token_map(inputs)  # rows: Q first
+        scores = [contrast(att_q[j], att_g[j], hp["lam"], hp["steps"]) for j in range(len(rows))]  # [n_visual] each
+        # the masks and refined images, each image on its own host thread while the device waits for them
+        jobs = [(scores[j], vmaps[j], frames[j], n, im) for j in range(len(rows)) for n, im in enumerate(images[j])]
+        masked = iter(host_map(self._refine, jobs))
         out = list(requests)
         for j, i in enumerate(rows):
-            scores = contrast(att_q[j], att_g[j], hp["lam"], hp["steps"])  # [n_visual]
-            refined = [self._refine(requests[i].text, im, image_saliency(scores, vmaps[j], frames[j], n,
-                                                                        (im.height, im.width)))
-                       for n, im in enumerate(images[j])]  # fmt: skip
+            refined = []
+            for im in images[j]:
+                saliency, mask, new = next(masked)
+                self._stats["images"] += 1
+                self._stats["mask_fraction"] += float(mask.mean())
+                if hp["save_masks"] and self.output_dir is not None:
+                    self._save(requests[i].text, im, saliency, mask)
+                refined.append(new)
             out[i] = Request(requests[i].text, images[j] + refined if hp["feed"] == "both" else refined)
             self._stats["steps_q"] += len(att_q[j])
             self._stats["steps_g"] += min(len(att_g[j]), len(att_q[j]))  # the steps paired (the rest unused)
         self._stats["requests"] += len(rows)
         return out
 
-    def _refine(self, text: str, image: Image.Image, saliency: np.ndarray) -> Image.Image:
+    def _refine(self, job: tuple) -> tuple[np.ndarray, np.ndarray, Image.Image]:
+        """One image's ``(saliency [H, W], mask [H, W] bool, refined image)`` (a pure function: run on host threads)."""
+        scores, vmap, frames, n, image = job
         hp = self.hparams
-        mask = select_regions(saliency, hp["p"], hp["k"], hp["rank"])  # [H, W] bool
-        self._stats["images"] += 1
-        self._stats["mask_fraction"] += float(mask.mean())
-        if hp["save_masks"] and self.output_dir is not None:
-            self._save(text, image, saliency, mask)
-        return refine(image, mask)
+        saliency = image_saliency(scores, vmap, frames, n, (image.height, image.width))
+        mask = select_regions(saliency, hp["p"], hp["k"], hp["rank"])
+        return saliency, mask, refine(image, mask)
 
     def _save(self, text: str, image: Image.Image, saliency: np.ndarray, mask: np.ndarray) -> None:
         folder = self.output_dir / MASK_DIR

@@ -12,7 +12,8 @@ drawn uniformly from the pool below, and at every decoding step
     s_y = −inf  where  l_y(v) < log β + max l(v)                 (the adaptive plausibility constraint, as in VCD)
 
 then the task's processors, the sampling warpers and the token choice run on ``s`` (:mod:`methods.contrast`); both
-views run in one batched forward per step, each with its own KV cache.
+views run in one batched forward per step, each with its own KV cache. The model waits for the second view, so each
+image is transformed and processed on its own host thread (:mod:`core.hostpool`).
 
 The pool (``torchvision.transforms.v2`` in the official code; re-implemented here with PIL/NumPy so every random
 parameter comes from the sample's own seeded generator), each drawn with probability 1/6:
@@ -66,6 +67,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from scipy.ndimage import correlate1d
 
+from core.hostpool import host_map
 from core.results import sha256_text
 from methods.base import METHODS
 from methods.contrast import TwoViewMethod
@@ -183,11 +185,17 @@ class RITUAL(TwoViewMethod):
         return 1.0, float(self.hparams["alpha"])
 
     def second_view(self, inputs: dict[str, Any], seeds: list[int]) -> tuple[torch.Tensor, list[Image.Image]]:
-        """Every image transformed by its seeded draw, through the family's processor."""
+        """Every image transformed by its seeded draw, through the family's processor.
+
+        The model waits for this host work, so each image is transformed and processed on its own host thread
+        (:func:`core.hostpool.host_map`); the pixels are the per-image rows joined in order, which equal the
+        processor's batched output on every family (tested).
+        """
+        views = host_map(self._view, list(zip(inputs["harness_images"], seeds, strict=True)))
         images, lines, at = [], [], 0
         for prompt, n in zip(inputs["harness_prompts"], inputs["harness_images_per_row"], strict=True):
             for k in range(n):
-                out, name, params = draw(inputs["harness_images"][at], seeds[at], self.hparams["transforms"])
+                out, name, params, _pixels = views[at]
                 images.append(out)
                 self.counts[name] += 1
                 lines.append({"prompt_hash": sha256_text(prompt), "image": k, "transform": name, "params": params})
@@ -196,7 +204,12 @@ class RITUAL(TwoViewMethod):
             with open(self.output_dir / LOG_FILE, "a") as fh:
                 fh.writelines(json.dumps(line) + "\n" for line in lines)
         self.log += lines
-        return self.adapter.image_inputs(images)["pixel_values"], images
+        return torch.cat([view[3] for view in views]), images
+
+    def _view(self, image_seed: tuple[Image.Image, int]) -> tuple[Image.Image, str, dict[str, Any], torch.Tensor]:
+        """One image's draw and its ``pixel_values`` rows: ``(T(image), name, parameters, pixels)``."""
+        out, name, params = draw(*image_seed, self.hparams["transforms"])
+        return out, name, params, self.adapter.image_inputs([out])["pixel_values"]
 
     def report(self) -> dict[str, Any] | None:
         """How often each transformation was drawn (and the log file, when written)."""

@@ -151,16 +151,17 @@ def test_recorded_attention_equals_the_models_own(loaded):
 
 # ---------------------------------------------------------------------------------------------- the method
 class _Spy(CARVE):
-    """CARVE that keeps every mask it made (the refinement itself is the real one)."""
+    """CARVE that keeps every mask it made, by image (the refinement itself is the real one; it runs on host
+    threads, so in any order)."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        self.masks: list[tuple[Image.Image, np.ndarray]] = []
+        self.masks: dict[int, np.ndarray] = {}  # id(original image) -> its mask
 
-    def _refine(self, text, image, saliency):
-        out = super()._refine(text, image, saliency)
-        self.masks.append((image, select_regions(saliency, self.hparams["p"], self.hparams["k"])))
-        return out
+    def _refine(self, job):
+        saliency, mask, new = super()._refine(job)
+        self.masks[id(job[-1])] = select_regions(saliency, self.hparams["p"], self.hparams["k"])
+        return saliency, mask, new
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -183,8 +184,9 @@ def test_final_pass_sees_the_masked_image_and_the_expected_prompt(loaded, family
         assert len(new.images) == (2 if feed == "both" else 1)
         if feed == "both":
             assert new.images[0] is orig.images[0]
-    for (image, mask), new in zip(method.masks[:2], rewritten[:2], strict=True):
-        refined = new.images[-1]
+    for orig, new in zip(requests[:2], rewritten[:2], strict=True):
+        image = orig.images[0]
+        mask, refined = method.masks[id(image)], new.images[-1]
         assert np.array_equal(np.asarray(refined), np.asarray(refine(image, mask)))
         assert refined.width >= image.width and refined.height >= image.height
         assert 0 < mask.mean() < 0.5  # some regions of the top p = 20 % of the pixels

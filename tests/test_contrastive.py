@@ -117,6 +117,48 @@ def test_ritual_draws_are_seeded_size_preserving_and_logged():
         RITUAL(transforms=["mixup"])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ritual_second_view_equals_the_batched_processor_call(loaded, family):
+    """Each image is transformed and processed on its own host thread; the rows joined in order are what one
+    batched call of the family's processor gives (images of different sizes: Qwen-VL grids, InternVL tiles)."""
+    adapter = loaded(family)
+    method = RITUAL()
+    sizes = [(64, 64), (48, 96), (96, 40), (64, 64), (80, 56)]
+    images = [_img(10 + i, size) for i, size in enumerate(sizes)]
+    inputs = {"harness_prompts": ["p1", "p2", "p3"], "harness_images_per_row": [2, 1, 2], "harness_images": images}
+    seeds = image_seeds(inputs, 0, "ritual")
+    with torch.inference_mode(), method.bind(adapter):
+        pixels, views = method.second_view(inputs, seeds)
+        batched = adapter.image_inputs(views)["pixel_values"]
+    assert [v.size for v in views] == [im.size for im in images]
+    assert [draw(im, s, list(TRANSFORMS))[1] for im, s in zip(images, seeds, strict=True)] == [
+        line["transform"] for line in method.log]  # fmt: skip
+    assert torch.equal(pixels, batched)
+
+
+def test_host_map_keeps_order_uses_the_threads_and_raises_the_first_error(monkeypatch):
+    import threading
+
+    from core import hostpool as base
+
+    monkeypatch.setattr(base, "HOST_THREADS", 4)
+    names = base.host_map(lambda i: (i * i, threading.current_thread().name), range(12))
+    assert [n for n, _ in names] == [i * i for i in range(12)]
+    assert all(t.startswith("harness-host") for _, t in names)
+    here = threading.current_thread().name
+    assert base.host_map(lambda i: threading.current_thread().name, [0]) == [here]  # one item: in line
+    nested = base.host_map(lambda i: base.host_map(lambda j: threading.current_thread().name, range(3)), range(2))
+    assert all(len(set(names)) == 1 and names[0].startswith("harness-host") for names in nested)  # no deadlock
+
+    def fail(i):
+        if i in (3, 7):
+            raise ValueError(f"bad {i}")
+        return i
+
+    with pytest.raises(ValueError, match="bad 3"):
+        base.host_map(fail, range(10))
+
+
 def test_ritual_logs_every_second_view(loaded, tmp_path):
     adapter = loaded("llava")
     method = RITUAL(transforms=["horizontal_flip", "vertical_flip"])

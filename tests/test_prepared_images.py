@@ -63,15 +63,38 @@ def test_prepared_outputs_build_the_in_line_inputs(family, loaded):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_an_image_not_prepared_is_processed_in_line(family, loaded):
+def test_an_image_not_prepared_gets_its_own_output(family, loaded):
     adapter = loaded(family)
     prompts, images = _batch(adapter)
     with preparing(adapter.processor) as stand_in:
         adapter.build_inputs(prompts, images)
         stand_in.prepare([im for row in images for im in row])
-        other = [[images[0][0]], [images[1][0].copy()], [images[2][0]]]  # a method's copy: another object
+        copy = images[1][0].copy()  # a method's copy: another object, never matched to the original's output
+        other = [[images[0][0]], [copy], [images[2][0]]]
         assert _same_inputs(adapter.build_inputs(prompts, other), adapter.build_inputs(prompts, images))
-        assert stand_in.served == 1  # the second call only
+        assert stand_in.served == 2 and stand_in._lookup(copy) is not stand_in._lookup(images[1][0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_images_nobody_prepared_are_processed_one_per_host_thread(family, loaded):
+    """A method's new images (CARVE's refined ones) reach the processor unprepared: each is processed on a host
+    thread and the outputs joined, which equals the in-line batched call."""
+    adapter = loaded(family)
+    prompts, images = _batch(adapter)
+    in_line = adapter.build_inputs(prompts, images)
+    real = adapter.processor.image_processor
+    threads = _Threads(real)
+    adapter.processor.image_processor = threads
+    try:
+        with preparing(adapter.processor) as stand_in:
+            adapter.build_inputs(prompts, images)  # the first call: its keyword arguments are recorded
+            threads.calls.clear()
+            new = [[im.copy()] for row in images for im in row]
+            assert _same_inputs(adapter.build_inputs(prompts, new), in_line) and stand_in.served == 1
+    finally:
+        adapter.processor.image_processor = real
+    per_image = [(name, n) for name, n in threads.calls if n == 1]
+    assert len(per_image) == 3 and all(name.startswith("harness-host") for name, _ in per_image)
 
 
 def test_prepared_outputs_go_with_their_images(loaded):
@@ -101,7 +124,7 @@ def test_a_setting_changed_meanwhile_reaches_the_real_processor_and_drops_what_w
             adapter.processor.image_processor.do_normalize = not was
             assert real.do_normalize is (not was) and not stand_in._outputs
             changed = adapter.build_inputs(prompts, images)
-            assert stand_in.served == 0
+            assert stand_in.served == 1  # processed anew per image, under the new setting (compared below)
         assert _same_inputs(changed, adapter.build_inputs(prompts, images))
     finally:
         real.do_normalize = was
@@ -204,10 +227,11 @@ def test_the_engine_runs_the_image_processor_on_the_worker(llava, pope_dir, tmp_
         llava.processor.image_processor = threads.real
     assert recs[1] == recs[0]
     main = [n for t, n in threads.calls if t == threading.main_thread().name]
-    worker = [n for t, n in threads.calls if t.startswith("harness-media")]
+    # the worker's prepare and the unprepared batch 1 run one image per call, on the prefetch or host threads
+    worker = [n for t, n in threads.calls if t.startswith(("harness-media", "harness-host"))]
     n_batches = len(recs[1]) // 3
-    assert len(worker) >= 3 * (n_batches - 2) and set(worker) == {1}  # one image per call, batches 2.. at least
-    assert len(main) <= 3  # batches 0 and 1 (before the arguments were known) and the one verification
+    assert len(worker) >= 3 * (n_batches - 1) and set(worker) == {1}  # batches 1.. at least
+    assert len(main) <= 2  # batch 0 (before the arguments were known) and the one verification
     assert AdapterCalls(llava, 3).prefetching  # the engine's hook
 
 
