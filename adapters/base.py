@@ -39,6 +39,7 @@ from adapters.anatomy import Anatomy
 from adapters.generation import Generation, PositionFn, ViewFn
 from adapters.geometry import Geometry
 from adapters.hf_compat import image_processing
+from core.errors import UserError
 from core.registry import Registry
 
 ADAPTERS: Registry[type[Adapter]] = Registry("adapter")
@@ -124,8 +125,12 @@ class Adapter(Anatomy, Geometry, Generation, abc.ABC):
         if self.model is not None:
             return
         t0 = time.perf_counter()
-        self.load_processor()
-        self.model = self._load_model()
+        try:
+            self.load_processor()
+            self.model = self._load_model()
+        except OSError as exc:  # from_pretrained: a hub id it cannot fetch, a directory missing a file it needs
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise UserError(f"model.path={self.path!r} could not be loaded: {first}") from exc
         self.model.eval()
         self.load_seconds = time.perf_counter() - t0
 

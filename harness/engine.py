@@ -216,12 +216,12 @@ def _generate_pending(
     errors: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     total = sum(len(b) for b in batches)
-    bar = tqdm(total=total, desc=f"{task.name}/{method.name}", unit="sample", disable=not settings.progress)
     live = _needs_model(batches, settings.cache)
-    model = _model_calls(adapter, method, settings, load=live)
+    model = _model_calls(adapter, method, settings, load=live)  # loads the model: a failure is reported bar-free
     depth = settings.prefetch_depth(adapter.device)
     ahead = getattr(model, "prefetching", None) if depth and live else None  # optional in ModelCalls
     with (
+        tqdm(total=total, desc=f"{task.name}/{method.name}", unit="sample", disable=not settings.progress) as bar,
         torch.inference_mode(),
         method.bind(adapter) if live else contextlib.nullcontext(),
         ahead() if ahead is not None else contextlib.nullcontext() as prepare,
@@ -232,7 +232,6 @@ def _generate_pending(
             store.append(records)
             errors += [r for r in records if r["error"]]
             bar.update(len(batch))
-    bar.close()
     return errors, time.perf_counter() - t0
 
 

@@ -86,18 +86,24 @@ class NonEmpty:
 class Local:
     """A checkpoint: an existing local directory with safetensors weights, or a hub id (``org/name``).
 
-    A value that looks like a path (absolute, ``./``, ``~``, or more than one ``/``) must be a directory holding
-    ``*.safetensors`` files: the adapters load safetensors only (``use_safetensors=True``, no pickle).
+    A value that looks like a path (absolute, ``./``, ``~``, more than one ``/``, or under a directory that exists
+    here, e.g. ``assets/shapes-lava`` where ``assets/`` does) must be a directory holding ``*.safetensors`` files:
+    the adapters load safetensors only (``use_safetensors=True``, no pickle). (A mistyped local path would
+    otherwise be taken for a hub id and spend minutes in download retries on a machine without the hub.)
     """
 
     def __call__(self, value: Any) -> str | None:
         """``None`` for a usable checkpoint location, else what is wrong with it and what to do."""
         path = Path(os.path.expanduser(value))
-        looks_local = os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1 or path.exists()
+        under_local = len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+        looks_local = (os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1 or path.exists()
+                       or under_local)  # fmt: skip
         if not looks_local:
             return None  # a hub id: resolved (and cached) by from_pretrained
         if not path.is_dir():
-            return "is not a directory: give a local checkpoint directory or a hub id like llava-hf/llava-1.5-7b-hf"
+            siblings = sorted(str(c) for c in path.parent.iterdir() if c.is_dir()) if path.parent.is_dir() else []
+            return ("is not a directory: give a local checkpoint directory or a hub id like llava-hf/llava-1.5-7b-hf"
+                    f"{_closest(str(path), siblings)}")  # fmt: skip
         if not any(path.glob("*.safetensors")):
             found = sorted(p.name for p in path.glob("*.bin")) or sorted(p.name for p in path.iterdir())[:5]
             return (

@@ -190,17 +190,27 @@ def test_model_mistakes_are_one_line(tmp_path):
     ckpt.mkdir()
     (ckpt / "pytorch_model.bin").write_bytes(b"\0")
     (ckpt / "config.json").write_text("{}")
+    (tmp_path / "ckpts" / "shapes-llava").mkdir(parents=True)
     cases = [
         ("model.path=/nonexistent/llava", "model.path='/nonexistent/llava' is not a directory"),
+        # under a directory that exists here: a mistyped local path, not a hub id (minutes of download retries)
+        ("model.path=ckpts/shapes-lava", "is not a directory", "did you mean 'ckpts/shapes-llava'?"),
         (f"model.path={ckpt}", "holds no *.safetensors weights (found: pytorch_model.bin)"),
         ("model.dtype=float8", "model.dtype='float8' must be 'float32' or 'bfloat16' or 'float16' or 'auto'"),
         ("model.attn_implementation=sdp", "did you mean 'sdpa'?"),
         ("model.backend=vlm", "model.backend='vlm' is no generation backend; did you mean 'vllm'?"),
     ]
-    for arg, needle in cases:
+    for arg, *needles in cases:
         p, seconds = _cli([arg, f"output_root={tmp_path}"], tmp_path)
-        _one_line_error(p, needle)
+        _one_line_error(p, *needles)
         assert seconds < 5, (arg, seconds)
+
+
+def test_a_checkpoint_that_cannot_be_fetched_is_one_line(tmp_path):
+    """A hub id that is neither cached nor reachable (offline here) fails as one line naming model.path."""
+    p, _ = _cli(["model.path=nobody-here/no-such-model", "limit=1", f"output_root={tmp_path}"], tmp_path,
+                env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
+    _one_line_error(p, "model.path='nobody-here/no-such-model' could not be loaded: ")
 
 
 def test_backend_without_its_package_is_one_line(tmp_path):
