@@ -110,6 +110,25 @@ class Adapter(Anatomy, Geometry, Generation, abc.ABC):
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device_name)
 
+    def check_device(self) -> None:
+        """Refuse a ``device`` this torch cannot use, before anything loads: one line saying what works instead."""
+        works = "use model.device=cpu, cuda, cuda:N or auto (CUDA when available)"
+        try:
+            device = self.device
+        except RuntimeError as exc:  # not a device string torch parses ("gpu", "cuda:x")
+            raise UserError(f"model.device={self.device_name!r} is not a device ({str(exc).splitlines()[0]}); "
+                            f"{works}") from None  # fmt: skip
+        if device.type != "cuda":
+            return
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+            raise UserError(f"model.device={self.device_name!r}, but torch {torch.__version__} has no CUDA device "
+                            f"({build}); use model.device=cpu or auto, or install a CUDA build of torch on a GPU "
+                            "machine")  # fmt: skip
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"model.device={self.device_name!r}, but only {torch.cuda.device_count()} CUDA device(s) "
+                            f"are visible (cuda:0 ...); {works}")  # fmt: skip
+
     @property
     def torch_dtype(self) -> torch.dtype | str:
         """``torch.dtype`` for ``from_pretrained`` (or ``"auto"``)."""

@@ -461,6 +461,9 @@ def from_config(cfg: Any, output_dir: str | Path | None = None) -> tuple[Task, A
         backend_options=OmegaConf.to_container(cfg.model.get("vllm") or {}, resolve=True),
     )
     settings.progress = cfg.progress and settings.ranks.main  # one bar, not one per rank
+    adapter = build_adapter(cfg.model)
+    adapter.device_name = settings.ranks.device(adapter.device_name)
+    adapter.check_device()  # before the task reads its data and the model loads
     task = instantiate(cfg.task, drop=("name",), strict=cfg.strict, limit=cfg.limit)
     if cfg.get("cache"):
         if is_greedy(task.gen_kwargs):
@@ -468,8 +471,6 @@ def from_config(cfg: Any, output_dir: str | Path | None = None) -> tuple[Task, A
             settings.cache = ResponseCache(cfg.cache, scope(*parts))
         else:
             print(f"response cache off: {task.name} samples (do_sample=true), answers are not reproducible")
-    adapter = build_adapter(cfg.model)
-    adapter.device_name = settings.ranks.device(adapter.device_name)
     return task, adapter, instantiate(cfg.method, drop=("name",)), settings
 
 

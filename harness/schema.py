@@ -10,7 +10,7 @@ other value checks ride on ``Annotated``. The YAML stays the one place that hold
 a schema has no defaults, every field is required, and a key the schema does not know is refused with a
 did-you-mean. Supported hints: ``bool``, ``int``, ``float`` (an int is accepted), ``str``, ``None``, ``Any``,
 ``Literal[...]``, ``list[X]``, ``dict[str, X]``, unions (``X | Y``) and ``Annotated[X, Range(...) | NonEmpty()
-| Local()]``.
+| Local() | Device()]``.
 
 Adding a method (the same for a model adapter, task or logger): write ``conf/method/<name>.yaml`` with
 ``_target_: methods.<file>.<Class>``, ``name: <name>`` and one key per constructor argument; then add here::
@@ -29,6 +29,7 @@ has no schema or does not pass it.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import types
 from collections.abc import Callable
@@ -111,6 +112,24 @@ class Local:
                 "safetensors only: convert it, e.g. load it once and save_pretrained(..., safe_serialization=True)"
             )
         return None
+
+
+@dataclass(frozen=True)
+class Device:
+    """A ``model.device`` torch can parse: ``cpu``, ``auto``, ``cuda``, ``cuda:N`` (or ``mps``, ``xpu[:N]``).
+
+    Whether that device exists here needs torch, and is checked when the run is built
+    (:meth:`adapters.base.Adapter.check_device`).
+    """
+
+    def __call__(self, value: Any) -> str | None:
+        """``None`` for a device string, else what works."""
+        if re.fullmatch(r"cpu|auto|mps|(cuda|xpu)(:\d+)?", value):
+            return None
+        return f"is not a device: use cpu, cuda, cuda:N or auto (CUDA when available){_closest(value, DEVICES)}"
+
+
+DEVICES = ["cpu", "cuda", "auto", "mps", "xpu"]
 
 
 class Backend:
@@ -309,7 +328,7 @@ class AdapterConfig:
     name: Annotated[str, NonEmpty()]
     path: Annotated[str, NonEmpty(), Local()]
     dtype: Literal["float32", "bfloat16", "float16", "auto"]
-    device: Annotated[str, NonEmpty()]
+    device: Annotated[str, NonEmpty(), Device()]
     attn_implementation: Literal["sdpa", "eager"]
     revision: str | None
     prompt_template: str

@@ -199,11 +199,20 @@ def test_model_mistakes_are_one_line(tmp_path):
         ("model.dtype=float8", "model.dtype='float8' must be 'float32' or 'bfloat16' or 'float16' or 'auto'"),
         ("model.attn_implementation=sdp", "did you mean 'sdpa'?"),
         ("model.backend=vlm", "model.backend='vlm' is no generation backend; did you mean 'vllm'?"),
+        ("model.device=gpu", "model.device='gpu' is not a device: use cpu, cuda, cuda:N or auto"),
     ]
     for arg, *needles in cases:
         p, seconds = _cli([arg, f"output_root={tmp_path}"], tmp_path)
         _one_line_error(p, *needles)
         assert seconds < 5, (arg, seconds)
+
+
+def test_a_device_this_torch_cannot_use_is_one_line_before_loading(tmp_path):
+    """CPU-only torch here ("no CUDA device"); on a GPU machine: "only N CUDA device(s)". Before the task's data."""
+    p, seconds = _cli(["model.device=cuda:99", "task.questions=/nonexistent/questions.json", f"output_root={tmp_path}"],
+                      tmp_path)  # fmt: skip
+    _one_line_error(p, "model.device='cuda:99', but ", "CUDA device")
+    assert seconds < 30
 
 
 def test_a_checkpoint_that_cannot_be_fetched_is_one_line(tmp_path):
