@@ -52,7 +52,7 @@ import torch
 from adapters.base import Adapter
 from methods.base import METHODS, Method, UnsupportedError
 from methods.embedlens_probe import GROUPS, MARKER_GROUPS, PUBLISHED_MARKERS, classify, nearest_vocab, save_map
-from methods.intervention import attach
+from methods.intervention import LayerError, attach
 
 MARKER_FILE = "embedlens_markers.json"
 MODES = ("probe", "drop", "inject")
@@ -128,7 +128,7 @@ class EmbedLens(Method):
             n = self.adapter.num_layers("lm")
             layer = n // 2 if self.entry_layer == "middle" else int(self.entry_layer)
             if not 1 <= layer < n:
-                raise ValueError(f"entry_layer {layer} must be in 1..{n - 1}")
+                raise LayerError(f"EmbedLens entry_layer {layer} must be in 1..{n - 1} (the LM has {n} layers)")
             self.layer = layer
             handle.enter_at(layer, self._alive)
 

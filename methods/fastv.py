@@ -45,7 +45,7 @@ import torch
 from adapters.base import Adapter
 from methods.base import METHODS, Method
 from methods.debias import PositionalTrend, trend_key
-from methods.intervention import Batch, Step, attach
+from methods.intervention import Batch, LayerError, Step, attach
 from methods.pruning import Debias, KeptTokens, budget, check_budget, debiased, require_trend, select_top, tile_groups
 
 RULES = ("last", "mean")
@@ -55,7 +55,7 @@ def resolve_layer(layer: int | str, num_layers: int) -> int:
     """K from the config value: "auto" = 2 (paper), or L−1 on an LM of at most 2 layers; must be in 1..L−1."""
     k = (2 if num_layers > 2 else num_layers - 1) if layer == "auto" else int(layer)
     if not 1 <= k <= num_layers - 1:
-        raise ValueError(f"FastV layer K={k} must be in 1..{num_layers - 1} (the LM has {num_layers} layers)")
+        raise LayerError(f"FastV layer K={k} must be in 1..{num_layers - 1} (the LM has {num_layers} layers)")
     return k
 
 

@@ -55,6 +55,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from adapters.base import Adapter
+from core.errors import UserError
 from methods.surgery import InputSelect, LayerSelect, Surgery
 
 #: the name the attention function and its mask function are registered under
@@ -69,6 +70,10 @@ TOKEN_CONFLICTS = RESOURCES - {"logits"}
 
 class CompositionError(ValueError):
     """Two methods that cannot be applied together (or one method twice)."""
+
+
+class LayerError(UserError, IndexError):
+    """A method's layer hyperparameter names a layer the LM does not have (one line, with the valid range)."""
 
 
 @dataclass
@@ -387,7 +392,7 @@ class Handle:
         n = self.adapter.num_layers("lm")
         bad = [layer for layer in layers if not 0 <= layer < n]
         if bad:
-            raise IndexError(f"{self.owner}: layers {bad} out of range; the LM has {n} layers (0..{n - 1})")
+            raise LayerError(f"{self.owner}: layers {bad} out of range; the LM has {n} layers (0..{n - 1})")
         return list(layers)
 
     def on_batch(self, fn: BatchFn) -> None:

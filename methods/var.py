@@ -194,7 +194,7 @@ class VAR(Method):
         n_layers = self.adapter.num_layers("lm")
         hidden = self.adapter.site("lm.embed").weight.shape[1]
         if any(not 0 <= d < hidden for d in self.dims):
-            raise ValueError(f"sink dims {self.dims} out of range for hidden size {hidden} ({self.source})")
+            raise UnsupportedError(f"VAR: sink dims {self.dims} out of range for hidden size {hidden} ({self.source})")
         layers = self.hparams["layers"]
         self.layers = list(range(2, n_layers - 1)) if layers == "auto" else [int(x) for x in layers]
         if not self.dims or not self.layers:

@@ -11,7 +11,7 @@ from adapters.generation import model_inputs
 from methods.base import UnsupportedError
 from methods.fastervlm import FasterVLM
 from methods.fastv import FastV, received_attention, resolve_layer
-from methods.intervention import CompositionError, attach
+from methods.intervention import CompositionError, LayerError, attach
 
 FAMILIES = ("llava", "qwen_vl", "internvl")  # conftest's 4-layer random models
 T = 4  # generated tokens compared (EOS suppressed so every row decodes T steps through the cache)
@@ -339,7 +339,7 @@ def test_refusals_and_validation(loaded, tmp_path):
         FasterVLM().check(qwen)
     with pytest.raises(UnsupportedError, match=r"python -m methods\.calibrate debias"):
         FastV(debias=True).check(loaded("llava"))  # a random tiny model has no calibrated trend
-    with pytest.raises(ValueError, match=r"must be in 1\.\.3"):
+    with pytest.raises(LayerError, match=r"must be in 1\.\.3"):  # a UserError: one line from run.py
         resolve_layer(4, 4)
     assert resolve_layer("auto", 2) == 1 and resolve_layer("auto", 32) == 2
     with pytest.raises(ValueError, match="ratio"):

@@ -215,6 +215,17 @@ def test_a_device_this_torch_cannot_use_is_one_line_before_loading(tmp_path):
     assert seconds < 30
 
 
+@pytest.mark.parametrize(
+    ("arg", "needle"),
+    [("method=var method.layers=[1,40]", "var: layers [40] out of range; the LM has 2 layers (0..1)"),
+     ("method=fastv method.layer=40", "FastV layer K=40 must be in 1..1 (the LM has 2 layers)"),
+     ("method=embedlens method.mode=inject method.entry_layer=9", "EmbedLens entry_layer 9 must be in 1..1")],
+)  # fmt: skip
+def test_a_layer_the_model_does_not_have_is_one_line(tmp_path, arg, needle):
+    p, _ = _cli([*arg.split(), "limit=1", "progress=false", f"output_root={tmp_path}"], tmp_path)
+    _one_line_error(p, needle)
+
+
 def test_a_checkpoint_that_cannot_be_fetched_is_one_line(tmp_path):
     """A hub id that is neither cached nor reachable (offline here) fails as one line naming model.path."""
     p, _ = _cli(["model.path=nobody-here/no-such-model", "limit=1", f"output_root={tmp_path}"], tmp_path,
