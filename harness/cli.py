@@ -9,7 +9,10 @@ checks
   against the options in ``conf/<group>/``;
 * a plain top-level key (``limt=20``) against ``conf/config.yaml``;
 * a nested key (``method.rhoo=0.5``) against the YAML of each chosen option; keys added with ``+`` / ``++`` are
-  left to the schema (:mod:`harness.schema`), which refuses the unknown ones after composition.
+  left to the schema (:mod:`harness.schema`), which refuses the unknown ones after composition;
+* an override Hydra's grammar cannot read (``task.questions=/data/pope_{split}.json``, unquoted): named, with the
+  quoting that works;
+* a given ``output_root``: created now, so one that cannot be is one line, not Hydra's traceback.
 
 Anything it does not understand is left to Hydra.
 """
@@ -29,6 +32,10 @@ GROUPS = ("model", "method", "task", "logger")
 
 class UnknownOptionError(UserError):
     """An unknown group option or config key on the command line."""
+
+
+class OverrideSyntaxError(UserError):
+    """An override Hydra's grammar cannot read (typically an unquoted ``{`` or ``*``)."""
 
 
 def options(group: str, conf: Path = CONF) -> list[str]:
@@ -68,10 +75,13 @@ def check_overrides(args: Sequence[str], conf: Path = CONF) -> None:
     from omegaconf import OmegaConf
 
     overrides = [a for a in args if not a.startswith("-")]
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:  # Hydra reports its own syntax errors
+        parsed = parser.parse_overrides(overrides)
+    except Exception:  # Hydra's grammar refused one: name it, with the usual fix
+        _syntax_error(parser, overrides)
         return
+    _check_output_root(parsed)
     chosen = {g: [v] for g, v in _defaults(conf).items()}
     for o in parsed:
         if o.key_or_group in GROUPS and o.package is None and not o.is_delete():
@@ -96,6 +106,33 @@ def check_overrides(args: Sequence[str], conf: Path = CONF) -> None:
             )
         if head in GROUPS and rest:
             _check_nested(head, rest, chosen.get(head, []), conf)
+
+
+def _syntax_error(parser: Any, overrides: list[str]) -> None:
+    """Raise one line naming the first override Hydra's grammar refuses (braces, globs, spaces must be quoted)."""
+    for arg in overrides:
+        try:
+            parser.parse_overrides([arg])
+        except Exception as exc:
+            why = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            key, _, value = arg.partition("=")
+            raise OverrideSyntaxError(
+                f"cannot read the override {arg!r} ({why}); a value with {{ }}, *, =, spaces or quotes must be "
+                f"quoted for Hydra, e.g. \"{key}='{value}'\""
+            ) from None
+
+
+def _check_output_root(parsed: list[Any]) -> None:
+    """Create a given ``output_root`` now (Hydra would, with a traceback when it cannot): one line if it cannot."""
+    given = [o.value() for o in parsed if o.key_or_group == "output_root" and not o.is_sweep_override()]
+    if not given or not isinstance(given[-1], str) or "${" in given[-1]:
+        return  # the default, or an interpolation Hydra resolves
+    root = given[-1]
+    try:
+        Path(root).expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"output_root={root!r} cannot be created ({exc.strerror or exc}); choose a writable "
+                        "directory") from None  # fmt: skip
 
 
 def _check_nested(group: str, rest: str, chosen: list[str], conf: Path) -> None:

@@ -26,6 +26,13 @@ from core.stats import Outcomes, cluster_bootstrap
 TASKS: Registry[type[Task]] = Registry("task")
 
 
+class DataError(UserError, ValueError):
+    """A task's data files do not hold what the config asks for (a split, a subtask, a readable annotation file).
+
+    The whole run stops with one line naming the file and what is wrong.
+    """
+
+
 class SampleError(UserError, ValueError):
     """A bad input (malformed record, missing or corrupt image). Carries the place it came from."""
 

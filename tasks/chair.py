@@ -52,7 +52,7 @@ import numpy as np
 
 from core.results import package_version
 from core.stats import Outcomes, safe_divide
-from tasks.base import TASKS, Response, Sample, SampleError, Task
+from tasks.base import TASKS, DataError, Response, Sample, SampleError, Task
 from tasks.media import ImageFile, resolve_files
 
 DEFAULT_PROMPT = "Please describe this image in detail."
@@ -172,10 +172,10 @@ def read_synonyms(path: str | Path) -> dict[str, str]:
             continue
         entries = line.split(", ")
         if not entries[0]:
-            raise ValueError(f"{path}:{lineno}: synonym line has an empty node word: {line!r}")
+            raise DataError(f"{path}:{lineno}: synonym line has an empty node word: {line!r}")
         table.update(dict.fromkeys(entries, entries[0]))
     if not table:
-        raise ValueError(f"{path}: synonym table is empty")
+        raise DataError(f"{path}: synonym table is empty")
     return table
 
 
@@ -324,19 +324,19 @@ def _load_json(path: Path, keys: Sequence[str]) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON: {exc}") from exc
+        raise DataError(f"{path}: invalid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a COCO annotation object, got {type(data).__name__}")
+        raise DataError(f"{path}: expected a COCO annotation object, got {type(data).__name__}")
     for key in keys:
         if not isinstance(data.get(key), list):
-            raise ValueError(f"{path}: missing list {key!r} (not a COCO {'/'.join(keys)} file?)")
+            raise DataError(f"{path}: missing list {key!r} (not a COCO {'/'.join(keys)} file?)")
     return data
 
 
 def _int_field(entry: Any, key: str, where: str) -> int:
     value = entry.get(key) if isinstance(entry, dict) else None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{where}: field {key!r} must be an integer, got {value!r}")
+        raise DataError(f"{where}: field {key!r} must be an integer, got {value!r}")
     return value
 
 
@@ -369,7 +369,7 @@ def load_instances(paths: Sequence[Path], vocab: Vocabulary, synonyms_name: str)
             where = f"{path}: annotations[{i}]"
             image_id, cat = _int_field(ann, "image_id", where), _int_field(ann, "category_id", where)
             if cat not in nodes:
-                raise ValueError(f"{where}: category_id {cat} is not in the file's categories")
+                raise DataError(f"{where}: category_id {cat} is not in the file's categories")
             out.objects.setdefault(image_id, set()).add(nodes[cat])
     return out
 
@@ -380,7 +380,7 @@ def _category_nodes(categories: list[Any], path: Path, vocab: Vocabulary, synony
         cid = _int_field(cat, "id", f"{path}: categories[{i}]")
         name = cat.get("name")
         if name not in vocab.synonyms:
-            raise ValueError(f"{path}: category {name!r} (id {cid}) is not in the synonym table {synonyms_name}")
+            raise DataError(f"{path}: category {name!r} (id {cid}) is not in the synonym table {synonyms_name}")
         nodes[cid] = vocab.synonyms[name]
     return nodes
 
@@ -391,9 +391,9 @@ def _add_images(images: list[Any], path: Path, files: dict[int, tuple[str, str]]
         image_id = _int_field(img, "id", where)
         name = img.get("file_name")
         if not isinstance(name, str) or not name:
-            raise ValueError(f"{where}: field 'file_name' must be a non-empty string, got {name!r}")
+            raise DataError(f"{where}: field 'file_name' must be a non-empty string, got {name!r}")
         if image_id in files and files[image_id][0] != name:
-            raise ValueError(f"{where}: image id {image_id} has file {name!r} but {files[image_id][0]!r} elsewhere")
+            raise DataError(f"{where}: image id {image_id} has file {name!r} but {files[image_id][0]!r} elsewhere")
         files.setdefault(image_id, (name, where))
 
 
@@ -408,7 +408,7 @@ def load_captions(paths: Sequence[Path], keep: set[int]) -> dict[int, list[str]]
                 continue
             caption = ann.get("caption")
             if not isinstance(caption, str):
-                raise ValueError(f"{where}: field 'caption' must be a string, got {caption!r}")
+                raise DataError(f"{where}: field 'caption' must be a string, got {caption!r}")
             out.setdefault(image_id, []).append(caption)
     return out
 
@@ -420,7 +420,7 @@ def _parse_id(value: Any, where: str) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         return int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{where}: image id must be a non-negative integer, got {value!r}")
+        raise DataError(f"{where}: image id must be a non-negative integer, got {value!r}")
     return value
 
 
@@ -431,7 +431,7 @@ def _id_entries(path: Path) -> Iterator[tuple[Any, str]]:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: invalid JSON: {exc}") from exc
+            raise DataError(f"{path}: invalid JSON: {exc}") from exc
         yield from ((row, f"{path}[{i}]") for i, row in enumerate(rows))
         return
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -444,7 +444,7 @@ def _id_entries(path: Path) -> Iterator[tuple[Any, str]]:
         try:
             yield json.loads(line), f"{path}:{lineno}"
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from exc
+            raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from exc
 
 
 def read_image_ids(path: str | Path) -> list[tuple[int, str]]:
@@ -462,15 +462,15 @@ def read_image_ids(path: str | Path) -> list[tuple[int, str]]:
     for value, where in _id_entries(path):
         if isinstance(value, dict):
             if "image_id" not in value:
-                raise ValueError(f"{where}: record has no 'image_id' key")
+                raise DataError(f"{where}: record has no 'image_id' key")
             value = value["image_id"]
         image_id = _parse_id(value, where)
         if image_id in first:
-            raise ValueError(f"{where}: duplicate image id {image_id} (first at {first[image_id]})")
+            raise DataError(f"{where}: duplicate image id {image_id} (first at {first[image_id]})")
         first[image_id] = where
         out.append((image_id, where))
     if not out:
-        raise ValueError(f"{path}: no image ids")
+        raise DataError(f"{path}: no image ids")
     return out
 
 
@@ -478,7 +478,7 @@ def sample_image_ids(population: Iterable[int], n: int, seed: int) -> list[int]:
     """``n`` ids drawn without replacement: ``random.Random(seed).sample(sorted(set(population)), n)``, sorted."""
     ids = sorted(set(population))
     if not 0 < n <= len(ids):
-        raise ValueError(f"n_images must be in [1, {len(ids)}] (annotated images), got {n}")
+        raise DataError(f"n_images must be in [1, {len(ids)}] (annotated images), got {n}")
     return sorted(random.Random(seed).sample(ids, n))
 
 
@@ -561,7 +561,7 @@ class CHAIRTask(Task):
         if self.image_ids_file is not None:
             chosen: list[tuple[int, str | None]] = list(read_image_ids(self.image_ids_file))
             if not any(i in inst.files for i, _ in chosen):
-                raise ValueError(f"none of the image ids in {self.image_ids_file} is in the instance files")
+                raise DataError(f"none of the image ids in {self.image_ids_file} is in the instance files")
         elif self.n_images is not None:
             chosen = [(i, None) for i in sample_image_ids(inst.files, self.n_images, self.seed)]
         else:

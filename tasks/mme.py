@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from core.stats import Outcomes, block_columns, safe_divide
-from tasks.base import TASKS, Response, Sample, SampleError, Task
+from tasks.base import TASKS, DataError, Response, Sample, SampleError, Task
 from tasks.media import ImageFile, MalformedImageCell, image_cell, resolve_files
 from tasks.yesno import PARSERS, all_verdicts, is_clean_yes_no
 
@@ -512,7 +512,7 @@ class MMETask(Task):
     def _wanted(self, found: list[str]) -> list[str]:
         missing = [s for s in self.subtasks or [] if s not in found]
         if missing:
-            raise ValueError(f"MME subtask(s) {missing} not found in {self.data!r}; subtasks present: {found}")
+            raise DataError(f"MME subtask(s) {missing} not found in {self.data!r}; subtasks present: {found}")
         return self.subtasks or found
 
     def _load_folder(self) -> tuple[list[str], dict[str, list[_ImageItem]]]:

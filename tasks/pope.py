@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from core.stats import Outcomes, block_columns, safe_divide
-from tasks.base import TASKS, Response, Sample, SampleError, Task
+from tasks.base import TASKS, DataError, Response, Sample, SampleError, Task
 from tasks.media import ImageFile, MalformedImageCell, image_cell, resolve_files
 from tasks.yesno import PARSERS, all_verdicts, is_clean_yes_no
 
@@ -402,9 +402,7 @@ class POPETask(Task):
             hint = (
                 f" (first row without a split: {first_unknown.source}: {first_unknown.error})" if first_unknown else ""
             )
-            raise ValueError(
-                f"split(s) {missing} not found in {[str(f) for f in files]}; splits present: {known}{hint}"
-            )
+            raise DataError(f"split(s) {missing} not found in {[str(f) for f in files]}; splits present: {known}{hint}")
         return buckets
 
     def _to_samples(self, buckets: dict[str, list[_Item]]) -> list[Sample]:

@@ -226,6 +226,18 @@ def test_a_layer_the_model_does_not_have_is_one_line(tmp_path, arg, needle):
     _one_line_error(p, needle)
 
 
+@pytest.mark.parametrize(
+    ("arg", "needles"),
+    [("task.questions=/data/pope_{split}.json", ["cannot read the override 'task.questions=/data/pope_{split}.json'",
+                                                 "\"task.questions='/data/pope_{split}.json'\""]),
+     ("output_root=/proc/no-such-dir", ["output_root='/proc/no-such-dir' cannot be created"])],
+)  # fmt: skip
+def test_an_unreadable_override_or_an_output_root_that_cannot_be_made_is_one_line(tmp_path, arg, needles):
+    p, seconds = _cli([arg], tmp_path)
+    _one_line_error(p, *needles)
+    assert seconds < 5
+
+
 def test_a_checkpoint_that_cannot_be_fetched_is_one_line(tmp_path):
     """A hub id that is neither cached nor reachable (offline here) fails as one line naming model.path."""
     p, _ = _cli(["model.path=nobody-here/no-such-model", "limit=1", f"output_root={tmp_path}"], tmp_path,
