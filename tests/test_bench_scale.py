@@ -91,9 +91,9 @@ def test_a_method_that_fails_is_reported_and_the_others_are_measured(tmp_path, m
     """VAR given a sink dimension beyond the hidden size fails when it installs: its row says why, CCA is timed."""
     monkeypatch.setitem(METHOD_SETTINGS, "var", ("var", {"sink_dims": [10**6], "tau": 3.0}))
     out = tmp_path / "r.json"
-    with pytest.raises(SystemExit, match=r"methods\.var \(ValueError: sink dims \[1000000\] out of range"):
+    with pytest.raises(SystemExit, match=r"methods\.var \(UnsupportedError: VAR: sink dims \[1000000\] out of range"):
         main([*SMALL, "--parts", "methods", "--methods", "var", "cca", "--json", str(out)])
     r = json.loads(out.read_text())
-    assert r["methods"]["var"]["error"].startswith("ValueError: sink dims [1000000] out of range")
+    assert r["methods"]["var"]["error"].startswith("UnsupportedError: VAR: sink dims [1000000] out of range")
     assert r["methods"]["cca"]["ratio"] > 0 and len(r["methods"]["cca"]["seconds"]) == 5
     assert r["parts_done"] == ["methods"]
