@@ -20,10 +20,16 @@ a GPU, so neither materialises the ``[q, k]`` probabilities; an eager attention 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch.profiler import ProfilerActivity, profile
+
+# Kineto (the profiler's backend, torch 2.13) logs two lines to stderr at every profiler start and stop, which
+# buried the benches' tables; read when the profiler first starts, so setting it here silences them (a value the
+# user set is kept)
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 #: the profiler's name for an allocator event (``nbytes`` > 0: allocation, < 0: free)
 MEMORY_EVENT = "[memory]"
