@@ -166,6 +166,21 @@ class Adapter(Anatomy, Geometry, Generation, abc.ABC):
     def _load_processor(self) -> Any:
         """Return the processor loaded with ``from_pretrained`` and set up as the family needs (left padding)."""
 
+    def lm_depth(self) -> int | None:
+        """The LM's number of layers: the loaded model's, else the checkpoint's config (no weights read).
+
+        ``None`` when the config cannot be read (the methods then check their layers when they install).
+        """
+        if self.model is not None:
+            return self.num_layers("lm")
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(self.path, **self.hub_kwargs)
+            return int(config.get_text_config().num_hidden_layers)
+        except Exception:  # unreadable here (no hub, no such file): from_pretrained reports it when the model loads
+            return None
+
     @property
     def hub_kwargs(self) -> dict[str, Any]:
         """Keyword arguments every ``from_pretrained`` call of this checkpoint takes (the hub revision, if any)."""

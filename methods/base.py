@@ -95,6 +95,19 @@ class UnsupportedError(UserError, ValueError):
     """A method/adapter combination that cannot work; raised before the model loads."""
 
 
+class LayerError(UserError, IndexError):
+    """A method's layer hyperparameter names a layer the LM does not have (one line, with the valid range)."""
+
+
+def check_layers(adapter: Adapter, owner: str, layers: Any) -> None:
+    """Before the model loads: every index in ``layers`` (``"auto"`` passes) is a layer of ``adapter``'s LM."""
+    if isinstance(layers, str) or (n := adapter.lm_depth()) is None:
+        return
+    bad = [int(layer) for layer in layers if not 0 <= int(layer) < n]
+    if bad:
+        raise LayerError(f"{owner}: layers {bad} out of range; the LM has {n} layers (0..{n - 1})")
+
+
 class Method(contextlib.AbstractContextManager):
     """Base class of mitigation methods.
 

@@ -63,9 +63,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from adapters.base import Adapter
 from adapters.geometry import TileFrame
 from core.hostpool import host_map
-from methods.base import METHODS, Method
+from methods.base import METHODS, Method, check_layers
 from methods.carve_mask import overlay, paint, refine, select_regions
 from methods.intervention import Step, attach
 from tasks.base import Request
@@ -155,6 +156,11 @@ class CARVE(Method):
         self._general: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()  # image set -> pass-G attention
         self._stats = {"requests": 0, "images": 0, "mask_fraction": 0.0, "general_cached": 0, "steps_q": 0,
                        "steps_g": 0}  # fmt: skip
+
+    def check(self, adapter: Adapter) -> None:
+        """Given layers must be layers of the LM (checked before the model loads)."""
+        super().check(adapter)
+        check_layers(adapter, self.name, self.hparams["layers"])
 
     # ------------------------------------------------------------------ install
     def install(self) -> None:

@@ -50,9 +50,9 @@ from typing import Any, ClassVar
 import torch
 
 from adapters.base import Adapter
-from methods.base import METHODS, Method, UnsupportedError
+from methods.base import METHODS, LayerError, Method, UnsupportedError
 from methods.embedlens_probe import GROUPS, MARKER_GROUPS, PUBLISHED_MARKERS, classify, nearest_vocab, save_map
-from methods.intervention import LayerError, attach
+from methods.intervention import attach
 
 MARKER_FILE = "embedlens_markers.json"
 MODES = ("probe", "drop", "inject")
@@ -97,6 +97,9 @@ class EmbedLens(Method):
     def check(self, adapter: Adapter) -> None:
         """Resolve the marker ids (calibration file, published ids) or fail naming the calibration command."""
         super().check(adapter)
+        n = adapter.lm_depth()
+        if self.mode == "inject" and self.entry_layer != "middle" and n is not None:
+            self._entry(n)  # the entry layer within the LM, before the model loads
         if isinstance(self.markers_cfg, dict) or hasattr(self.markers_cfg, "items"):
             self.markers = {str(k): (None if v is None else int(v)) for k, v in dict(self.markers_cfg).items()}
             return
@@ -112,6 +115,13 @@ class EmbedLens(Method):
                 f"<option>` (writes {MARKER_FILE} beside the checkpoint) or pass method.markers_file"
             )
 
+    def _entry(self, n: int) -> int:
+        """The entry layer on an ``n``-layer LM ("middle": n // 2); must be in 1..n−1."""
+        layer = n // 2 if self.entry_layer == "middle" else int(self.entry_layer)
+        if not 1 <= layer < n:
+            raise LayerError(f"EmbedLens entry_layer {layer} must be in 1..{n - 1} (the LM has {n} layers)")
+        return layer
+
     # ------------------------------------------------------------------ install
     def install(self) -> None:
         """Classify every prompt's visual tokens; drop / delay them as the mode says."""
@@ -125,11 +135,7 @@ class EmbedLens(Method):
             return
         handle.drop_input(self._keep)
         if self.mode == "inject":
-            n = self.adapter.num_layers("lm")
-            layer = n // 2 if self.entry_layer == "middle" else int(self.entry_layer)
-            if not 1 <= layer < n:
-                raise LayerError(f"EmbedLens entry_layer {layer} must be in 1..{n - 1} (the LM has {n} layers)")
-            self.layer = layer
+            self.layer = layer = self._entry(self.adapter.num_layers("lm"))
             handle.enter_at(layer, self._alive)
 
     def categories(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:

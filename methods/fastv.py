@@ -43,9 +43,9 @@ from typing import Any, ClassVar
 import torch
 
 from adapters.base import Adapter
-from methods.base import METHODS, Method
+from methods.base import METHODS, LayerError, Method, UnsupportedError
 from methods.debias import PositionalTrend, trend_key
-from methods.intervention import Batch, LayerError, Step, attach
+from methods.intervention import Batch, Step, attach
 from methods.pruning import Debias, KeptTokens, budget, check_budget, debiased, require_trend, select_top, tile_groups
 
 RULES = ("last", "mean")
@@ -102,10 +102,12 @@ class FastV(Method):
     def check(self, adapter: Adapter) -> None:
         """Debiasing needs the calibrated trend of this K and rule (read from the checkpoint's config)."""
         super().check(adapter)
+        layers = adapter.lm_depth()
+        if layers is not None:
+            resolve_layer(self.layer, layers)  # K within the LM, before the model loads
         if self.debias:
-            from transformers import AutoConfig
-
-            layers = AutoConfig.from_pretrained(adapter.path).get_text_config().num_hidden_layers
+            if layers is None:
+                raise UnsupportedError(f"FastV debias: cannot read the LM depth of {adapter.path!r} from its config")
             key = trend_key("fastv", resolve_layer(self.layer, layers), self.rule)
             self._trend = require_trend(adapter, self.debias_file, key, "fastv")
 

@@ -55,7 +55,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from adapters.base import Adapter
-from core.errors import UserError
+from methods.base import LayerError
 from methods.surgery import InputSelect, LayerSelect, Surgery
 
 #: the name the attention function and its mask function are registered under
@@ -70,10 +70,6 @@ TOKEN_CONFLICTS = RESOURCES - {"logits"}
 
 class CompositionError(ValueError):
     """Two methods that cannot be applied together (or one method twice)."""
-
-
-class LayerError(UserError, IndexError):
-    """A method's layer hyperparameter names a layer the LM does not have (one line, with the valid range)."""
 
 
 @dataclass

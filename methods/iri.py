@@ -129,6 +129,16 @@ class IRI(Method):
         """Load the FCCT calibration before the model loads (fails with the tracing command when missing)."""
         super().check(adapter)
         self.calibration, self.source = load_fcct(adapter.path, self.hparams["fcct_file"])
+        self._check_depth(adapter.lm_depth())
+
+    def _check_depth(self, n_layers: int | None) -> None:
+        """The calibration must come from an LM of this depth (its per-layer rates index the layers)."""
+        traced = self.calibration.get("layers")
+        if n_layers is not None and traced != n_layers:
+            raise UnsupportedError(
+                f"{self.source} was traced on a {traced}-layer LM; this one has {n_layers}: trace this checkpoint "
+                "with `python -m methods.calibrate fcct --model <option>` or pass its method.fcct_file"
+            )
 
     def _lambdas(self, path: str) -> tuple[float, float]:
         published = PUBLISHED_LAMBDAS.get(path, DEFAULT_LAMBDAS)
@@ -139,9 +149,8 @@ class IRI(Method):
     def install(self) -> None:
         """Plan sources/targets per component from the calibration and hook their outputs."""
         n_layers = self.adapter.num_layers("lm")
+        self._check_depth(n_layers)
         cal = self.calibration
-        if cal.get("layers") != n_layers:
-            raise ValueError(f"{self.source} was traced on a {cal.get('layers')}-layer LM; this one has {n_layers}")
         hp = self.hparams
         k1 = max(1, round(3 * n_layers / 32)) if hp["sources"] == "auto" else hp["sources"]
         k2 = max(1, round(10 * n_layers / 32)) if hp["targets"] == "auto" else hp["targets"]

@@ -61,7 +61,7 @@ from typing import Any, ClassVar
 import torch
 
 from adapters.base import Adapter
-from methods.base import METHODS, DeviceTally, Method, UnsupportedError
+from methods.base import METHODS, DeviceTally, Method, UnsupportedError, check_layers
 from methods.intervention import Batch, Step, attach
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,7 @@ class VAR(Method):
         """Resolve the sink dimensions before the model loads (fails with the calibration command if unknown)."""
         super().check(adapter)
         hp = self.hparams
+        check_layers(adapter, self.name, hp["layers"])
         self.dims, self.tau, self.source = sink_source(adapter.path, hp["sink_dims"], hp["tau"], hp["sink_file"])
 
     def install(self) -> None:

@@ -219,10 +219,21 @@ def test_a_device_this_torch_cannot_use_is_one_line_before_loading(tmp_path):
     ("arg", "needle"),
     [("method=var method.layers=[1,40]", "var: layers [40] out of range; the LM has 2 layers (0..1)"),
      ("method=fastv method.layer=40", "FastV layer K=40 must be in 1..1 (the LM has 2 layers)"),
-     ("method=embedlens method.mode=inject method.entry_layer=9", "EmbedLens entry_layer 9 must be in 1..1")],
+     ("method=embedlens method.mode=inject method.entry_layer=9", "EmbedLens entry_layer 9 must be in 1..1"),
+     ("method=iri method.fcct_file=FOUR", "was traced on a 4-layer LM; this one has 2: trace this checkpoint")],
 )  # fmt: skip
-def test_a_layer_the_model_does_not_have_is_one_line(tmp_path, arg, needle):
-    p, _ = _cli([*arg.split(), "limit=1", "progress=false", f"output_root={tmp_path}"], tmp_path)
+def test_a_layer_the_model_does_not_have_is_one_line_before_loading(tmp_path, arg, needle, monkeypatch):
+    """The LM's depth is read from the checkpoint's config: refused before the weights load (a planted broken
+    safetensors file would fail the load, so a refusal after it would name that instead)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(REPO_ROOT / "assets" / "shapes-llava", ckpt)
+    for weights in ckpt.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    four = tmp_path / "fcct4.json"  # an FCCT calibration of a 4-layer LM
+    four.write_text(json.dumps({**json.loads((ckpt / "iri_fcct.json").read_text()), "layers": 4}))
+    args = [*arg.replace("FOUR", str(four)).split(), f"model.path={ckpt}", "limit=1", "progress=false",
+            f"output_root={tmp_path}"]  # fmt: skip
+    p, _ = _cli(args, tmp_path)
     _one_line_error(p, needle)
 
 
