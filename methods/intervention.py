@@ -55,7 +55,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from adapters.base import Adapter
-from methods.base import LayerError
+from methods.base import check_layers
 from methods.surgery import InputSelect, LayerSelect, Surgery
 
 #: the name the attention function and its mask function are registered under
@@ -385,10 +385,7 @@ class Handle:
             raise CompositionError(f"method {self.owner!r} did not claim {resource!r} when attaching")
 
     def _layers(self, layers: list[int] | range) -> list[int]:
-        n = self.adapter.num_layers("lm")
-        bad = [layer for layer in layers if not 0 <= layer < n]
-        if bad:
-            raise LayerError(f"{self.owner}: layers {bad} out of range; the LM has {n} layers (0..{n - 1})")
+        check_layers(self.adapter, self.owner, layers)  # the same check Method.check ran before loading
         return list(layers)
 
     def on_batch(self, fn: BatchFn) -> None:

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from adapters.generation import model_inputs
-from methods.base import UnsupportedError
+from methods.base import LayerError, UnsupportedError
 from methods.fastervlm import FasterVLM
 from methods.fastv import FastV, received_attention, resolve_layer
-from methods.intervention import CompositionError, LayerError, attach
+from methods.intervention import CompositionError, attach
 
 FAMILIES = ("llava", "qwen_vl", "internvl")  # conftest's 4-layer random models
 T = 4  # generated tokens compared (EOS suppressed so every row decodes T steps through the cache)
