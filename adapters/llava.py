@@ -27,6 +27,7 @@ class LlavaAdapter(Adapter):
     """Adapter for LLaVA-1.5 (llava-hf format) checkpoints."""
 
     family: ClassVar[str] = "llava"
+    model_types: ClassVar[tuple[str, ...]] = ("llava",)
     paths: ClassVar[dict[str, str]] = {
         "lm.embed": "model.language_model.embed_tokens",
         "lm.layers": "model.language_model.layers",

@@ -26,7 +26,6 @@ import torch
 from PIL import Image
 from torch import nn
 from transformers import (
-    AutoConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
     Qwen2VLForConditionalGeneration,
@@ -37,6 +36,7 @@ from transformers.vision_utils import get_vision_window_index
 from adapters.base import ADAPTERS, Adapter
 from adapters.generation import CHATML, CHATML_SYSTEM, model_inputs
 from adapters.processors import load_processor
+from core.errors import UserError
 
 #: config.model_type → (model class, stock processor class)
 VARIANTS = {
@@ -58,6 +58,7 @@ class QwenVLAdapter(Adapter):
     """
 
     family: ClassVar[str] = "qwen_vl"
+    model_types: ClassVar[tuple[str, ...]] = tuple(VARIANTS)
     paths: ClassVar[dict[str, str]] = {
         "lm.embed": "model.language_model.embed_tokens",
         "lm.layers": "model.language_model.layers",
@@ -85,14 +86,19 @@ class QwenVLAdapter(Adapter):
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
 
+    def check_checkpoint(self) -> None:
+        """A Qwen2-VL or Qwen2.5-VL checkpoint, of the ``variant`` asked for (if not ``auto``)."""
+        super().check_checkpoint()
+        model_type = self.checkpoint_config().model_type
+        if self.variant != "auto" and self.variant != model_type:
+            raise UserError(f"model.variant={self.variant} but model.path={self.path!r} is a {model_type} "
+                            "checkpoint; leave model.variant=auto")  # fmt: skip
+
     def _load_processor(self) -> Any:
         """The variant's processor with the pixel bounds applied; resolves ``variant`` from the checkpoint."""
         kw = self.hub_kwargs
-        model_type = AutoConfig.from_pretrained(self.path, **kw).model_type
-        if model_type not in VARIANTS:
-            raise ValueError(f"{self.path} is a {model_type!r} checkpoint, not Qwen2-VL / Qwen2.5-VL")
-        if self.variant != "auto" and self.variant != model_type:
-            raise ValueError(f"model.variant={self.variant} but {self.path} is a {model_type} checkpoint")
+        self.check_checkpoint()
+        model_type = self.checkpoint_config().model_type
         self.variant = model_type
         processor = load_processor(self.path, VARIANTS[model_type][1], **kw)
         size = dict(processor.image_processor.size)

@@ -464,6 +464,7 @@ def from_config(cfg: Any, output_dir: str | Path | None = None) -> tuple[Task, A
     adapter = build_adapter(cfg.model)
     adapter.device_name = settings.ranks.device(adapter.device_name)
     adapter.check_device()  # before the task reads its data and the model loads
+    adapter.check_checkpoint()  # a config of the adapter's family (read once; the methods' checks reuse it)
     task = instantiate(cfg.task, drop=("name",), strict=cfg.strict, limit=cfg.limit)
     if cfg.get("cache"):
         if is_greedy(task.gen_kwargs):

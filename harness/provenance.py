@@ -60,13 +60,38 @@ def _git_info(root: Path) -> dict[str, str | None]:
 
 
 def environment() -> dict[str, Any]:
-    """Python, platform and package versions (read once per process: installed packages do not change under it)."""
+    """Python, platform, package versions and torch's build.
+
+    Read once per process: installed packages do not change under it.
+    """
     versions = dict(_versions())
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": versions,
+        "torch_build": dict(_torch_build()),
         "cpu_count": os.cpu_count(),
+    }
+
+
+@functools.cache
+def _torch_build() -> dict[str, Any]:
+    """The torch that runs, and the GPUs it sees.
+
+    Its version with the build tag (PyPI's CUDA wheel installs as ``2.11.0`` but runs as ``2.11.0+cu130``), the
+    CUDA and cuDNN it was built with (``None``: a CPU build) and the visible GPUs' names in device order. ``{}``
+    when torch is not imported (nothing here imports it for the record).
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return {}
+    cuda = torch.cuda.is_available()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+    return {
+        "version": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if gpus else None,  # loading cuDNN without a GPU is wasted work
+        "gpus": gpus,
     }
 
 

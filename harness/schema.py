@@ -37,6 +37,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from core.checkpoint import checkpoint_problem
 from core.errors import UserError
 from core.registry import close_matches
 
@@ -88,9 +89,10 @@ class Local:
     """A checkpoint: an existing local directory with safetensors weights, or a hub id (``org/name``).
 
     A value that looks like a path (absolute, ``./``, ``~``, more than one ``/``, or under a directory that exists
-    here, e.g. ``assets/shapes-lava`` where ``assets/`` does) must be a directory holding ``*.safetensors`` files:
-    the adapters load safetensors only (``use_safetensors=True``, no pickle). (A mistyped local path would
-    otherwise be taken for a hub id and spend minutes in download retries on a machine without the hub.)
+    here, e.g. ``assets/shapes-lava`` where ``assets/`` does) must be a directory holding ``*.safetensors`` files
+    (the adapters load safetensors only, no pickle) and ``config.json`` (:func:`core.checkpoint.checkpoint_problem`).
+    (A mistyped local path would otherwise be taken for a hub id and spend minutes in download retries on a machine
+    without the hub.)
     """
 
     def __call__(self, value: Any) -> str | None:
@@ -105,13 +107,7 @@ class Local:
             siblings = sorted(str(c) for c in path.parent.iterdir() if c.is_dir()) if path.parent.is_dir() else []
             return ("is not a directory: give a local checkpoint directory or a hub id like llava-hf/llava-1.5-7b-hf"
                     f"{_closest(str(path), siblings)}")  # fmt: skip
-        if not any(path.glob("*.safetensors")):
-            found = sorted(p.name for p in path.glob("*.bin")) or sorted(p.name for p in path.iterdir())[:5]
-            return (
-                f"holds no *.safetensors weights (found: {', '.join(found) or 'nothing'}); this harness loads "
-                "safetensors only: convert it, e.g. load it once and save_pretrained(..., safe_serialization=True)"
-            )
-        return None
+        return checkpoint_problem(path)
 
 
 @dataclass(frozen=True)
@@ -295,7 +291,8 @@ def schema(target: str, group: str = "method") -> Callable[[type], type]:
 Fraction = Annotated[float, Range(ge=0, le=1)]
 NonNegInt = Annotated[int, Range(ge=0)]
 PosInt = Annotated[int, Range(ge=1)]
-Layers = Literal["auto"] | list[NonNegInt]
+# An empty list would select no layer (no sink dimension): the method would silently be `none`.
+Layers = Literal["auto"] | Annotated[list[NonNegInt], NonEmpty()]
 
 
 @dataclass
@@ -513,7 +510,7 @@ class VHRConfig(MethodConfig):
     """``conf/method/vhr.yaml``."""
 
     alpha: Annotated[float, Range(ge=0)]
-    layers: Literal["auto"] | Annotated[list[NonNegInt], NonEmpty()]
+    layers: Layers
     outliers: bool
 
 

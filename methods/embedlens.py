@@ -97,8 +97,7 @@ class EmbedLens(Method):
     def check(self, adapter: Adapter) -> None:
         """Resolve the marker ids (calibration file, published ids) or fail naming the calibration command."""
         super().check(adapter)
-        n = adapter.lm_depth()
-        if self.mode == "inject" and self.entry_layer != "middle" and n is not None:
+        if self.mode == "inject" and self.entry_layer != "middle" and (n := adapter.lm_depth()) is not None:
             self._entry(n)  # the entry layer within the LM, before the model loads
         if isinstance(self.markers_cfg, dict) or hasattr(self.markers_cfg, "items"):
             self.markers = {str(k): (None if v is None else int(v)) for k, v in dict(self.markers_cfg).items()}

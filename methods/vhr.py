@@ -57,7 +57,7 @@ from typing import Any, ClassVar
 import torch
 
 from adapters.base import Adapter
-from methods.base import METHODS, DeviceTally, Method, UnsupportedError
+from methods.base import METHODS, DeviceTally, Method, UnsupportedError, check_layers
 from methods.intervention import Step, attach
 
 
@@ -115,6 +115,11 @@ class VHR(Method):
         self._probing = False
         self._tally = DeviceTally(2)  # heads reinforced, VHD outliers zeroed (summed over layers and rows)
         self._rows = 0
+
+    def check(self, adapter: Adapter) -> None:
+        """Given layers must be layers of the LM (checked before the model loads)."""
+        super().check(adapter)
+        check_layers(adapter, self.name, self.hparams["layers"])
 
     def check_generation(self, gen_kwargs: dict[str, Any]) -> None:
         """Beam search reorders rows, the per-row head sets would not follow: refused before the model loads."""

@@ -169,7 +169,10 @@ def test_results_file_contents(llava, pope_dir, tmp_path, make_task):
     for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
         assert f"{metric},pope_official" in head and f"{metric}_stderr,pope_official" in head
     assert res["config_hash"] == "cafe" and res["config"] == {"seed": 0}
-    assert res["environment"]["packages"]["torch"].startswith("2.13")
+    build = res["environment"]["torch_build"]  # the version torch runs as, with its build tag (+cpu, +cu130)
+    assert build["version"] == torch.__version__ and build["cuda"] == torch.version.cuda
+    assert build["gpus"] == [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    assert torch.__version__.startswith(res["environment"]["packages"]["torch"].split("+")[0])
     assert "describe" in res["git"]
     assert res["timings"]["model_load_s"] is not None and res["timings"]["samples_per_s"] > 0
     assert res["peak_memory"]["max_rss_mb"] > 0

@@ -31,6 +31,11 @@ def test_every_shipped_option_has_a_schema_and_passes_it(group):
         (["method=fastv", "method.rule=mena"], "method.rule='mena' must be 'last' or 'mean'; did you mean 'mean'?"),
         (["method=embedlens", "method.drop=[dead,sinks]"], "item 1 ('sinks') must be 'vit_sink' or 'llm_sink'"),
         (["method=iri", "method.components=[]"], "method.components=[] must not be empty"),
+        # an empty layer or sink-dimension list would make the method a silent `none`
+        (["method=var", "method.layers=[]"], "method.layers=[] must not be empty"),
+        (["method=var", "method.sink_dims=[]"], "method.sink_dims=[] must not be empty"),
+        (["method=carve", "method.layers=[]"], "method.layers=[] must not be empty"),
+        (["method=vhr", "method.layers=[]"], "method.layers=[] must not be empty"),
         (["method=carve", "method.k=0"], "method.k=0 must be >= 1"),
         (["method=none", "+method.alpha=1"], "method.alpha is not an option of method 'none'"),
         (["method=var", "+method.rhoo=1"], "did you mean 'rho'?"),

@@ -218,6 +218,8 @@ def test_a_device_this_torch_cannot_use_is_one_line_before_loading(tmp_path):
 @pytest.mark.parametrize(
     ("arg", "needle"),
     [("method=var method.layers=[1,40]", "var: layers [40] out of range; the LM has 2 layers (0..1)"),
+     ("method=vhr method.layers=[40]", "vhr: layers [40] out of range; the LM has 2 layers (0..1)"),
+     ("method=carve method.layers=[0,2]", "carve: layers [2] out of range; the LM has 2 layers (0..1)"),
      ("method=fastv method.layer=40", "FastV layer K=40 must be in 1..1 (the LM has 2 layers)"),
      ("method=embedlens method.mode=inject method.entry_layer=9", "EmbedLens entry_layer 9 must be in 1..1"),
      ("method=iri method.fcct_file=FOUR", "was traced on a 4-layer LM; this one has 2: trace this checkpoint")],
@@ -254,6 +256,58 @@ def test_a_checkpoint_that_cannot_be_fetched_is_one_line(tmp_path):
     p, _ = _cli(["model.path=nobody-here/no-such-model", "limit=1", f"output_root={tmp_path}"], tmp_path,
                 env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
     _one_line_error(p, "model.path='nobody-here/no-such-model' could not be loaded: ")
+
+
+def test_a_checkpoint_that_cannot_be_fetched_fails_at_its_first_reading():
+    """FastV, IRI and layer lists read the LM's depth from the config before loading. A hub id that cannot be
+    fetched fails there as the one line: the load would fail the same way, after the hub client's retries (minutes
+    online without the hub) a second time."""
+    code = (
+        "from adapters.llava import LlavaAdapter\nfrom core.errors import UserError\nfrom methods.fastv import FastV\n"
+        "adapter = LlavaAdapter(name='x', path='nobody-here/no-such-model')\n"
+        "try:\n    FastV().check(adapter)\nexcept UserError as e:\n    print(e)\n"
+        "print(adapter.model is None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("model.path='nobody-here/no-such-model' could not be loaded: ") and lines[1] == "True"
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [(["model=qwen_vl", "model.path=ASSETS/shapes-llava"],
+      ["/shapes-llava' holds a llava checkpoint (config.model_type), but the qwen_vl adapter loads qwen2_vl, "
+       "qwen2_5_vl; use model=llava with this model.path"]),
+     (["model=internvl", "model.path=ASSETS/shapes-qwen2vl"], ["holds a qwen2_vl checkpoint", "use model=qwen_vl"]),
+     (["model=llava", "model.path=ASSETS/shapes-internvl"], ["holds a internvl checkpoint", "use model=internvl"]),
+     (["model=qwen_vl", "model.variant=qwen2_5_vl"], ["model.variant=qwen2_5_vl but model.path=", "is a qwen2_vl "
+                                                      "checkpoint; leave model.variant=auto"])],
+)  # fmt: skip
+def test_a_checkpoint_of_another_family_is_one_line_before_loading(tmp_path, args, needles):
+    """Before, a LLaVA checkpoint under model=internvl failed deep in the processor (AttributeError)."""
+    args = [arg.replace("ASSETS", str(REPO_ROOT / "assets")) for arg in args]
+    p, seconds = _cli([*args, "task.questions=/nonexistent/questions.json", f"output_root={tmp_path}"], tmp_path)
+    _one_line_error(p, *needles)  # before the task's data: the questions file does not exist
+    assert seconds < 30
+
+
+def test_a_checkpoint_directory_without_its_config_is_refused(tmp_path):
+    """Without config.json, from_pretrained builds the class's default (a 7B LLaVA here: killed for memory).
+    Refused before torch by the schema, and by Adapter.load for callers of the Python API."""
+    from adapters.llava import LlavaAdapter
+    from core.errors import UserError
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(REPO_ROOT / "assets" / "shapes-llava", ckpt)
+    (ckpt / "config.json").unlink()
+    p, seconds = _cli([f"model.path={ckpt}", f"output_root={tmp_path}"], tmp_path)
+    _one_line_error(p, "model.path='", "holds no config.json: copy the one save_pretrained wrote")
+    assert seconds < 5
+    adapter = LlavaAdapter(name="x", path=str(ckpt))
+    with pytest.raises(UserError, match=r"holds no config\.json"):
+        adapter.load()
+    assert adapter.model is None
 
 
 def test_backend_without_its_package_is_one_line(tmp_path):
