@@ -53,11 +53,11 @@ class Adapter(Anatomy, Geometry, Generation, abc.ABC):
     Construction is cheap and never touches weights, so method/adapter compatibility can be checked before the
     model loads; :meth:`load` does the expensive part.
 
-    A family subclass sets :attr:`family` and the class attributes its mixins declare (:class:`Anatomy`:
-    ``paths``, ``layer_parts``, ``vision_has_cls``; :class:`Generation`: ``templates``, ``image_placeholder``,
-    ``system_format``) and implements the abstract methods: :meth:`_load_processor` and :meth:`_model_class`
-    here, :meth:`image_inputs` and :meth:`vision_features` (:class:`Anatomy`), :attr:`image_token_id` and
-    :meth:`visual_token_map` (:class:`Geometry`).
+    A family subclass sets :attr:`family`, :attr:`model_types` and the class attributes its mixins declare
+    (:class:`Anatomy`: ``paths``, ``layer_parts``, ``vision_has_cls``; :class:`Generation`: ``templates``,
+    ``image_placeholder``, ``system_format``) and implements the abstract methods: :meth:`_load_processor` and
+    :meth:`_model_class` here, :meth:`image_inputs` and :meth:`vision_features` (:class:`Anatomy`),
+    :attr:`image_token_id` and :meth:`visual_token_map` (:class:`Geometry`).
 
     Args:
         name: Short model name used in run directories and reports.

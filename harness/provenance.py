@@ -69,12 +69,11 @@ def environment() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": versions,
-        "torch_build": dict(_torch_build()),
+        "torch_build": _torch_build(),
         "cpu_count": os.cpu_count(),
     }
 
 
-@functools.cache
 def _torch_build() -> dict[str, Any]:
     """The torch that runs, and the GPUs it sees.
 
