@@ -33,7 +33,7 @@ from harness.calls import AdapterCalls
 from harness.distributed import Ranks, merge_shards, shard_path
 from harness.paired import find_baseline, paired_block, paired_summary
 from harness.prefetch import Media, load_media, prefetched
-from harness.provenance import build_results
+from harness.provenance import build_results, reset_peak_memory
 from methods.base import Method
 from tasks.base import ModelCalls, Response, Sample, Task
 
@@ -326,6 +326,7 @@ def evaluate(task: Task, adapter: Adapter, method: Method, settings: RunSettings
     """
     logger = logger or NoLogger()
     t_start = time.perf_counter()
+    reset_peak_memory()  # this run's peaks, not those of the runs before it in this process (a multirun)
     torch.manual_seed(settings.seed)
     method.check(adapter)  # unsupported combinations fail before any weight is loaded
     method.check_generation(dict(getattr(task, "gen_kwargs", None) or {}))

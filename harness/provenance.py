@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -94,17 +95,29 @@ def _torch_build() -> dict[str, Any]:
     }
 
 
-def peak_memory() -> dict[str, float | None]:
-    """Peak resident memory of this process and peak CUDA allocation, in MiB."""
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    cuda_mb = None
-    try:
-        import torch
+def reset_peak_memory() -> None:
+    """Count :func:`peak_memory`'s peaks from now on.
 
-        if torch.cuda.is_available():
-            cuda_mb = torch.cuda.max_memory_allocated() / 2**20
-    except ImportError:
-        pass
+    A multirun's jobs share one process (Hydra's basic launcher): without a reset, each results file would hold the
+    largest peak of every run before it (a pruning run after ``none`` would report ``none``'s memory).
+    """
+    with contextlib.suppress(OSError):  # elsewhere the resident peak stays the process's (getrusage)
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak resident set size (VmHWM)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the current device: each data-parallel rank has its own
+
+
+def peak_memory() -> dict[str, float | None]:
+    """Peak resident memory and peak CUDA allocation since :func:`reset_peak_memory` (else the process's), in MiB."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        rss_mb = int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1]) / 1024  # KiB
+    except (OSError, StopIteration, ValueError, IndexError):
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    torch = sys.modules.get("torch")
+    cuda = torch is not None and torch.cuda.is_available()
+    cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     return {"max_rss_mb": round(rss_mb, 1), "cuda_max_allocated_mb": None if cuda_mb is None else round(cuda_mb, 1)}
 
 

@@ -160,6 +160,18 @@ def test_strict_stops_at_first_bad_input_with_file_and_line(llava, pope_dir, tmp
         _run(task, llava, tmp_path / "out", batch_size=4, strict=True)
 
 
+def test_a_run_reports_its_own_peak_memory_not_the_process_peak(llava, pope_dir, tmp_path, make_task):
+    """A multirun's jobs share one process: each run's peak counts from its own start (Linux: VmHWM is reset)."""
+    from harness.provenance import peak_memory
+
+    ballast = torch.ones(512 * 2**20 // 4)  # 512 MiB written, so resident: the peak of a "previous run"
+    del ballast
+    before = peak_memory()["max_rss_mb"]
+    _run(make_task(pope_dir, limit=1), llava, tmp_path, batch_size=3)
+    during = json.loads((tmp_path / "results.json").read_text())["peak_memory"]["max_rss_mb"]
+    assert during < before - 256, (before, during)
+
+
 def test_results_file_contents(llava, pope_dir, tmp_path, make_task):
     task = make_task(pope_dir, limit=2)
     _run(task, llava, tmp_path, batch_size=3, config={"seed": 0}, config_hash="cafe")
