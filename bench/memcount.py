@@ -31,9 +31,6 @@ from torch.profiler import ProfilerActivity, profile
 # user set is kept)
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
-#: the profiler's name for an allocator event (``nbytes`` > 0: allocation, < 0: free)
-MEMORY_EVENT = "[memory]"
-
 
 @dataclass
 class Allocations:
@@ -55,9 +52,29 @@ def allocation_peak() -> Iterator[Allocations]:
     out = Allocations()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         yield out
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == MEMORY_EVENT]
-    live = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):  # stable: events of one instant keep their order
-        live += event.nbytes()
+    events = sorted(_allocations(prof.profiler.kineto_results.experimental_event_tree()), key=lambda e: e[0])
+    live, sizes = 0, {}  # bytes allocated inside the block and live; their sizes by address
+    for _, ptr, nbytes in events:  # stable sort: events of one instant keep their order
+        if nbytes > 0:
+            sizes[ptr] = nbytes
+        elif sizes.pop(ptr, None) is None:
+            continue  # a free of memory allocated before the block (another thread's, a garbage collection's)
+        live += nbytes
         out.peak = max(out.peak, live)
     out.retained, out.events = live, len(events)
+
+
+def _allocations(roots: list) -> Iterator[tuple[int, int, int]]:
+    """``(time_ns, address, nbytes)`` of every allocator event in the profiler's event tree (frees: ``nbytes < 0``).
+
+    The tree's allocation events carry the address, which the flat event list does not: a free is matched to an
+    allocation made inside the block, so freeing older memory (a collected cycle, another thread) never lowers the
+    count.
+    """
+    stack = list(reversed(roots))  # depth first, in the tree's order: same-instant events keep theirs
+    while stack:
+        node = stack.pop()
+        stack.extend(reversed(node.children))
+        kind, fields = node.typed
+        if kind.name == "Allocation":
+            yield node.start_time_ns, fields.ptr, fields.alloc_size
