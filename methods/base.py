@@ -99,6 +99,15 @@ class LayerError(UserError, IndexError):
     """A method's layer hyperparameter names a layer the LM does not have (one line, with the valid range)."""
 
 
+def auto_or_list(name: str, value: Any, items: str = "layer indices") -> None:
+    """Raise ``ValueError`` unless ``value`` is ``"auto"`` or a non-empty list.
+
+    An empty list would select nothing, making the method a silent ``none``.
+    """
+    if value != "auto" and (not isinstance(value, list | tuple) or not value):
+        raise ValueError(f"{name} must be 'auto' or a non-empty list of {items}, got {value!r}")
+
+
 def check_layers(adapter: Adapter, owner: str, layers: Any) -> None:
     """Before the model loads: every index in ``layers`` (``"auto"`` passes) is a layer of ``adapter``'s LM."""
     if isinstance(layers, str) or (n := adapter.lm_depth()) is None:

@@ -66,7 +66,7 @@ from PIL import Image
 from adapters.base import Adapter
 from adapters.geometry import TileFrame
 from core.hostpool import host_map
-from methods.base import METHODS, Method, check_layers
+from methods.base import METHODS, Method, auto_or_list, check_layers
 from methods.carve_mask import overlay, paint, refine, select_regions
 from methods.intervention import Step, attach
 from tasks.base import Request
@@ -145,8 +145,7 @@ class CARVE(Method):
         if not 0 < p <= 1 or k < 1 or lam < 0 or max_new_tokens < 1:
             raise ValueError(f"need 0 < p <= 1, k >= 1, lam >= 0, max_new_tokens >= 1; got {p}, {k}, {lam}, "
                              f"{max_new_tokens}")  # fmt: skip
-        if layers != "auto" and (not isinstance(layers, list | tuple) or not layers):
-            raise ValueError(f"layers must be 'auto' or a non-empty list of layer indices, got {layers!r}")
+        auto_or_list("layers", layers)
         select_regions(np.zeros((1, 1)), p, k, rank)  # validates rank early
         super().__init__(layers=layers, lam=lam, p=p, k=k, rank=rank, steps=steps, max_new_tokens=max_new_tokens,
                          feed=feed, general_prompt=general_prompt, question_suffix=question_suffix,

@@ -61,7 +61,7 @@ from typing import Any, ClassVar
 import torch
 
 from adapters.base import Adapter
-from methods.base import METHODS, DeviceTally, Method, UnsupportedError, check_layers
+from methods.base import METHODS, DeviceTally, Method, UnsupportedError, auto_or_list, check_layers
 from methods.intervention import Batch, Step, attach
 
 log = logging.getLogger(__name__)
@@ -171,10 +171,8 @@ class VAR(Method):
     ) -> None:
         if not 0 <= p <= 1 or not 0 <= rho <= 1 or not 0 <= visual_mass <= 1:
             raise ValueError(f"p, rho and visual_mass are fractions in [0, 1]; got {p}, {rho}, {visual_mass}")
-        if layers != "auto" and (not isinstance(layers, list | tuple) or not layers):
-            raise ValueError(f"layers must be 'auto' or a non-empty list of layer indices, got {layers!r}")
-        if sink_dims != "auto" and (not isinstance(sink_dims, list | tuple) or not sink_dims):
-            raise ValueError(f"sink_dims must be 'auto' or a non-empty list of dimensions, got {sink_dims!r}")
+        auto_or_list("layers", layers)
+        auto_or_list("sink_dims", sink_dims, "dimensions")
         super().__init__(
             p=p, rho=rho, visual_mass=visual_mass, tau=tau, layers=layers, sink_dims=sink_dims, sink_file=sink_file
         )

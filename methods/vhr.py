@@ -57,7 +57,7 @@ from typing import Any, ClassVar
 import torch
 
 from adapters.base import Adapter
-from methods.base import METHODS, DeviceTally, Method, UnsupportedError, check_layers
+from methods.base import METHODS, DeviceTally, Method, UnsupportedError, auto_or_list, check_layers
 from methods.intervention import Step, attach
 
 
@@ -106,8 +106,7 @@ class VHR(Method):
     name: ClassVar[str] = "vhr"
 
     def __init__(self, alpha: float = 2.0, layers: str | list[int] = "auto", outliers: bool = True) -> None:
-        if layers != "auto" and (not isinstance(layers, list | tuple) or not layers):
-            raise ValueError(f"layers must be 'auto' or a non-empty list of layer indices, got {layers!r}")
+        auto_or_list("layers", layers)
         super().__init__(alpha=alpha, layers=layers if layers == "auto" else list(layers), outliers=outliers)
         self.layers: list[int] = []
         self._text: dict[int, torch.Tensor] = {}  # layer -> text-only head outputs at the last position [B, H, hd]
