@@ -30,7 +30,7 @@ class RecordStore:
         self.path = Path(path)
         self.config_hash = config_hash
         self.records: dict[str, dict[str, Any]] = {}
-        self.dropped = {"torn": 0, "errored": 0, "duplicate": 0, "corrupt": 0}
+        self.dropped = {"torn": 0, "errored": 0, "duplicate": 0, "corrupt": 0, "stale": 0}
         if self.path.exists():
             self._load()
 
@@ -76,6 +76,31 @@ class RecordStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+    def forget_stale(self, current: dict[str, tuple[str, str]]) -> list[str]:
+        """Drop records made from other data than the samples now hold; they are generated again.
+
+        Resuming keys records by ``sample_id``. A record whose ``doc_hash`` or ``target_hash`` differs from the
+        sample's now (an edited question, image name or label) would score an old answer against the new sample,
+        or an answer to the old question as the new one's: a silent wrong number.
+
+        Args:
+            current: ``sample_id -> (doc_hash, target_hash)`` of the samples the task holds now.
+
+        Returns:
+            The forgotten sample ids (also counted in ``dropped["stale"]`` and removed from the file).
+        """
+        stale = [
+            sid
+            for sid, rec in self.records.items()
+            if sid in current and (rec.get("doc_hash"), rec.get("target_hash")) != current[sid]
+        ]
+        if stale:
+            for sid in stale:
+                del self.records[sid]
+            self._rewrite([json.dumps(r, ensure_ascii=False, default=str) for r in self.records.values()])
+            self.dropped["stale"] += len(stale)
+        return stale
 
     def done(self, sample_id: str) -> bool:
         """True when a successful record for ``sample_id`` is stored."""

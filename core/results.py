@@ -57,7 +57,7 @@ def make_table(results: dict[str, Any]) -> str:
         better = results["higher_is_better"].get(task, {})
         for sub, metrics in results["results"].items():
             for key, value in metrics.items():
-                if key in ("alias", "sample_len") or "_stderr" in key or not isinstance(value, int | float):
+                if key in ("alias", "sample_len") or "_stderr" in key or not isinstance(value, int | float | None):
                     continue
                 metric, _, filt = key.partition(",")
                 stderr = metrics.get(stderr_key(key))
@@ -70,7 +70,7 @@ def make_table(results: dict[str, Any]) -> str:
                         str(metrics.get("sample_len", "")),
                         metric,
                         arrow,
-                        f"{value:.4f}",
+                        "n/a" if value is None else f"{value:.4f}",  # NaN in the estimate (JSON null)
                         "±" if stderr is not None else "",
                         f"{stderr:.4f}" if stderr is not None else "N/A",
                     ]

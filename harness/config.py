@@ -16,8 +16,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate as _hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from core.errors import UserError, one_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,9 +88,20 @@ def instantiate(node: DictConfig, *, drop: tuple[str, ...] = (), **kwargs: Any) 
         **kwargs: Extra constructor arguments.
     """
     fields = OmegaConf.to_container(node, resolve=True)
+    label = str(fields.get("_target_", "?")).rsplit(".", 1)[-1]
     for key in drop:
         fields.pop(key, None)
-    return _hydra_instantiate(fields, _convert_="all", **kwargs)
+    try:
+        return _hydra_instantiate(fields, _convert_="all", **kwargs)
+    except InstantiationException as exc:
+        # A constructor's ValueError is an option the schema could not judge alone (a parser name, duplicate
+        # splits, an option pair): one line, like every other config mistake. Other exceptions stay bugs.
+        cause = exc.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, ValueError):
+            raise UserError(f"{label}: {one_line(cause)}") from cause
+        raise
 
 
 #: model-config keys that choose and configure the generation backend, not the adapter (see :func:`build_adapter`)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -260,11 +261,19 @@ def _needs_model(batches: list[list[Sample]], cache: ResponseCache | None) -> bo
 def _pending(samples: list[Sample], store: RecordStore | None, ranks: Ranks) -> list[Sample]:
     """Samples without a successful record, the same list on every rank (rank 0 decides and broadcasts).
 
-    Rank 0 first merges shard files a killed data-parallel run left behind, so their records count as done.
+    Rank 0 first merges shard files a killed data-parallel run left behind, so their records count as done, and
+    forgets records made from other data than the samples now hold (:meth:`RecordStore.forget_stale`).
     """
     ids = None
     if store is not None:
         merge_shards(store, {s.sample_id: s.index for s in samples})
+        stale = store.forget_stale({s.sample_id: (sha256_json(s.doc), sha256_text(s.target)) for s in samples})
+        if stale:
+            warnings.warn(
+                f"{store.path}: {len(stale)} record(s) were made from other data than the task's files now hold "
+                f"(e.g. sample {stale[0]!r}: its question, image or target changed); they are generated again",
+                stacklevel=2,
+            )
         ids = [s.sample_id for s in samples if not store.done(s.sample_id)]
     ids = set(ranks.broadcast(ids))
     return [s for s in samples if s.sample_id in ids]
@@ -358,7 +367,7 @@ def _evaluate_locked(
     wanted = {s.sample_id for s in samples}
     ok = sorted((r for sid, r in store.records.items() if sid in wanted), key=lambda r: r["index"])
     results = build_results(
-        results=task.aggregate(ok, seed=settings.seed) if ok else {},
+        results=task.aggregate(ok + errors, seed=settings.seed) if ok else {},  # errors: splits with none scored
         higher_is_better={task.name: task.higher_is_better},
         versions={task.name: task.version},
         **{"n-samples": {task.name: {"original": len(samples), "effective": len(ok), "errors": len(errors)}}},
@@ -403,9 +412,23 @@ def _evaluate_locked(
     if settings.report:
         print(_header(results, settings))
         print(make_table(results) if ok else "no successful samples: nothing to score")
+        for line in _unscored_splits(samples, ok):
+            print(line)
         if "paired" in results:
             print(paired_summary(results["paired"]))
     return results
+
+
+def _unscored_splits(samples: list[Sample], ok: list[dict[str, Any]]) -> list[str]:
+    """A note per split whose every sample failed: its metrics, and those of rows over several splits, are n/a."""
+    scored = {r["split"] for r in ok}
+    sizes = Counter(s.split for s in samples)
+    return [
+        f"note: split {split!r}: none of its {n} samples could be scored (errors in results.json); its metrics and "
+        "those combining splits are n/a, not computed over the other splits"
+        for split, n in sizes.items()
+        if ok and split not in scored
+    ]
 
 
 def _refuse_shrinking(results_path: Path, samples: list[Sample], settings: RunSettings) -> None:

@@ -180,27 +180,31 @@ class Task(abc.ABC):
         """Per-sample fields stored with the record: at least ``parsed`` (the parsed answer)."""
 
     @abc.abstractmethod
-    def outcomes(self, records: list[dict[str, Any]]) -> Outcomes:
+    def outcomes(self, records: list[dict[str, Any]], splits: list[str] | None = None) -> Outcomes:
         """Additive counts of successful stored records and the statistics computed from them.
 
         A record holds ``sample_id, split, index, image_id, target, raw_output``, the response's ``fields``
         and what :meth:`score` returned, so a task can re-parse ``raw_output`` under any of its parsers.
+        ``splits`` are the splits the run evaluated, those whose every sample failed included (``None``: the
+        records' own): a task with a row per split keeps such a split's row, with NaN metrics, and a row that
+        combines splits (a mean, a sum) is then NaN too, not computed over fewer splits than the run asked for.
         """
 
     def aggregate(self, records: list[dict[str, Any]], seed: int = 0) -> dict[str, dict[str, Any]]:
         """Metrics with clustered-bootstrap standard errors from stored per-sample records.
 
-        Error records are ignored. Clusters are ``image_id`` (questions about one image are resampled
-        together); ``n_boot`` draws seeded with ``seed``.
+        Error records are not scored, but their splits count as evaluated (see :meth:`outcomes`). Clusters are
+        ``image_id`` (questions about one image are resampled together); ``n_boot`` draws seeded with ``seed``.
 
         Returns:
             ``{row: {"alias", "sample_len", "<metric>,<filter>": value, "<metric>_stderr,<filter>": stderr}}``
             in the lm-eval results layout; the task's own name is the key of its headline row.
         """
+        splits = list(dict.fromkeys(str(r["split"]) for r in records if r.get("split") is not None))
         records = [r for r in records if not r.get("error")]
         if not records:
             return {}
-        out = self.outcomes(records)
+        out = self.outcomes(records, splits)
         res = cluster_bootstrap(
             [str(r["image_id"]) for r in records], out.counts, out.stat_fn, n_boot=self.n_boot, seed=seed
         )

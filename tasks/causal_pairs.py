@@ -47,8 +47,8 @@ import numpy as np
 from PIL import Image
 
 from core.stats import Outcomes, safe_divide
-from tasks.base import TASKS, ModelCalls, Request, Response, Sample, SampleError, Task
-from tasks.media import ImageFile
+from tasks.base import TASKS, DataError, ModelCalls, Request, Response, Sample, SampleError, Task
+from tasks.media import ImageFile, check_image_root, data_file
 
 DEFAULT_PROMPT = (
     "{sentence} Given such an image, considering the above sentence, does it reflect the proper causal "
@@ -86,6 +86,9 @@ def read_rows(path: Path) -> tuple[list[tuple[str, dict[str, str] | None, str | 
         empty = [c for c in VQA_COLUMNS if not row[c]]
         out.append((source, row, f"empty field(s) {empty}" if empty else None))
     return out, "movie" in columns
+
+
+_MISFIT = "image_id"  # how a row whose id the image pattern cannot format starts its error
 
 
 def image_name(pattern: str, image_id: str) -> str:
@@ -154,12 +157,14 @@ class CausalPairsTask(Task):
     def samples(self) -> list[Sample]:
         """One sample per CSV row, in file order (cached)."""
         if self._samples is None:
-            path = Path(self.data).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"causal pairs file not found: {path}")
+            path = data_file(self.data, "causal pairs file")
+            check_image_root(self.image_root)
             rows, is_vcr = read_rows(path)
             pattern = self.image_pattern or (VCR_PATTERN if is_vcr else VQA_PATTERN)
             self._samples = [self._sample(i, *row, pattern) for i, row in enumerate(rows[: self.limit])]
+            misfits = [s.error for s in self._samples if s.error and s.error.startswith(_MISFIT)]
+            if misfits and len(misfits) == len(self._samples):  # the pattern fits no row: one line, no model load
+                raise DataError(f"{path}: no row fits; e.g. {misfits[0]}")
         return list(self._samples)
 
     def _sample(self, i: int, source: str, row: dict[str, str] | None, error: str | None, pattern: str) -> Sample:
@@ -170,7 +175,14 @@ class CausalPairsTask(Task):
                "reverse_scored": self._sentence(row.get("reverse_sentence", ""))}  # fmt: skip
         images = None
         if error is None:
-            name = image_name(pattern, row["image_id"])
+            try:
+                name = image_name(pattern, row["image_id"])
+            except (ValueError, KeyError, IndexError) as exc:  # an id the pattern cannot format (e.g. a file name)
+                error = (f"{_MISFIT} {row['image_id']!r} does not fit task.image_pattern={pattern!r} ({exc}); ids "
+                         "that are file names need task.image_pattern=null")  # fmt: skip
+                if self.strict:
+                    raise SampleError(error, source) from exc
+        if error is None:
             images = ImageFile(str(Path(self.image_root) / name) if self.image_root else name, source)
         return Sample(
             sample_id=str(i),
@@ -223,7 +235,7 @@ class CausalPairsTask(Task):
             "affirms_reverse": affirm_rev,
         }
 
-    def outcomes(self, records: list[dict[str, Any]]) -> Outcomes:
+    def outcomes(self, records: list[dict[str, Any]], splits: list[str] | None = None) -> Outcomes:
         """Counts ``[n, right, affirm, affirm_reverse]`` per record, recomputed from the stored log-probabilities."""
         counts = np.array([[1.0, *self._judge(r["logprobs"])] for r in records], dtype=np.float64)  # [n, 4]
         return Outcomes(

@@ -53,7 +53,7 @@ import numpy as np
 from core.results import package_version
 from core.stats import Outcomes, safe_divide
 from tasks.base import TASKS, DataError, Response, Sample, SampleError, Task
-from tasks.media import ImageFile, resolve_files
+from tasks.media import ImageFile, check_image_root, resolve_files
 
 DEFAULT_PROMPT = "Please describe this image in detail."
 DEFAULT_GEN_KWARGS: dict[str, Any] = {"max_new_tokens": 512, "do_sample": False}
@@ -550,6 +550,7 @@ class CHAIRTask(Task):
     def samples(self) -> list[Sample]:
         """One sample per selected image, in the ids file's order (else by image id); cached."""
         if self._samples is None:
+            check_image_root(self.image_root)
             inst = load_instances(resolve_files(self.instances, "CHAIR instances"), self.vocab, self.synonyms)
             chosen = self._select(inst)
             caps = load_captions(resolve_files(self.captions, "CHAIR captions"), {i for i, _ in chosen})
@@ -612,7 +613,7 @@ class CHAIRTask(Task):
         """Mentions, hallucinated ``(word, node word)`` pairs, correct node words, ``n_words``, ``parsed``."""
         return self.evaluate(response.raw_output, sample.doc["gt_objects"]).fields()
 
-    def outcomes(self, records: list[dict[str, Any]]) -> Outcomes:
+    def outcomes(self, records: list[dict[str, Any]], splits: list[str] | None = None) -> Outcomes:
         """Counts of :data:`COUNT_COLUMNS` per record, re-parsing ``raw_output`` under the current options.
 
         The ground truth is the record's ``doc["gt_objects"]`` (else its comma-joined ``target``). ``binary`` is 1

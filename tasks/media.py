@@ -25,6 +25,24 @@ class DataFileNotFoundError(UserError, FileNotFoundError):
     """A task's data file or glob matches nothing."""
 
 
+def data_file(path: str | Path, what: str) -> Path:
+    """``path`` if it is a file, else :class:`DataFileNotFoundError` naming it (and saying so when it is a folder)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise DataFileNotFoundError(f"{what} {str(p)!r} is a folder, not a file; give the file (task.data)")
+    if not p.is_file():
+        raise DataFileNotFoundError(f"{what} {str(p)!r} not found; check the task's data path (task.data)")
+    return p
+
+
+def check_image_root(image_root: str | Path | None) -> None:
+    """A given ``image_root`` must be a folder: else every sample would fail on its image, after the model loads."""
+    if image_root is not None and not Path(image_root).expanduser().is_dir():
+        raise DataFileNotFoundError(
+            f"task.image_root={str(image_root)!r} is not a folder; give the folder the image names are relative to"
+        )
+
+
 def decode_image(fp: Any, source: str, name: str) -> Image.Image:
     """Open, fully decode (``load``) and convert to RGB, turning every failure into :class:`SampleError`."""
     try:

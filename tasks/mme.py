@@ -42,7 +42,14 @@ from PIL import Image
 
 from core.stats import Outcomes, block_columns, safe_divide
 from tasks.base import TASKS, DataError, Response, Sample, SampleError, Task
-from tasks.media import ImageFile, MalformedImageCell, image_cell, resolve_files
+from tasks.media import (
+    DataFileNotFoundError,
+    ImageFile,
+    MalformedImageCell,
+    check_image_root,
+    image_cell,
+    resolve_files,
+)
 from tasks.yesno import PARSERS, all_verdicts, is_clean_yes_no
 
 log = logging.getLogger(__name__)
@@ -159,12 +166,18 @@ def release_root(path: Path) -> Path:
     """The folder holding the subtask folders: ``path`` itself or its ``MME_Benchmark_release_version/``.
 
     Raises:
-        FileNotFoundError: When neither holds a subtask folder.
+        FileNotFoundError: When neither holds a subtask folder (:class:`tasks.media.DataFileNotFoundError`, with
+            a hint: parquet files there, or a subtask folder one or two levels down).
     """
     for root in (path, path / _RELEASE_DIR):
         if any((root / s).is_dir() for s in SUBTASKS):
             return root
-    raise FileNotFoundError(f"no MME subtask folder ({', '.join(SUBTASKS)}) in {str(path)!r}")
+    hint = ""
+    if any(path.glob("*.parquet")):
+        hint = f"; it holds parquet files: task.data='{path}/*.parquet'"
+    elif deeper := sorted({p.parent for depth in ("*/*/", "*/*/*/") for p in path.glob(depth) if p.name in SUBTASKS}):
+        hint = f"; did you mean task.data={str(deeper[0])!r}?"
+    raise DataFileNotFoundError(f"no MME subtask folder ({', '.join(SUBTASKS)}) in {str(path)!r}{hint}")
 
 
 def subtask_layout(folder: Path) -> tuple[str, Path, Path]:
@@ -177,7 +190,9 @@ def subtask_layout(folder: Path) -> tuple[str, Path, Path]:
         return "flat", folder, folder
     missing = [d for d in _SPLIT_DIRS if not (folder / d).is_dir()]
     if missing:
-        raise FileNotFoundError(f"{folder}: split layout without {missing[0]}/ (needs images/ + questions_answers_YN/)")
+        raise DataFileNotFoundError(
+            f"{folder}: split layout without {missing[0]}/ (needs images/ + questions_answers_YN/)"
+        )
     return "split", folder / "images", folder / "questions_answers_YN"
 
 
@@ -219,7 +234,17 @@ def _folder_items(root: Path, subtask: str, limit: int | None) -> Iterator[_Imag
 
 
 def folder_subtasks(root: Path) -> list[str]:
-    """Subtasks with a folder holding at least one question file, in canonical order."""
+    """Subtasks with a folder holding at least one question file, in canonical order.
+
+    Folders that are not MME subtasks (a renamed ``Code_Reasoning``) are skipped with a warning naming them, as
+    their questions would silently be missing from the Perception / Cognition sums.
+    """
+    others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in SUBTASKS)
+    if others:
+        lower = {s.lower(): s for s in SUBTASKS}
+        close = {o: lower[o.lower()] for o in others if o.lower() in lower}
+        log.warning("MME release folder %s: skipping folders that are not MME subtasks: %s%s", root, others,
+                    f" (renamed? {close})" if close else "")  # fmt: skip
     found = []
     for s in SUBTASKS:
         if (root / s).is_dir() and any(subtask_layout(root / s)[2].glob("*.txt")):
@@ -518,13 +543,14 @@ class MMETask(Task):
     def _load_folder(self) -> tuple[list[str], dict[str, list[_ImageItem]]]:
         path = Path(self.data).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"MME data {self.data!r} is neither a folder nor a *.parquet path/glob")
+            raise DataFileNotFoundError(f"MME data {self.data!r} is neither a folder nor a *.parquet path/glob")
         root = release_root(path)
         found = folder_subtasks(root)
         return found, {s: list(_folder_items(root, s, self.limit)) for s in self._wanted(found)}
 
     def _load_parquet(self) -> tuple[list[str], dict[str, list[_ImageItem]]]:
         files = resolve_files(self.data, "MME parquet")
+        check_image_root(self.image_root)
         found, chosen = load_parquet(files, self.subtasks, self.limit, self.image_root)
         self._wanted(found)
         return found, chosen
@@ -570,10 +596,13 @@ class MMETask(Task):
             "verdicts": verdicts,
         }
 
-    def outcomes(self, records: list[dict[str, Any]]) -> Outcomes:
-        """Counts per subtask block and the MME statistics (see :func:`mme_statistics`); ``binary`` = correct."""
+    def outcomes(self, records: list[dict[str, Any]], splits: list[str] | None = None) -> Outcomes:
+        """Counts per subtask block and the MME statistics (see :func:`mme_statistics`); ``binary`` = correct.
+
+        A subtask in ``splits`` without a successful record has NaN scores, and so have its group's and the total.
+        """
         parsers = [self.parser, *self.extra_parsers]
-        present = dict.fromkeys(str(r["split"]) for r in records)
+        present = dict.fromkeys([*(splits or []), *(str(r["split"]) for r in records)])
         subtasks = [s for s in SUBTASKS if s in present] + [s for s in present if s not in SUBTASKS]
         index = np.array([subtasks.index(str(r["split"])) for r in records], dtype=np.int64)  # [n_records]
         counts = record_counts(records, parsers)  # [n_records, K]

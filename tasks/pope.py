@@ -39,7 +39,7 @@ from PIL import Image
 
 from core.stats import Outcomes, block_columns, safe_divide
 from tasks.base import TASKS, DataError, Response, Sample, SampleError, Task
-from tasks.media import ImageFile, MalformedImageCell, image_cell, resolve_files
+from tasks.media import ImageFile, MalformedImageCell, check_image_root, image_cell, resolve_files
 from tasks.yesno import PARSERS, all_verdicts, is_clean_yes_no
 
 DEFAULT_SPLITS = ("random", "popular", "adversarial")
@@ -361,6 +361,7 @@ class POPETask(Task):
     def samples(self) -> list[Sample]:
         """All samples, split by split in the order of ``splits``, each in file order (cached)."""
         if self._samples is None:
+            check_image_root(self.image_root)
             buckets = self._split_buckets() if "{split}" in self.questions else self._category_buckets()
             self._samples = self._to_samples(buckets)
         return list(self._samples)
@@ -453,17 +454,18 @@ class POPETask(Task):
             "verdicts": all_verdicts(text, sample.target),
         }
 
-    def outcomes(self, records: list[dict[str, Any]]) -> Outcomes:
-        """Per-split metrics (rows ``pope_<split>``) and their mean over the splits present (row ``pope``).
+    def outcomes(self, records: list[dict[str, Any]], splits: list[str] | None = None) -> Outcomes:
+        """Per-split metrics (rows ``pope_<split>``) and their mean over the splits evaluated (row ``pope``).
 
         Every parser in ``[parser, *extra_parsers]`` re-parses ``raw_output``. Keys are ``"<metric>,<parser>"``
         for :data:`METRICS`, plus the parser-independent ``"unclean_rate,none"``. Positive class is ``yes``; an
         undecided (``None``) answer is wrong, a false negative when the target is yes, never a predicted yes.
         Precision is 0 when nothing is predicted yes; recall is 0 when no target is yes; F1 is 0 when P + R = 0.
         The splits share images, so their counts sit in one block of columns each and are bootstrapped jointly:
-        the standard error of the mean over splits comes from the same draws as the per-split ones.
+        the standard error of the mean over splits comes from the same draws as the per-split ones. A split in
+        ``splits`` without a successful record has NaN metrics, and so has the mean.
         """
-        present = dict.fromkeys(r["split"] for r in records)  # order of first appearance
+        present = dict.fromkeys([*(splits or []), *(r["split"] for r in records)])  # order of first appearance
         splits = [s for s in self.splits if s in present] + [s for s in present if s not in self.splits]
         parsers = [self.parser, *self.extra_parsers]
         split_index = np.array([splits.index(r["split"]) for r in records])  # [n_records]

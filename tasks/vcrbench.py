@@ -47,7 +47,7 @@ from PIL import Image
 
 from core.stats import Outcomes, block_columns, safe_divide
 from tasks.base import TASKS, Call, ModelCalls, Request, Response, Sample, SampleError, Task
-from tasks.media import decode_image
+from tasks.media import data_file, decode_image
 
 # Official prompts, character for character (pritamqu/VCRBench @ 5d616a3, unchanged since 589efb1: data/dataset.py
 # and models/qwen2_5_vl_rrd.py). The direct prompt is stripped as the official inference scripts do; the RRD prompts
@@ -446,10 +446,10 @@ def read_items(data: str | Path, video_root: str | Path | None = None) -> list[_
     """Validated records of a VCRBench ``data.json``, in file order (sources ``data.json[i]``).
 
     Raises:
-        FileNotFoundError: No such file.
+        FileNotFoundError: No such file (:class:`tasks.media.DataFileNotFoundError`), or a folder.
         SampleError: The file is not a JSON array.
     """
-    path = Path(data)
+    path = data_file(data, "VCRBench data file")
     root = Path(video_root) if video_root is not None else path.parent / "videos"
     try:
         records = json.loads(path.read_text(encoding="utf-8-sig"))
@@ -654,7 +654,7 @@ class VCRBenchTask(Task):
         """``parsed`` (clip order or None), ``valid``, ``correct`` (exact) and ``step_correct``."""
         return judge(response.raw_output, target_order(sample.target))
 
-    def outcomes(self, records: list[dict[str, Any]]) -> Outcomes:
+    def outcomes(self, records: list[dict[str, Any]], splits: list[str] | None = None) -> Outcomes:
         """Rows ``vcrbench`` (acc, step_acc, invalid_rate, weighted_acc), ``vcrbench_len<k>``, ``vcrbench_goal/<g>``.
 
         Each record is its own cluster (``image_id`` = qid); ``binary`` is exact correctness.

@@ -123,6 +123,39 @@ def test_outcomes_binary_and_absent_group(scorer):
     assert perception_only["mme"]["score,mme_official"] == pytest.approx(100.0)
 
 
+def test_a_subtask_whose_every_question_failed_leaves_its_sums_undefined(scorer):
+    """Perception and the total are sums over the subtasks evaluated: one whose every record is an error keeps its
+    row with null scores, and its group's sum and the total are null, not a sum over fewer subtasks."""
+    errored = [{**r, "error": "image not found"} for r in make_records(ANSWERS[6:])]  # every cognition question
+    res = scorer.aggregate(make_records(ANSWERS[:6]) + errored)
+    assert res["mme_commonsense_reasoning"]["score,mme_official"] is None
+    assert res["mme_commonsense_reasoning"]["sample_len"] == 0
+    assert res["mme_cognition"]["score,mme_official"] is None and res["mme"]["score,mme_official"] is None
+    assert res["mme_perception"]["score,mme_official"] == pytest.approx(100.0)  # the complete group stands
+    assert res["mme_existence"] == scorer.aggregate(make_records(ANSWERS[:6]))["mme_existence"]
+
+
+def test_release_folder_mistakes_are_named(tmp_path, caplog):
+    """A folder that is not a subtask is skipped with a warning (its questions would be missing from the sums);
+    a release one level too deep or a folder of parquet files gets a hint."""
+    from tasks.media import DataFileNotFoundError
+    from tasks.mme import folder_subtasks, release_root
+
+    root = tmp_path / "MME" / "MME_Benchmark"
+    for name in ("existence", "Code_Reasoning"):
+        (root / name).mkdir(parents=True)
+        (root / name / "1.txt").write_text("Is it? Please answer yes or no.\tYes\n")
+    with caplog.at_level("WARNING", logger="tasks.mme"):
+        assert folder_subtasks(root) == ["existence"]
+    assert "['Code_Reasoning']" in caplog.text and "'code_reasoning'" in caplog.text
+    with pytest.raises(DataFileNotFoundError, match=r"did you mean task.data='.*MME_Benchmark'\?"):
+        release_root(tmp_path / "MME")
+    (tmp_path / "pq").mkdir()
+    (tmp_path / "pq" / "test-0.parquet").write_bytes(b"")
+    with pytest.raises(DataFileNotFoundError, match=r"parquet files: task.data='.*pq/\*.parquet'"):
+        release_root(tmp_path / "pq")
+
+
 def test_image_missing_a_question_never_counts_for_acc_plus(scorer):
     res = scorer.aggregate(make_records([ANSWERS[0], *ANSWERS[2:4]]))  # e1 lost its No question
     assert res["mme_existence"]["acc_plus,mme_official"] == 0.0

@@ -444,3 +444,82 @@ def test_invalid_rows_keep_their_question_id_and_errors_group_by_reason(llava, p
     assert next(s for s in task.samples() if s.error).sample_id == f"random/{qid}"
     res = _run(task, llava, tmp_path / "out")
     assert res["errors"]["by_reason"] == {"missing field 'label'": 1, "image not found": 2}
+
+
+# ---------------------------------------------------------------- 11. data edited between a run and its resume
+def test_resume_after_the_data_changed_generates_the_changed_samples_again(llava, pope_dir, tmp_path, make_task):
+    """Records are keyed by sample id; one whose question or label changed since would score an old answer against
+    the new sample (a silent wrong number). Those samples are generated again, and the metrics are those of a run
+    on the edited data from scratch."""
+
+    def flip_first_label(raw):
+        rows = [json.loads(x) for x in raw.decode().splitlines()]
+        rows[0]["label"] = "no" if rows[0]["label"] == "yes" else "yes"
+        rows[1]["text"] = rows[1]["text"].replace("Is there", "Is there really")
+        return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+    d = tmp_path / "pope"
+    shutil.copytree(pope_dir, d)
+    task = lambda: make_task(d, splits=["random"], limit=4, gen_kwargs={"max_new_tokens": 2})  # noqa: E731
+    out = tmp_path / "run"
+    before = _run(task(), llava, out, batch_size=4)
+    f = d / "shapes_pope_random.json"
+    f.write_bytes(flip_first_label(f.read_bytes()))
+    with pytest.warns(UserWarning, match=r"2 record\(s\) were made from other data .* generated again"):
+        after = _run(task(), llava, out, batch_size=4)
+    fresh = _run(task(), llava, tmp_path / "fresh", batch_size=4)
+    assert after["resumed"]["generated"] == 2 and after["resumed"]["dropped_on_load"]["stale"] == 2
+    assert after["results"] == fresh["results"] != before["results"]
+    assert after["sample_set"] == fresh["sample_set"]
+    records = [json.loads(x) for x in (out / "samples_pope.jsonl").read_text().splitlines()]
+    assert len(records) == len({r["sample_id"] for r in records}) == 4
+
+
+# ---------------------------------------------------------------- 12. a split or a subtask with no scored sample
+def test_a_split_whose_every_sample_failed_leaves_the_mean_over_splits_undefined(llava, pope_dir, tmp_path, make_task):
+    """POPE's headline is the mean over the splits asked for: over two of three it is not comparable with other
+    runs, so it is n/a (JSON null), and the printed table and a note say so."""
+    from core.results import make_table
+    from harness.engine import _unscored_splits
+
+    d = tmp_path / "pope"
+    shutil.copytree(pope_dir, d)
+    f = d / "shapes_pope_popular.json"
+    rows = [json.loads(x) for x in f.read_text().splitlines()]
+    f.write_text("".join(json.dumps({**r, "image": "gone.png"}) + "\n" for r in rows))
+    task = make_task(d, limit=2, gen_kwargs={"max_new_tokens": 2})
+    res = _run(task, llava, tmp_path / "out")
+    assert res["errors"]["count"] == 2 and res["n-samples"]["pope"]["effective"] == 4
+    assert res["results"]["pope_popular"]["accuracy,pope_official"] is None
+    assert res["results"]["pope_popular"]["sample_len"] == 0
+    assert res["results"]["pope"]["accuracy,pope_official"] is None  # not the mean of random and adversarial
+    assert res["results"]["pope_random"]["accuracy,pope_official"] is not None
+    table = make_table(res)
+    assert any("pope_popular" in line and "n/a" in line for line in table.splitlines())
+    (note,) = _unscored_splits(task.samples(), [{"split": s} for s in ("random", "adversarial")])
+    assert "'popular': none of its 2 samples could be scored" in note
+
+
+# ---------------------------------------------------------------- 13. mistakes a task's constructor or loader finds
+def _causal_with_file_names(tmp_path):
+    csv = tmp_path / "causal.csv"
+    csv.write_text("COCO_val2014_000000000042.jpg,a is due to b,b is due to a\n")
+    return ["task=causal_pairs", f"task.data={csv}", f"task.image_root={tmp_path}"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (lambda t: ["task.parser=pope_offical"], ["unknown yes/no parser", "did you mean 'pope_official'"]),
+        (lambda t: ["task=pope", "task.splits=[random,random]"], ["splits must be non-empty and distinct"]),
+        (lambda t: ["task=mme", f"task.data={t / 'nope'}"], ["MME data", "neither a folder"]),
+        (lambda t: ["task=vcrbench", f"task.data={t}"], ["is a folder, not a file"]),
+        (lambda t: ["task=pope", f"task.image_root={t / 'train2014'}"], ["task.image_root=", "is not a folder"]),
+        (_causal_with_file_names, ["no row fits", "task.image_pattern=null"]),
+    ],
+    ids=["parser-typo", "duplicate-splits", "mme-missing", "vcrbench-folder", "image-root", "causal-pattern"],
+)
+def test_data_and_option_mistakes_found_by_a_task_are_one_line(tmp_path, args, needles):
+    p, _ = _cli([*args(tmp_path), f"output_root={tmp_path / 'out'}", "progress=false"], cwd=tmp_path)
+    _one_line_error(p, *needles)
+    assert not any((tmp_path / "out").rglob("samples_*.jsonl")), "refused before any sample was generated"
