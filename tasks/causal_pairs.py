@@ -157,7 +157,7 @@ class CausalPairsTask(Task):
     def samples(self) -> list[Sample]:
         """One sample per CSV row, in file order (cached)."""
         if self._samples is None:
-            path = data_file(self.data, "causal pairs file")
+            path = data_file(self.data, "causal pairs")
             check_image_root(self.image_root)
             rows, is_vcr = read_rows(path)
             pattern = self.image_pattern or (VCR_PATTERN if is_vcr else VQA_PATTERN)

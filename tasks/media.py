@@ -26,13 +26,11 @@ class DataFileNotFoundError(UserError, FileNotFoundError):
 
 
 def data_file(path: str | Path, what: str) -> Path:
-    """``path`` if it is a file, else :class:`DataFileNotFoundError` naming it (and saying so when it is a folder)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise DataFileNotFoundError(f"{what} {str(p)!r} is a folder, not a file; give the file (task.data)")
-    if not p.is_file():
-        raise DataFileNotFoundError(f"{what} {str(p)!r} not found; check the task's data path (task.data)")
-    return p
+    """The one file ``path`` names (:func:`resolve_files`' checks and messages)."""
+    files = resolve_files(str(path), what)
+    if len(files) > 1:
+        raise DataFileNotFoundError(f"{what}: {str(path)!r} matches {len(files)} files; give one (task.data)")
+    return files[0]
 
 
 def check_image_root(image_root: str | Path | None) -> None:
@@ -129,6 +127,8 @@ def resolve_files(spec: str | Sequence[str], what: str) -> list[Path]:
             found = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())
         else:
             found = [Path(pattern)] if Path(pattern).is_file() else []
+        if not found and Path(pattern).is_dir():
+            raise DataFileNotFoundError(f"{what} path {pattern!r} is a folder, not a file; give the file(s) (task.*)")
         if not found:
             raise DataFileNotFoundError(f"no {what} file matches {pattern!r}; check the task's data path (task.*)")
         files += [f for f in found if f not in files]

@@ -449,7 +449,7 @@ def read_items(data: str | Path, video_root: str | Path | None = None) -> list[_
         FileNotFoundError: No such file (:class:`tasks.media.DataFileNotFoundError`), or a folder.
         SampleError: The file is not a JSON array.
     """
-    path = data_file(data, "VCRBench data file")
+    path = data_file(data, "VCRBench data")
     root = Path(video_root) if video_root is not None else path.parent / "videos"
     try:
         records = json.loads(path.read_text(encoding="utf-8-sig"))
