@@ -37,14 +37,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+
+from adapters.hf_compat import attention_function, sdpa_attention, use_attention
 
 #: the vision tower's attention function while [CLS] scores are read (:meth:`Anatomy._vision_cls_probs`)
 VISION_CLS = "harness_vision_cls"
 
 
+@attention_function(VISION_CLS)
 def _vision_cls_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                           **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
@@ -57,12 +57,8 @@ def _vision_cls_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
             logits = logits.masked_fill(~attention_mask, -torch.inf) if attention_mask.dtype == torch.bool else (
                 logits + attention_mask[..., :1, :].float())  # fmt: skip
         sink.append(logits.softmax(-1))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)  # fmt: skip
+    return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
-
-AttentionInterface.register(VISION_CLS, _vision_cls_attention)
-AttentionMaskInterface.register(VISION_CLS, sdpa_mask)
 
 _SITE = re.compile(r"^(lm|vision)\.layers\.(\d+)(?:\.(attn|mlp))?$")
 
@@ -162,7 +158,7 @@ class Anatomy(abc.ABC):
         model = self._require_loaded()
         config = model.config.get_text_config() if part == "text_config" else model.config.vision_config
         previous = config._attn_implementation
-        model.set_attn_implementation({part: implementation})
+        model.set_attn_implementation({part: use_attention(implementation)})
         try:
             yield
         finally:

@@ -231,7 +231,12 @@ class Adapter(Anatomy, Geometry, Generation, abc.ABC):
 
     @abc.abstractmethod
     def _model_class(self) -> type[nn.Module]:
-        """The transformers class of the checkpoint (called after :meth:`load_processor`)."""
+        """The transformers class of the checkpoint (called after :meth:`load_processor`).
+
+        Families import their model and processor classes inside these load-time methods, never at module level:
+        importing one loads transformers' modelling code (about 5 s on 2 CPU cores), which a command refused
+        before the model loads (a wrong layer, an unsupported method) never needs.
+        """
 
     def _load_model(self) -> nn.Module:
         """The model from ``from_pretrained`` (safetensors only) on :attr:`device`."""

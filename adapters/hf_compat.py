@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import nn
@@ -18,6 +18,57 @@ from torch import nn
 #: Keyword under which a decoder layer receives the KV cache: ``past_key_values`` up to transformers 5.24,
 #: ``cache`` from 5.25 on. Both are looked up, newest first.
 _CACHE_KWARGS = ("cache", "past_key_values")
+
+
+#: this project's attention functions by name, handed to transformers when a model first switches to one. Importing
+#: transformers' attention registry (``AttentionInterface``, ``transformers.masking_utils``) loads its modelling code,
+#: about 5 s on 2 CPU cores, which a command refused before the model loads never needs.
+_ATTENTION: dict[str, Callable[..., Any]] = {}
+_REGISTERED: set[str] = set()
+_sdpa_forward: Callable[..., Any] | None = None
+
+
+def attention_function(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: the decorated function is the attention function called ``name``.
+
+    It is registered with ``transformers.AttentionInterface``, together with SDPA's mask function under the same
+    name (without a same-name mask function transformers hands a custom function no mask at all), by
+    :func:`use_attention`, the first time a model switches to it.
+    """
+
+    def record(function: Callable[..., Any]) -> Callable[..., Any]:
+        _ATTENTION[name] = function
+        return function
+
+    return record
+
+
+def use_attention(name: str) -> str:
+    """``name``, registered with transformers first when it is one of :func:`attention_function`'s.
+
+    Call it just before ``model.set_attn_implementation``; transformers' own names (``"sdpa"``, ``"eager"``) pass
+    through untouched.
+    """
+    if name in _ATTENTION and name not in _REGISTERED:
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+
+        AttentionInterface.register(name, _ATTENTION[name])
+        # SDPA's own mask function, causal skip included: with no padded row a layer gets ``None`` and runs the
+        # causal kernel the unmodified model runs
+        AttentionMaskInterface.register(name, sdpa_mask)
+        _REGISTERED.add(name)
+    return name
+
+
+def sdpa_attention(module: nn.Module, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
+    """The SDPA attention function of transformers (``sdpa_attention_forward``), imported at the first call."""
+    global _sdpa_forward
+    if _sdpa_forward is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        _sdpa_forward = sdpa_attention_forward
+    return _sdpa_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def layer_cache(kwargs: dict[str, Any]) -> Any | None:

@@ -22,13 +22,10 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 from torch import nn
-from transformers import InternVLForConditionalGeneration, InternVLProcessor
-from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
 from adapters.base import ADAPTERS, Adapter
 from adapters.generation import CHATML, CHATML_SYSTEM
 from adapters.geometry import Box
-from adapters.processors import load_processor
 
 
 @ADAPTERS.register("internvl")
@@ -70,6 +67,10 @@ class InternVLAdapter(Adapter):
 
     def _load_processor(self) -> Any:
         """The processor with the tiling bounds applied (``crop_to_patches`` iff more than one tile is allowed)."""
+        from transformers import InternVLProcessor  # imported here: see adapters.base.Adapter._model_class
+
+        from adapters.processors import load_processor
+
         processor = load_processor(self.path, InternVLProcessor, **self.hub_kwargs)
         ip = processor.image_processor
         if self.max_tiles is not None:
@@ -83,6 +84,8 @@ class InternVLAdapter(Adapter):
         return processor
 
     def _model_class(self) -> type[nn.Module]:
+        from transformers import InternVLForConditionalGeneration
+
         return InternVLForConditionalGeneration
 
     def image_kwargs(self) -> dict[str, Any]:
@@ -135,6 +138,8 @@ class InternVLAdapter(Adapter):
         The canvas (columns × rows of tiles) is the processor's own choice (``get_optimal_tiled_canvas``: closest
         aspect ratio within ``min_tiles..max_tiles``); without tiling the single tile is the whole image resized.
         """
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
         ip = self.processor.image_processor
         h, w = size
         if not ip.crop_to_patches:

@@ -16,7 +16,6 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from adapters.base import ADAPTERS, Adapter
 from adapters.geometry import Box
@@ -45,11 +44,15 @@ class LlavaAdapter(Adapter):
     image_placeholder: ClassVar[str] = "<image>\n"
 
     def _load_processor(self) -> Any:
+        from transformers import AutoProcessor  # imported here: see adapters.base.Adapter._model_class
+
         processor = AutoProcessor.from_pretrained(self.path, **self.hub_kwargs)
         processor.tokenizer.padding_side = "left"
         return processor
 
     def _model_class(self) -> type[nn.Module]:
+        from transformers import LlavaForConditionalGeneration
+
         return LlavaForConditionalGeneration
 
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:

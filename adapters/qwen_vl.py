@@ -23,25 +23,20 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import transformers
 from PIL import Image
 from torch import nn
-from transformers import (
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLProcessor,
-)
 from transformers.vision_utils import get_vision_window_index
 
 from adapters.base import ADAPTERS, Adapter
 from adapters.generation import CHATML, CHATML_SYSTEM, model_inputs
-from adapters.processors import load_processor
 from core.errors import UserError
 
-#: config.model_type → (model class, stock processor class)
+#: config.model_type → names of (model class, stock processor class) in ``transformers``, looked up at load time
+#: (see adapters.base.Adapter._model_class)
 VARIANTS = {
-    "qwen2_vl": (Qwen2VLForConditionalGeneration, Qwen2VLProcessor),
-    "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor),
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
 }
 
 
@@ -100,7 +95,9 @@ class QwenVLAdapter(Adapter):
         self.check_checkpoint()
         model_type = self.checkpoint_config().model_type
         self.variant = model_type
-        processor = load_processor(self.path, VARIANTS[model_type][1], **kw)
+        from adapters.processors import load_processor
+
+        processor = load_processor(self.path, getattr(transformers, VARIANTS[model_type][1]), **kw)
         size = dict(processor.image_processor.size)
         if self.min_pixels is not None:
             size["shortest_edge"] = self.min_pixels
@@ -113,7 +110,7 @@ class QwenVLAdapter(Adapter):
         return processor
 
     def _model_class(self) -> type[nn.Module]:
-        return VARIANTS[self.variant][0]  # the variant the processor load resolved
+        return getattr(transformers, VARIANTS[self.variant][0])  # the variant the processor load resolved
 
     # ------------------------------------------------------------------ vision
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:

@@ -50,11 +50,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
 
 from adapters.base import Adapter
+from adapters.hf_compat import attention_function, sdpa_attention
 from methods.base import check_layers
 from methods.surgery import InputSelect, LayerSelect, Surgery
 
@@ -237,7 +235,7 @@ class Intervention:
                 self._edited = (received, self._edit_prompt_block(mask, step))
             mask = self._edited[1]
         if not score_fns and not prob_fns:
-            return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+            return sdpa_attention(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
         start = min((first(step) if first else 0) for _o, _f, first in score_fns + prob_fns)
         start = max(0, min(start, q_len))
         source = self._edited[1] if edits else received if received is not None else mask
@@ -248,7 +246,7 @@ class Intervention:
         # position 0 under a plain causal mask keep the causal kernel (its top-left alignment is right there; a
         # single row would attend every key, so one row keeps the mask)
         head_mask = None if mask is None or (plain and step.prefill and start > 1) else mask[:, :, :start]
-        head, _ = sdpa_attention_forward(module, query[:, :, :start], key, value, head_mask, dropout=dropout,
+        head, _ = sdpa_attention(module, query[:, :, :start], key, value, head_mask, dropout=dropout,
                                          scaling=scaling, **kwargs)  # fmt: skip
         if start == q_len:
             return head, None
@@ -595,6 +593,10 @@ def attach(adapter: Adapter, owner: str, claims: set[str] | frozenset[str]) -> I
 
 
 # ---------------------------------------------------------------------------------------------- registration
+# registered with transformers (with SDPA's mask function under the same name: its causal skip gives every layer
+# ``None`` when no row is padded, so it runs the causal kernel the unmodified model runs; ``Intervention._causal``
+# builds the mask where one is needed) when the adapter first switches the LM to it
+@attention_function(ATTENTION)
 def _attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -610,13 +612,7 @@ def _attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if site is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)  # fmt: skip
     iv, layer = site
     return iv.attend(layer, module, query, key, value, attention_mask, scaling, dropout, kwargs)
-
-
-AttentionInterface.register(ATTENTION, _attention)
-# the same-name mask function is SDPA's own, causal skip included: with no padded row every layer gets ``None`` and
-# runs the causal kernel the unmodified model runs; ``Intervention._causal`` builds the mask where one is needed
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)

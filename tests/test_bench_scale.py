@@ -38,10 +38,10 @@ def test_tiny_cpu_run_writes_every_figure(tmp_path):
     assert set(r["overhead"]) == {"1", "4"} and set(r["throughput"]) == {"1", "4"}
     assert all(r["overhead"][b][k] > 0 for b in r["overhead"] for k in ("ratio", "inline_ratio"))
     assert all(t["samples_per_s"] > 0 for t in r["throughput"].values())
-    for b in ("1", "4"):  # the parts of a batch: positive, and within the harness batch they are part of
-        t = r["breakdown"][b]
-        assert min(t["inputs_s"], t["prefill_s"], t["decode_step_s"]) > 0 and t["generate_s"] > t["prefill_s"], t
-        assert t["inputs_s"] + t["generate_s"] < 1.5 * t["batch_s"], t
+    for b in ("1", "4"):  # the parts of a batch, each present and positive; they are medians of separate repeats,
+        t = r["breakdown"][b]  # so on a loaded machine their sum can exceed the batch's own median (seen: 1.6x)
+        assert min(t["batch_s"], t["inputs_s"], t["prefill_s"], t["decode_step_s"]) > 0, t
+        assert t["generate_s"] > t["prefill_s"], t  # generate = prefill + 3 decoding steps
     assert set(r["methods"]) == set(METHOD_SETTINGS) and set(r["pruning"]) == set(PRUNING_SETTINGS)
     none = r["methods"]["none"]
     assert none["ratio"] == 1.0 and none["ops_per_step"] > 100

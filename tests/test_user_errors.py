@@ -239,6 +239,24 @@ def test_a_layer_the_model_does_not_have_is_one_line_before_loading(tmp_path, ar
     _one_line_error(p, needle)
 
 
+#: transformers' modelling code, loaded with a model class or the attention registry (about 5 s on 2 CPU cores)
+MODELLING = ("transformers.modeling_utils", "transformers.masking_utils", "transformers.processing_utils")
+
+
+@pytest.mark.parametrize("model", ["llava", "qwen_vl", "internvl"])
+def test_a_refusal_before_loading_never_imports_the_modelling_code(tmp_path, model):
+    """The checks that read the checkpoint's config (here VAR's layers) run before any family imports its model
+    class or registers an attention function: counted in ``sys.modules``, not timed."""
+    argv = [RUN, f"model={model}", "method=var", "method.layers=[1,40]", "limit=1", f"output_root={tmp_path}"]
+    code = (f"import atexit, runpy, sys; atexit.register(lambda: print(sorted(set({MODELLING!r}) & set(sys.modules))));"
+            f"sys.argv = {argv!r}; runpy.run_path({RUN!r}, run_name='__main__')")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "HARNESS_DEBUG"} | {"WANDB_MODE": "disabled"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    _one_line_error(p, "var: layers [40] out of range")
+    assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout
+
+
 @pytest.mark.parametrize(
     ("arg", "needles"),
     [("task.questions=/data/pope_{split}.json", ["cannot read the override 'task.questions=/data/pope_{split}.json'",
