@@ -147,23 +147,27 @@ def _closest(value: Any, choices: list[Any]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def describe(hint: Any) -> str:
-    """A type hint in words (``'auto' or a list of int``)."""
+#: a plain type in words: (one value, several values)
+_WORDS = {bool: ("true/false", "true/false values"), int: ("an int", "ints"), float: ("a number", "numbers"),
+          str: ("a string", "strings"), Any: ("anything", "anything"), type(None): ("null", "nulls")}  # fmt: skip
+
+
+def describe(hint: Any, plural: bool = False) -> str:
+    """A type hint in words (``'auto' or a list of ints >= 0``); ``plural`` words a list's items."""
     origin, args = get_origin(hint), get_args(hint)
     if origin is Annotated:
         checks = [a.describe() for a in args[1:] if isinstance(a, Range)]
-        return describe(args[0]) + (f" {checks[0]}" if checks else "")
+        return describe(args[0], plural) + (f" {checks[0]}" if checks else "")
     if origin is Literal:
         return " or ".join(repr(a) for a in args)
     if origin in (Union, types.UnionType):
-        return " or ".join(describe(a) for a in args)
+        return " or ".join(describe(a, plural) for a in args)
     if origin is list:
-        return f"a list of {describe(args[0])}"
+        return f"{'lists' if plural else 'a list'} of {describe(args[0], plural=True)}"
     if origin is dict:
-        return "a mapping"
-    if hint is type(None):
-        return "null"
-    return {bool: "true/false", int: "an int", float: "a number", str: "a string", Any: "anything"}.get(hint, str(hint))
+        return "mappings" if plural else "a mapping"
+    words = _WORDS.get(hint)
+    return str(hint) if words is None else words[plural]
 
 
 def _check(value: Any, hint: Any, where: str) -> str | None:

@@ -296,6 +296,12 @@ def pope_statistics(sums: np.ndarray, n_splits: int, n_parsers: int) -> np.ndarr
 # ----------------------------------------------------------------------------------------------- task
 
 
+def _with_suffix(question: str, suffix: str) -> str:
+    """``question + suffix``, or ``question`` when it already ends with the suffix's words (said once, not twice)."""
+    words = suffix.strip()
+    return question if words and question.rstrip().endswith(words) else question + suffix
+
+
 @TASKS.register("pope")
 class POPETask(Task):
     """POPE on COCO / A-OKVQA / GQA, from the official JSON(L) files or the Hugging Face parquet export.
@@ -305,7 +311,8 @@ class POPETask(Task):
         image_root: Directory the ``image`` field (or a parquet image path) is relative to; ``None`` uses the
             field as given. Not needed when parquet rows embed the image bytes.
         splits: Splits to evaluate, in canonical order.
-        prompt_suffix: Appended to each question (default: LLaVA-1.5's single-word instruction).
+        prompt_suffix: Appended to each question (default: LLaVA-1.5's single-word instruction), except to one
+            that already ends with it (a file exported with the instruction in).
         parser: Headline answer parser (a name in :data:`tasks.yesno.PARSERS`).
         extra_parsers: Further parsers whose metrics are also reported.
         n_boot: Bootstrap draws for standard errors (0 disables them).
@@ -429,7 +436,7 @@ class POPETask(Task):
             split=split,
             index=index,
             image_id=item.image_id,
-            text=item.question + self.prompt_suffix if item.question else "",
+            text=_with_suffix(item.question, self.prompt_suffix) if item.question else "",
             target=item.target,
             source=item.source,
             images=item.images if ok else None,

@@ -111,6 +111,20 @@ def test_jsonl_samples(data: Path):
     assert pixels(samples[0]) == COLORS["COCO_a"] and pixels(samples[3]) == COLORS["COCO_b"]
 
 
+def test_a_question_that_already_ends_with_the_suffix_gets_it_once(data: Path, tmp_path: Path):
+    """A file exported with the instruction in (on its own line or after a space) is not told it twice."""
+    words = DEFAULT_PROMPT_SUFFIX.strip()
+    records = official("random")
+    records[0]["text"] += DEFAULT_PROMPT_SUFFIX
+    records[1]["text"] += f" {words} "
+    write_jsonl(tmp_path / "with_suffix_random.jsonl", records)
+    questions = str(tmp_path / "with_suffix_{split}.jsonl")
+    task = POPETask(questions=questions, image_root=str(data / "images"), splits=["random"])
+    texts = [s.text for s in task.samples()]
+    assert [t.count(words) for t in texts] == [1, 1, 1, 1], texts
+    assert texts[0] == texts[2].replace("a car", "a dog") == "Is there a dog in the image?" + DEFAULT_PROMPT_SUFFIX
+
+
 def test_jsonl_array_and_parquet_agree(data: Path):
     splits = ["random", "popular"]
     root = str(data / "images")

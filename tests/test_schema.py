@@ -26,7 +26,7 @@ def test_every_shipped_option_has_a_schema_and_passes_it(group):
         (["method=var", "method.rho=2"], "method.rho=2 must be >= 0 and <= 1"),
         (["method=var", "method.tau=0"], "method.tau=0 must be > 0"),
         (["method=var", "method.layers=[1,-2]"], "method.layers=[1, -2] item 1 (-2) must be >= 0"),
-        (["method=var", "method.layers=all"], "method.layers='all' must be 'auto' or a list of an int >= 0"),
+        (["method=var", "method.layers=all"], "method.layers='all' must be 'auto' or a list of ints >= 0"),
         (["method=fastv", "method.ratio=1.0"], "method.ratio=1.0 must be >= 0 and < 1"),
         (["method=fastv", "method.rule=mena"], "method.rule='mena' must be 'last' or 'mean'; did you mean 'mean'?"),
         (["method=embedlens", "method.drop=[dead,sinks]"], "item 1 ('sinks') must be 'vit_sink' or 'llm_sink'"),
