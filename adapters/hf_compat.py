@@ -20,11 +20,10 @@ from torch import nn
 _CACHE_KWARGS = ("cache", "past_key_values")
 
 
-#: this project's attention functions by name, handed to transformers when a model first switches to one. Importing
-#: transformers' attention registry (``AttentionInterface``, ``transformers.masking_utils``) loads its modelling code,
-#: about 5 s on 2 CPU cores, which a command refused before the model loads never needs.
-_ATTENTION: dict[str, Callable[..., Any]] = {}
-_REGISTERED: set[str] = set()
+#: this project's attention functions by name, until a model first switches to one and it is handed to transformers.
+#: Importing transformers' attention registry (``AttentionInterface``, ``transformers.masking_utils``) loads its
+#: modelling code, about 5 s on 2 CPU cores, which a command refused before the model loads never needs.
+_PENDING: dict[str, Callable[..., Any]] = {}
 _sdpa_forward: Callable[..., Any] | None = None
 
 
@@ -37,27 +36,27 @@ def attention_function(name: str) -> Callable[[Callable[..., Any]], Callable[...
     """
 
     def record(function: Callable[..., Any]) -> Callable[..., Any]:
-        _ATTENTION[name] = function
+        _PENDING[name] = function
         return function
 
     return record
 
 
 def use_attention(name: str) -> str:
-    """``name``, registered with transformers first when it is one of :func:`attention_function`'s.
+    """``name``, registered with transformers first when it is one of :func:`attention_function`'s not yet handed over.
 
-    Call it just before ``model.set_attn_implementation``; transformers' own names (``"sdpa"``, ``"eager"``) pass
-    through untouched.
+    Call it just before ``model.set_attn_implementation``; transformers' own names (``"sdpa"``, ``"eager"``) and
+    functions already registered pass through untouched.
     """
-    if name in _ATTENTION and name not in _REGISTERED:
+    function = _PENDING.pop(name, None)
+    if function is not None:
         from transformers import AttentionInterface, AttentionMaskInterface
         from transformers.masking_utils import sdpa_mask
 
-        AttentionInterface.register(name, _ATTENTION[name])
+        AttentionInterface.register(name, function)
         # SDPA's own mask function, causal skip included: with no padded row a layer gets ``None`` and runs the
         # causal kernel the unmodified model runs
         AttentionMaskInterface.register(name, sdpa_mask)
-        _REGISTERED.add(name)
     return name
 
 

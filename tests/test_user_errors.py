@@ -20,12 +20,13 @@ from harness.config import REPO_ROOT, compose_config
 RUN = str(REPO_ROOT / "run.py")
 
 
-def _cli(args, cwd, env=None, timeout=300):
+def _cli(args, cwd, env=None, timeout=300, command=(RUN,)):
+    """``python run.py *args`` as a user runs it (``command`` replaces ``run.py``: e.g. ``("-c", code)``)."""
     extra = env or {}
     env = {k: v for k, v in os.environ.items() if k != "HARNESS_DEBUG"}
     env.update({"WANDB_MODE": "disabled", **extra})
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, RUN, *args], cwd=cwd, env=env, capture_output=True, text=True,
+    p = subprocess.run([sys.executable, *command, *args], cwd=cwd, env=env, capture_output=True, text=True,
                        timeout=timeout)  # fmt: skip
     return p, time.perf_counter() - t0
 
@@ -250,9 +251,7 @@ def test_a_refusal_before_loading_never_imports_the_modelling_code(tmp_path, mod
     argv = [RUN, f"model={model}", "method=var", "method.layers=[1,40]", "limit=1", f"output_root={tmp_path}"]
     code = (f"import atexit, runpy, sys; atexit.register(lambda: print(sorted(set({MODELLING!r}) & set(sys.modules))));"
             f"sys.argv = {argv!r}; runpy.run_path({RUN!r}, run_name='__main__')")  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "HARNESS_DEBUG"} | {"WANDB_MODE": "disabled"}
-    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=300)  # fmt: skip
+    p, _ = _cli([], tmp_path, command=("-c", code))
     _one_line_error(p, "var: layers [40] out of range")
     assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout
 
