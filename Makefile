@@ -23,8 +23,9 @@ RESOLVE = --python-version 3.11 --find-links $(WHEELS) --constraint requirements
 # Python caches every module it compiles (__pycache__/*.pyc) unless PYTHONDONTWRITEBYTECODE is set, and uv installs
 # without compiling. Where the variable is set (this project's CI image sets it), every process recompiles every
 # module it imports: `import torch` takes 7.0 s instead of 3.7 s and a refused `run.py` 19 s instead of 8.5 s, in each
-# of the processes `make test` starts (most of its slowest tests run `run.py` as a user does). So the targets here let Python write its cache (into .venv and the
-# checkout's __pycache__ folders, both git-ignored), lazily, only for the modules a run imports.
+# of the processes `make test` starts (most of its slowest tests run `run.py` as a user does). So the targets here
+# let Python write its cache (into .venv and the checkout's __pycache__ folders, both git-ignored), lazily, only for
+# the modules a run imports.
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup lock lock-vllm test-vllm test-torchvision bench-vllm test-latest browser demo test regress leaderboard lint format bench \
